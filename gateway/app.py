@@ -1,0 +1,95 @@
+"""The ASGI application: create_app(settings, *, redis=None) -> Starlette."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gateway.config import Settings
+from gateway.errors import GatewayError, MethodNotAllowed, NotFound
+from gateway.inventory import Inventory
+from gateway.responses import MsgspecResponse
+from gateway.routes import routes
+from gateway.scripts import ScriptRegistry
+from gateway.store import create_client
+
+log = logging.getLogger("flashgate")
+
+
+class Gateway:
+    """What the handlers need, built once per process by the lifespan."""
+
+    def __init__(self, settings: Settings, redis: Redis, scripts: ScriptRegistry) -> None:
+        self.settings = settings
+        self.redis = redis
+        self.scripts = scripts
+        self.inventory = Inventory(redis, scripts, settings)
+        self.busy_message = settings.busy_message
+
+
+def error_response(exc: GatewayError, settings: Settings) -> Response:
+    body: dict[str, Any] = {"error": exc.code, "message": exc.message, **exc.extra}
+    headers = dict(exc.headers)
+    if exc.overload:
+        body["message"] = settings.busy_message
+        headers["Retry-After"] = str(max(1, exc.retry_after_s or 1))
+    return MsgspecResponse(body, status_code=exc.status, headers=headers)
+
+
+def create_app(settings: Settings, *, redis: Redis | None = None) -> Starlette:
+    """The gateway app. With `redis` given, the caller owns that client."""
+    scripts = ScriptRegistry()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = redis if redis is not None else create_client(settings)
+        try:
+            await scripts.load_all(client)
+            app.state.gateway = Gateway(settings, client, scripts)
+            yield
+        finally:
+            if redis is None:
+                await client.aclose()
+
+    async def on_gateway_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, GatewayError)
+        return error_response(exc, settings)
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 404:
+            return error_response(NotFound(), settings)
+        if exc.status_code == 405:
+            err = MethodNotAllowed(headers=dict(exc.headers or {}))
+            return error_response(err, settings)
+        body = {"error": "http_error", "message": str(exc.detail)}
+        return MsgspecResponse(body, status_code=exc.status_code)
+
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return MsgspecResponse(
+            {"error": "internal_error", "message": "internal error"}, status_code=500
+        )
+
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            GatewayError: on_gateway_error,
+            HTTPException: on_http_error,
+            Exception: on_unexpected,
+        },
+    )
+
+
+def app_from_env() -> Starlette:
+    """uvicorn factory for worker processes: settings come from the environment."""
+    return create_app(Settings.from_env())

@@ -1,0 +1,242 @@
+"""`flashgate serve | gateway | audit`: the console script."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from gateway import __version__
+from gateway.config import ConfigError, Settings, env_name
+from gateway.embedded import (
+    EmbeddedError,
+    EmbeddedServer,
+    die_with_parent,
+    discover,
+    kill_group,
+)
+
+log = logging.getLogger("flashgate")
+
+_HELP = {
+    "redis_url": "Redis/Valkey URL; unset: the embedded server",
+    "redis_cluster": "REDIS_URL names a node of a Redis Cluster",
+    "redis_timeout_ms": "deadline of one Redis call (ms)",
+    "hold_ttl_s": "how long an unpaid hold keeps its stock (s)",
+    "idempotency_ttl_s": "how long an accepted answer is replayed (s)",
+    "workers": "HTTP worker processes",
+    "data_dir": "directory of the embedded server's data",
+    "access_log": "log every request (halves throughput)",
+}
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    for field in fields(Settings):
+        flag = "--" + field.name.replace("_", "-")
+        default = Settings.__dataclass_fields__[field.name].default
+        help_text = f"{_HELP.get(field.name, '')} [env {env_name(field.name)}, default {default!r}]"
+        if str(field.type) == "bool":
+            parser.add_argument(
+                flag,
+                dest=field.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(flag, dest=field.name, default=None, metavar="V", help=help_text)
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    """env > .env > default, with command-line flags above all."""
+    overrides = {
+        env_name(f.name): str(int(v) if isinstance(v, bool) else v)
+        for f in fields(Settings)
+        if (v := getattr(args, f.name, None)) is not None
+    }
+    return Settings.from_env({**os.environ, **overrides})
+
+
+def _resolve_redis(settings: Settings) -> Settings:
+    if settings.redis_url:
+        return settings
+    return settings.replace(redis_url=discover(settings.data_dir))
+
+
+def run_gateway(settings: Settings) -> int:
+    """The HTTP gateway alone, in this process (uvicorn with uvloop and httptools)."""
+    import uvicorn
+
+    settings = _resolve_redis(settings)
+    os.environ.update(settings.to_env())
+    uvicorn.run(
+        "gateway.app:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=settings.access_log,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
+    return 0
+
+
+class Supervisor:
+    """`flashgate serve`: the embedded server, then the gateway; stops them in reverse order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.server: EmbeddedServer | None = None
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.stopping = False
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *argv],
+            env=env,
+            preexec_fn=die_with_parent,
+            start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop in order
+        )
+        self.children.append((name, proc))
+        log.info("started %s (pid %d)", name, proc.pid)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        settings = self.settings
+        data_dir = Path(settings.data_dir).resolve()
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(data_dir / "serve.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.error("another `flashgate serve` is running on %s", data_dir)
+            return 1
+        try:
+            if not settings.redis_url:
+                self.server = EmbeddedServer(data_dir)
+                url = self.server.start()
+                log.info("embedded server %s, data in %s", url, data_dir)
+                settings = settings.replace(redis_url=url)
+            env = {**os.environ, **settings.to_env()}
+            self._spawn("gateway", ["gateway"], env)
+            return self._watch()
+        except EmbeddedError as exc:
+            log.error("%s", exc)
+            return 1
+        finally:
+            self.shutdown()
+            lock.close()
+
+    def _watch(self) -> int:
+        while not self.stopping:
+            for name, proc in self.children:
+                if proc.poll() is not None:
+                    log.error("%s exited with code %s; shutting down", name, proc.returncode)
+                    return 1
+            if self.server and self.server.proc and self.server.proc.poll() is not None:
+                log.error("embedded server exited; shutting down")
+                return 1
+            time.sleep(0.2)
+        log.info("stopping")
+        return 0
+
+    def shutdown(self) -> None:
+        """Gateway first (it answers what it accepted), then the server (it flushes its AOF)."""
+        for name, proc in reversed(self.children):
+            if proc.poll() is None:
+                kill_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in 30 s; killing it", name)
+                kill_group(proc, signal.SIGKILL)
+                proc.wait()
+            kill_group(proc, signal.SIGKILL)  # any worker left behind in its group
+        self.children.clear()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        log.info("stopped")
+
+
+async def _audit(settings: Settings) -> int:
+    from gateway.inventory import Inventory
+    from gateway.scripts import ScriptRegistry
+    from gateway.store import create_client
+
+    client = create_client(settings)
+    try:
+        scripts = ScriptRegistry()
+        inventory = Inventory(client, scripts, settings)
+        sku_ids = await inventory.sku_ids()
+        header = ("sku_id", "stock", "available", "held", "sold", "holds", "status")
+        rows: list[tuple[str, ...]] = []
+        broken = 0
+        for sku_id in sku_ids:
+            row = await inventory.audit_sku(sku_id)
+            if row is None:
+                rows.append((sku_id, "-", "-", "-", "-", "-", "BROKEN: registered, no config"))
+                broken += 1
+                continue
+            problems = row.breaches()
+            broken += bool(problems)
+            status = "ok" if not problems else "BROKEN: " + "; ".join(problems)
+            rows.append(
+                (
+                    sku_id,
+                    *(
+                        str(x)
+                        for x in (row.stock, row.available, row.held, row.sold, row.holds_count)
+                    ),
+                    status,
+                )
+            )
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+        for r in [header, *rows]:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        print(f"{len(sku_ids)} SKU(s), {broken} with broken invariants")
+        return 1 if broken else 0
+    finally:
+        await client.aclose()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="flashgate", description="Flash-sale intake gateway.")
+    parser.add_argument("--version", action="version", version=f"flashgate {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("serve", "everything one machine needs, on the embedded server unless REDIS_URL is set"),
+        ("gateway", "only the HTTP gateway"),
+        ("audit", "check the inventory invariants of every SKU"),
+    ):
+        _add_settings_flags(sub.add_parser(name, help=text, description=text))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s flashgate %(message)s")
+    try:
+        settings = _settings(args)
+        if args.command == "serve":
+            return Supervisor(settings).run()
+        if args.command == "gateway":
+            return run_gateway(settings)
+        return asyncio.run(_audit(_resolve_redis(settings)))
+    except (ConfigError, EmbeddedError) as exc:
+        print(f"flashgate: {exc}", file=sys.stderr)
+        return 2

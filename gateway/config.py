@@ -1,0 +1,154 @@
+"""Settings: one frozen dataclass, read from the environment (env > .env > default)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+PREFIX = "FLASHGATE_"
+DEFAULT_BUSY_MESSAGE = "活动火爆,请稍后再试"
+
+# Settings whose environment name is not PREFIX + upper-case field name.
+_ENV_NAMES = {"redis_url": "REDIS_URL"}
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message names the variable."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything the gateway, finalizer, sweeper and CLI read. Times carry their unit."""
+
+    redis_url: str | None = None
+    redis_cluster: bool = False
+    redis_timeout_ms: int = 1000
+    redis_max_connections: int = 64
+    admin_token: str | None = None
+    payment_secret: str | None = None
+    hold_ttl_s: int = 900
+    idempotency_ttl_s: int = 86_400
+    qps: float = 5000.0
+    burst: int = 1000
+    breaker_rt_ms: int = 800
+    breaker_slow_ratio: float = 0.5
+    breaker_min_calls: int = 5
+    breaker_window_ms: int = 1000
+    breaker_open_s: float = 10.0
+    max_quantity: int = 100
+    max_body_bytes: int = 4096
+    queue_max: int = 50_000
+    busy_message: str = DEFAULT_BUSY_MESSAGE
+    data_dir: str = ".flashgate"
+    host: str = "127.0.0.1"
+    port: int = 8080
+    workers: int = 1
+    access_log: bool = False
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        positive = (
+            "redis_timeout_ms",
+            "redis_max_connections",
+            "hold_ttl_s",
+            "idempotency_ttl_s",
+            "burst",
+            "breaker_rt_ms",
+            "breaker_min_calls",
+            "breaker_window_ms",
+            "max_quantity",
+            "max_body_bytes",
+            "queue_max",
+            "workers",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{env_name(name)} must be >= 1, got {getattr(self, name)}")
+        if self.qps <= 0:
+            raise ConfigError(f"{env_name('qps')} must be > 0, got {self.qps}")
+        if not 0.0 <= self.breaker_slow_ratio <= 1.0:
+            raise ConfigError(f"{env_name('breaker_slow_ratio')} must be within 0..1")
+        if self.breaker_open_s <= 0:
+            raise ConfigError(f"{env_name('breaker_open_s')} must be > 0")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{env_name('port')} must be a TCP port, got {self.port}")
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, *, dotenv: str | Path | None = ".env"
+    ) -> Settings:
+        """Read every setting from `environ` (default os.environ), then `.env`, then defaults."""
+        env = dict(read_dotenv(dotenv)) if dotenv else {}
+        env.update(os.environ if environ is None else environ)
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            name = env_name(field.name)
+            raw = env.get(name)
+            if raw is None or raw == "":
+                continue
+            values[field.name] = _parse(name, raw, field.type)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """The environment that makes `from_env` in a child process give these settings."""
+        out: dict[str, str] = {}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = "1" if value else "0"
+            out[env_name(field.name)] = str(value)
+        return out
+
+    @property
+    def admin_enabled(self) -> bool:
+        return bool(self.admin_token)
+
+
+def env_name(field_name: str) -> str:
+    return _ENV_NAMES.get(field_name, PREFIX + field_name.upper())
+
+
+def read_dotenv(path: str | Path) -> dict[str, str]:
+    """KEY=VALUE lines; `#` comments and blank lines ignored; surrounding quotes stripped."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    out: dict[str, str] = {}
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        out[key.strip().removeprefix("export ").strip()] = value
+    return out
+
+
+def _parse(name: str, raw: str, annotation: Any) -> Any:
+    kind = str(annotation)
+    try:
+        if kind == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}: cannot read {raw!r} as {kind}") from None
+    return raw

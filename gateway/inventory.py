@@ -1,0 +1,192 @@
+"""Inventory operations: build KEYS/ARGV for the scripts and map their integer codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway import keys
+from gateway.config import Settings
+from gateway.errors import BackendUnavailable
+from gateway.schemas import OrderRequest, OrderView, SkuConfig, SkuView
+from gateway.scripts import ScriptRegistry
+
+
+class CreateResult(IntEnum):
+    CREATED = 1
+    REPLAYED = 2
+    UNKNOWN_SKU = -1
+    NOT_ACTIVE = -2
+    SOLD_OUT = -3
+    LIMIT_EXCEEDED = -4
+    KEY_REUSED = -5
+
+
+class ConfigureResult(IntEnum):
+    CREATED = 1
+    UPDATED = 2
+    STOCK_BELOW_COMMITTED = -1
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    sku_id: str
+    stock: int
+    available: int
+    held: int
+    sold: int
+    users_total: int
+    holds_count: int
+    holds_units: int
+    holds_not_held: int
+    earliest_deadline_ms: int
+
+    def breaches(self) -> list[str]:
+        """Every broken invariant of this SKU, in words (empty when all hold)."""
+        out: list[str] = []
+        if self.stock != self.available + self.held + self.sold:
+            out.append("stock != available + held + sold")
+        if min(self.available, self.held, self.sold) < 0:
+            out.append("negative counter")
+        if self.holds_units != self.held:
+            out.append(f"held {self.held} != units in active holds {self.holds_units}")
+        if self.holds_not_held:
+            out.append(f"{self.holds_not_held} hold(s) indexed for orders not HELD")
+        if self.users_total != self.held + self.sold:
+            out.append(f"per-user counts {self.users_total} != held + sold")
+        return out
+
+
+class Inventory:
+    """The gateway's view of Redis. Every Redis failure leaves as BackendUnavailable."""
+
+    def __init__(self, redis: Redis, scripts: ScriptRegistry, settings: Settings) -> None:
+        self.redis = redis
+        self.scripts = scripts
+        self.settings = settings
+        self._create = scripts["create_order"]
+        self._configure = scripts["configure_sku"]
+        self._audit = scripts["audit_sku"]
+        self._hold_ttl_ms = settings.hold_ttl_s * 1000
+        self._idem_ttl_ms = settings.idempotency_ttl_s * 1000
+        self._guard = not settings.redis_cluster
+
+    async def create_order(
+        self, req: OrderRequest, idempotency_key: str, *, now_ms: int | None = None
+    ) -> tuple[CreateResult, bytes]:
+        """Hold stock for one order in one round trip. Returns (result, payload)."""
+        sk = keys.SkuKeys(req.sku_id)
+        order_id = keys.new_order_id(req.sku_id)
+        ks = [
+            sk.sku,
+            sk.users,
+            sk.holds,
+            sk.stream,
+            sk.order(order_id),
+            sk.idempotency(req.user_id, idempotency_key),
+        ]
+        if self._guard:
+            ks.append(keys.key_guard(req.user_id, idempotency_key))
+        args = (
+            order_id,
+            req.user_id,
+            req.sku_id,
+            req.quantity,
+            req.promotion_id,
+            req.fingerprint(),
+            self._hold_ttl_ms,
+            self._idem_ttl_ms,
+            "" if now_ms is None else now_ms,
+        )
+        code, payload = await self._call(self._create, ks, args)
+        return CreateResult(code), payload
+
+    async def configure_sku(self, sku_id: str, cfg: SkuConfig) -> tuple[ConfigureResult, int]:
+        sk = keys.SkuKeys(sku_id)
+        args = (
+            cfg.promotion_id,
+            cfg.stock,
+            cfg.per_user_limit,
+            "" if cfg.starts_at is None else cfg.starts_at,
+            "" if cfg.ends_at is None else cfg.ends_at,
+        )
+        try:
+            # Registry first: a SKU in the registry without config is harmless, the reverse
+            # would hide a SKU from the audit.
+            await self.redis.sadd(keys.SKU_REGISTRY, sku_id)
+        except RedisError as exc:
+            raise BackendUnavailable() from exc
+        code, detail = await self._call(self._configure, [sk.sku], args)
+        return ConfigureResult(code), int(detail)
+
+    async def get_sku(self, sku_id: str) -> SkuView | None:
+        raw = await self._run(self.redis.hgetall(keys.SkuKeys(sku_id).sku))
+        if not raw:
+            return None
+        h = {k.decode(): v.decode() for k, v in raw.items()}
+        return SkuView(
+            sku_id=sku_id,
+            promotion_id=h["promotion_id"],
+            stock=int(h["stock"]),
+            available=int(h["available"]),
+            held=int(h["held"]),
+            sold=int(h["sold"]),
+            per_user_limit=int(h["per_user_limit"]),
+            starts_at=int(h["starts_at"]) if "starts_at" in h else None,
+            ends_at=int(h["ends_at"]) if "ends_at" in h else None,
+        )
+
+    async def get_order(self, order_id: str) -> OrderView | None:
+        key = keys.order_key(order_id)
+        if key is None:
+            return None
+        raw = await self._run(self.redis.hgetall(key))
+        if not raw:
+            return None
+        h = {k.decode(): v for k, v in raw.items()}
+        deadline = h.get("hold_expires_at")
+        return OrderView(
+            order_id=order_id,
+            status=h["status"].decode(),
+            user_id=h["user_id"].decode(),
+            sku_id=h["sku_id"].decode(),
+            quantity=int(h["quantity"]),
+            promotion_id=h["promotion_id"].decode(),
+            created_at=int(h["created_at"]),
+            hold_expires_at=int(deadline) if deadline is not None else None,
+            history=msgspec.Raw(h["history"]),
+        )
+
+    async def sku_ids(self) -> list[str]:
+        members = await self._run(self.redis.smembers(keys.SKU_REGISTRY))
+        return sorted(m.decode() for m in members)
+
+    async def audit_sku(self, sku_id: str) -> AuditRow | None:
+        sk = keys.SkuKeys(sku_id)
+        row = await self._call(self._audit, [sk.sku, sk.users, sk.holds], (f"{sk.tag}:o:",))
+        if not row[0]:
+            return None
+        return AuditRow(sku_id, *(int(x) for x in row[1:]))
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping()) and await self.scripts.loaded(self.redis)
+        except RedisError:
+            return False
+
+    async def _call(self, script: Any, ks: list[str], args: tuple[Any, ...]) -> Any:
+        return await self._run(script(self.redis, ks, args))
+
+    @staticmethod
+    async def _run(awaitable: Any) -> Any:
+        try:
+            return await awaitable
+        except RedisError as exc:
+            raise BackendUnavailable() from exc
+        except OSError as exc:  # a socket error redis-py did not wrap
+            raise BackendUnavailable() from exc

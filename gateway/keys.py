@@ -1,0 +1,81 @@
+"""Every Redis key flashgate uses. Key prefixes live here and nowhere else.
+
+Keys that one script touches share the SKU's hash tag `{<sku_id>}`, so every script is
+confined to one Redis Cluster slot. IDs are restricted to `[A-Za-z0-9_.:-]` by the schemas,
+so they can never open or close a hash tag, add a separator or form a glob.
+
+| key | type | holds |
+| --- | --- | --- |
+| `fg:skus` | set | every configured sku_id (read by audit, sweeper, finalizers) |
+| `fg:mode` | hash | the shared intake mode and its change history |
+| `fg:{S}:sku` | hash | SKU config and counters: stock available held sold ... |
+| `fg:{S}:users` | hash | user_id -> units the user holds or bought of S |
+| `fg:{S}:holds` | zset | order_id -> hold deadline (epoch ms), the sweeper's index |
+| `fg:{S}:stream` | stream | orders of S for the finalizers |
+| `fg:{S}:o:<rand>` | hash | the order record |
+| `fg:{S}:idem:<user>:<key>` | string | request fingerprint, newline, first answer (24 h) |
+| `fg:{u:<user>}:ik:<key>` | string | sku_id the key was first used for (24 h), standalone |
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+
+PREFIX = "fg"
+SKU_REGISTRY = f"{PREFIX}:skus"
+MODE = f"{PREFIX}:mode"
+
+ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}$"
+ORDER_RAND_LEN = 26  # 128 random bits in lower-case base32
+ORDER_ID_PATTERN = r"^[a-z2-7]{26}\.[A-Za-z0-9_.:\-]{1,64}$"
+_ORDER_ID = re.compile(ORDER_ID_PATTERN)
+
+
+def new_order_id(sku_id: str) -> str:
+    """An unguessable order id (128 random bits) that names its SKU, so the record is findable
+    from the id alone and lives in the SKU's slot: `<26 base32 chars>.<sku_id>`."""
+    rand = base64.b32encode(os.urandom(16)).decode("ascii").rstrip("=").lower()
+    return f"{rand}.{sku_id}"
+
+
+def split_order_id(order_id: str) -> tuple[str, str] | None:
+    """(random part, sku_id) of a well-formed order id, else None."""
+    if not _ORDER_ID.match(order_id):
+        return None
+    rand, _, sku_id = order_id.partition(".")
+    return rand, sku_id
+
+
+class SkuKeys:
+    """The keys of one SKU, all under the hash tag `{sku_id}`."""
+
+    __slots__ = ("holds", "sku", "sku_id", "stream", "tag", "users")
+
+    def __init__(self, sku_id: str) -> None:
+        self.sku_id = sku_id
+        self.tag = f"{PREFIX}:{{{sku_id}}}"
+        self.sku = f"{self.tag}:sku"
+        self.users = f"{self.tag}:users"
+        self.holds = f"{self.tag}:holds"
+        self.stream = f"{self.tag}:stream"
+
+    def order(self, order_id: str) -> str:
+        return f"{self.tag}:o:{order_id.partition('.')[0]}"
+
+    def idempotency(self, user_id: str, key: str) -> str:
+        return f"{self.tag}:idem:{user_id}:{key}"
+
+
+def order_key(order_id: str) -> str | None:
+    """The record key of an order id, or None when the id is malformed."""
+    parts = split_order_id(order_id)
+    if parts is None:
+        return None
+    return f"{PREFIX}:{{{parts[1]}}}:o:{parts[0]}"
+
+
+def key_guard(user_id: str, key: str) -> str:
+    """Which SKU a user's idempotency key was first used for (outside cluster mode)."""
+    return f"{PREFIX}:{{u:{user_id}}}:ik:{key}"

@@ -1,0 +1,180 @@
+"""Thin handlers: decode -> inventory -> encode. Validation happens before any Redis work."""
+
+from __future__ import annotations
+
+import hmac
+import re
+from typing import TYPE_CHECKING
+
+import msgspec
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from gateway import errors
+from gateway.inventory import ConfigureResult, CreateResult
+from gateway.keys import ID_PATTERN
+from gateway.responses import MsgspecResponse, RawJSONResponse
+from gateway.schemas import (
+    order_request_decoder,
+    parse_idempotency_key,
+    sku_config_decoder,
+)
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+_ID = re.compile(ID_PATTERN)
+_REPLAYED = {"Idempotent-Replayed": "true"}
+
+
+def _gateway(request: Request) -> Gateway:
+    gw: Gateway = request.app.state.gateway
+    return gw
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 once it is larger than `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_large = int(declared) > limit
+        except ValueError:
+            raise errors.InvalidRequest("Content-Length is not a number") from None
+        if too_large:
+            raise errors.PayloadTooLarge(f"request body is larger than {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise errors.PayloadTooLarge(f"request body is larger than {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _invalid(exc: msgspec.MsgspecError) -> errors.InvalidRequest:
+    return errors.InvalidRequest(str(exc))
+
+
+async def create_order(request: Request) -> Response:
+    gw = _gateway(request)
+    body = await read_body(request, gw.settings.max_body_bytes)
+    try:
+        req = order_request_decoder.decode(body)
+    except msgspec.ValidationError as exc:  # before DecodeError: it is a subclass
+        raise _invalid(exc) from None
+    except msgspec.DecodeError as exc:
+        raise _invalid(exc) from None
+    if req.quantity > gw.settings.max_quantity:
+        raise errors.InvalidRequest(
+            f"quantity must be <= {gw.settings.max_quantity} - at `$.quantity`"
+        )
+    headers = request.headers
+    raw_key = headers.get("x-idempotency-key")
+    if raw_key is None:
+        raw_key = headers.get("idempotency-key")
+    try:
+        key = parse_idempotency_key(raw_key)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
+
+    result, payload = await gw.inventory.create_order(req, key)
+    if result is CreateResult.CREATED:
+        return RawJSONResponse(payload, status_code=202)
+    if result is CreateResult.REPLAYED:
+        return RawJSONResponse(payload, status_code=202, headers=_REPLAYED)
+    if result is CreateResult.SOLD_OUT:
+        raise errors.SoldOut(available=int(payload))
+    if result is CreateResult.LIMIT_EXCEEDED:
+        raise errors.LimitExceeded()
+    if result is CreateResult.UNKNOWN_SKU:
+        raise errors.UnknownSku()
+    if result is CreateResult.NOT_ACTIVE:
+        reason = payload.decode()
+        text = "the sale has not started" if reason == "not_started" else "the sale has ended"
+        raise errors.SaleNotActive(text, reason=reason)
+    raise errors.KeyReused()
+
+
+async def get_order(request: Request) -> Response:
+    gw = _gateway(request)
+    order = await gw.inventory.get_order(request.path_params["order_id"])
+    if order is None:
+        raise errors.UnknownOrder()
+    return MsgspecResponse(order)
+
+
+def require_admin(request: Request, gw: Gateway) -> None:
+    """Bearer token check in constant time; admin is off (503) when no token is set."""
+    token = gw.settings.admin_token
+    if not token:
+        raise errors.AdminDisabled()
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    ok = scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
+    )
+    if not ok:
+        raise errors.Unauthorized(headers={"WWW-Authenticate": 'Bearer realm="flashgate"'})
+
+
+def _sku_id(request: Request) -> str:
+    sku_id: str = request.path_params["sku_id"]
+    if not _ID.match(sku_id):
+        raise errors.InvalidRequest("sku_id must be 1-64 characters of [A-Za-z0-9_.:-]")
+    return sku_id
+
+
+async def put_sku(request: Request) -> Response:
+    gw = _gateway(request)
+    require_admin(request, gw)
+    sku_id = _sku_id(request)
+    body = await read_body(request, gw.settings.max_body_bytes)
+    try:
+        cfg = sku_config_decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise _invalid(exc) from None
+    except msgspec.DecodeError as exc:
+        raise _invalid(exc) from None
+    if cfg.starts_at is not None and cfg.ends_at is not None and cfg.ends_at <= cfg.starts_at:
+        raise errors.InvalidRequest("ends_at must be after starts_at")
+    result, committed = await gw.inventory.configure_sku(sku_id, cfg)
+    if result is ConfigureResult.STOCK_BELOW_COMMITTED:
+        raise errors.StockBelowCommitted(committed=committed)
+    view = await gw.inventory.get_sku(sku_id)
+    status = 201 if result is ConfigureResult.CREATED else 200
+    return MsgspecResponse(view, status_code=status)
+
+
+async def get_sku(request: Request) -> Response:
+    gw = _gateway(request)
+    require_admin(request, gw)
+    view = await gw.inventory.get_sku(_sku_id(request))
+    if view is None:
+        raise errors.UnknownSku("no such SKU")
+    return MsgspecResponse(view)
+
+
+async def healthz(request: Request) -> Response:
+    return MsgspecResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    gw = _gateway(request)
+    if await gw.inventory.ping():
+        return MsgspecResponse({"status": "ready"})
+    return MsgspecResponse(
+        {"error": "unavailable", "message": "Redis is not answering or scripts are not loaded"},
+        status_code=503,
+        headers={"Retry-After": "1"},
+    )
+
+
+routes = [
+    Route("/api/v1/order/create", create_order, methods=["POST"]),
+    Route("/api/v1/order/{order_id}", get_order, methods=["GET"]),
+    Route("/api/v1/admin/skus/{sku_id}", put_sku, methods=["PUT"]),
+    Route("/api/v1/admin/skus/{sku_id}", get_sku, methods=["GET"]),
+    Route("/healthz", healthz, methods=["GET"]),
+    Route("/readyz", readyz, methods=["GET"]),
+]

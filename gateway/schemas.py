@@ -1,0 +1,82 @@
+"""msgspec schemas for every body the gateway reads or writes; one Encoder/Decoder per type."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta, Struct
+
+from gateway.keys import ID_PATTERN, ORDER_ID_PATTERN
+
+Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=ID_PATTERN)]
+OrderId = Annotated[str, Meta(max_length=91, pattern=ORDER_ID_PATTERN)]
+EpochSeconds = Annotated[int, Meta(ge=0, le=253_402_300_799)]
+
+UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
+IdempotencyKey = Annotated[str, Meta(pattern=UUID_PATTERN)]
+
+
+class OrderRequest(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    user_id: Id
+    sku_id: Id
+    quantity: Annotated[int, Meta(ge=1)]
+    promotion_id: Id
+
+    def fingerprint(self) -> str:
+        """What makes two requests with one idempotency key "the same request"."""
+        return f"{self.sku_id}|{self.quantity}|{self.promotion_id}"
+
+
+class SkuConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    promotion_id: Id
+    stock: Annotated[int, Meta(ge=0, le=1_000_000_000)]
+    per_user_limit: Annotated[int, Meta(ge=1, le=1_000_000_000)]
+    starts_at: EpochSeconds | None = None
+    ends_at: EpochSeconds | None = None
+
+
+class SkuView(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    sku_id: str
+    promotion_id: str
+    stock: int
+    available: int
+    held: int
+    sold: int
+    per_user_limit: int
+    starts_at: int | None = None
+    ends_at: int | None = None
+
+
+class OrderView(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    order_id: str
+    status: str
+    user_id: str
+    sku_id: str
+    quantity: int
+    promotion_id: str
+    created_at: int
+    history: msgspec.Raw
+    hold_expires_at: int | None = None
+
+
+order_request_decoder = msgspec.json.Decoder(OrderRequest)
+sku_config_decoder = msgspec.json.Decoder(SkuConfig)
+encoder = msgspec.json.Encoder()
+
+
+def parse_idempotency_key(raw: str | None) -> str:
+    """The canonical (lower-case) UUID of an `Idempotency-Key` header value, bare or quoted.
+
+    Raises msgspec.ValidationError when it is not a UUID.
+    """
+    if raw is None:
+        raise msgspec.ValidationError("missing X-Idempotency-Key header")
+    value = raw.strip()
+    if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
+        value = value[1:-1]
+    try:
+        key: str = msgspec.convert(value, IdempotencyKey)
+    except msgspec.ValidationError:
+        raise msgspec.ValidationError("X-Idempotency-Key must be a UUID") from None
+    return key.lower()

@@ -1,0 +1,36 @@
+#!lua flags=no-writes
+--[[ audit_sku: a consistent snapshot of one SKU's inventory figures and the holds behind them.
+  Reads the order records named by the holds index; they share the SKU's hash tag.
+
+  KEYS[1] fg:{S}:sku (hash)   KEYS[2] fg:{S}:users (hash)   KEYS[3] fg:{S}:holds (zset)
+  ARGV[1] the order-record key prefix of S ("fg:{S}:o:")
+
+  Returns {exists, stock, available, held, sold, users_total, holds_count, holds_units,
+           holds_not_held, earliest_deadline_ms}   (all integers; exists 0 -> rest 0)
+]]
+local rcall = redis.call
+local h = rcall('HMGET', KEYS[1], 'stock', 'available', 'held', 'sold')
+if not h[1] then
+  return {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+end
+local users_total = 0
+for _, v in ipairs(rcall('HVALS', KEYS[2])) do
+  users_total = users_total + tonumber(v)
+end
+local holds = rcall('ZRANGE', KEYS[3], 0, -1, 'WITHSCORES')
+local units, not_held, earliest = 0, 0, 0
+for i = 1, #holds, 2 do
+  local oid = holds[i]
+  local dot = string.find(oid, '.', 1, true)
+  local rec = rcall('HMGET', ARGV[1] .. string.sub(oid, 1, dot - 1), 'status', 'quantity')
+  if rec[1] == 'HELD' then
+    units = units + tonumber(rec[2])
+  else
+    not_held = not_held + 1
+  end
+  if i == 1 then
+    earliest = tonumber(holds[2])
+  end
+end
+return {1, tonumber(h[1]), tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), users_total,
+  #holds / 2, units, not_held, earliest}

@@ -1,0 +1,94 @@
+--[[ create_order: idempotency claim, checks, stock hold, order record and stream entry for one
+  order, atomically. Every check runs before the first write (scripts do not roll back).
+  Time in epoch milliseconds, from the server's TIME unless ARGV[9] is given.
+
+  KEYS[1] fg:{S}:sku      (hash)   promotion_id stock available held sold per_user_limit
+                                   starts_at ends_at (epoch s, optional)
+  KEYS[2] fg:{S}:users    (hash)   user_id -> units held or bought
+  KEYS[3] fg:{S}:holds    (zset)   order_id -> hold deadline ms
+  KEYS[4] fg:{S}:stream   (stream) order stream
+  KEYS[5] fg:{S}:o:<rand> (hash)   the new order record
+  KEYS[6] fg:{S}:idem:<user>:<key> (string) fingerprint .. "\n" .. first answer
+  KEYS[7] optional fg:{u:<user>}:ik:<key> (string) sku_id (cross-SKU key reuse guard)
+
+  ARGV[1] order_id      ARGV[2] user_id   ARGV[3] sku_id   ARGV[4] quantity
+  ARGV[5] promotion_id  ARGV[6] fingerprint (sku|quantity|promotion)
+  ARGV[7] hold_ttl_ms   ARGV[8] idempotency_ttl_ms   ARGV[9] now_ms ("" = server TIME)
+
+  Returns {code, payload}:
+     1 CREATED         payload: the 202 body (also stored for replays)
+     2 REPLAYED        payload: the stored 202 body of the first request
+    -1 UNKNOWN_SKU     payload: ""
+    -2 NOT_ACTIVE      payload: "not_started" | "ended"
+    -3 SOLD_OUT        payload: units available
+    -4 LIMIT_EXCEEDED  payload: units the user already holds or bought
+    -5 KEY_REUSED      payload: "" (same user and key, different request)
+]]
+local rcall = redis.call
+
+local stored = rcall('GET', KEYS[6])
+if stored then
+  local nl = string.find(stored, '\n', 1, true)
+  if string.sub(stored, 1, nl - 1) == ARGV[6] then
+    return {2, string.sub(stored, nl + 1)}
+  end
+  return {-5, ''}
+end
+if KEYS[7] then
+  local first_sku = rcall('GET', KEYS[7])
+  if first_sku and first_sku ~= ARGV[3] then
+    return {-5, ''}
+  end
+end
+
+local cfg = rcall('HMGET', KEYS[1], 'promotion_id', 'available', 'per_user_limit',
+  'starts_at', 'ends_at')
+if not cfg[1] or cfg[1] ~= ARGV[5] then
+  return {-1, ''}
+end
+
+local now
+if ARGV[9] ~= '' then
+  now = tonumber(ARGV[9])
+else
+  local t = rcall('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+if cfg[4] and now < tonumber(cfg[4]) * 1000 then
+  return {-2, 'not_started'}
+end
+if cfg[5] and now >= tonumber(cfg[5]) * 1000 then
+  return {-2, 'ended'}
+end
+
+local qty = tonumber(ARGV[4])
+local available = tonumber(cfg[2])
+if available < qty then
+  return {-3, tostring(available)}
+end
+local owned = tonumber(rcall('HGET', KEYS[2], ARGV[2]) or '0')
+if owned + qty > tonumber(cfg[3]) then
+  return {-4, tostring(owned)}
+end
+
+-- all checks passed: write
+local deadline = now + tonumber(ARGV[7])
+local now_s = string.format('%d', now)
+local deadline_s = string.format('%d', deadline)
+local body = '{"order_id":"' .. ARGV[1] .. '","status":"HELD","sku_id":"' .. ARGV[3] ..
+  '","quantity":' .. ARGV[4] .. ',"hold_expires_at":' .. deadline_s .. '}'
+
+rcall('HINCRBY', KEYS[1], 'available', -qty)
+rcall('HINCRBY', KEYS[1], 'held', qty)
+rcall('HINCRBY', KEYS[2], ARGV[2], qty)
+rcall('ZADD', KEYS[3], deadline, ARGV[1])
+rcall('HSET', KEYS[5], 'status', 'HELD', 'user_id', ARGV[2], 'sku_id', ARGV[3],
+  'quantity', ARGV[4], 'promotion_id', ARGV[5], 'created_at', now_s,
+  'hold_expires_at', deadline_s,
+  'history', '[{"from":null,"to":"HELD","at":' .. now_s .. '}]')
+rcall('SET', KEYS[6], ARGV[6] .. '\n' .. body, 'PX', ARGV[8])
+if KEYS[7] then
+  rcall('SET', KEYS[7], ARGV[3], 'PX', ARGV[8])
+end
+rcall('XADD', KEYS[4], '*', 'order_id', ARGV[1], 'event', 'created')
+return {1, body}
