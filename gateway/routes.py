@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
 from starlette.requests import Request
@@ -24,6 +24,7 @@ from gateway.schemas import (
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
+T = TypeVar("T")
 _ID = re.compile(ID_PATTERN)
 _REPLAYED = {"Idempotent-Replayed": "true"}
 
@@ -53,19 +54,22 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _invalid(exc: msgspec.MsgspecError) -> errors.InvalidRequest:
-    return errors.InvalidRequest(str(exc))
+def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    """Decode and validate a body; every failure is `400 invalid_request` naming the field."""
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:  # before DecodeError: it is a subclass
+        raise errors.InvalidRequest(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise errors.InvalidRequest(str(exc)) from None
+    except UnicodeDecodeError:
+        raise errors.InvalidRequest("request body is not valid UTF-8") from None
 
 
 async def create_order(request: Request) -> Response:
     gw = _gateway(request)
     body = await read_body(request, gw.settings.max_body_bytes)
-    try:
-        req = order_request_decoder.decode(body)
-    except msgspec.ValidationError as exc:  # before DecodeError: it is a subclass
-        raise _invalid(exc) from None
-    except msgspec.DecodeError as exc:
-        raise _invalid(exc) from None
+    req = decode(order_request_decoder, body)
     if req.quantity > gw.settings.max_quantity:
         raise errors.InvalidRequest(
             f"quantity must be <= {gw.settings.max_quantity} - at `$.quantity`"
@@ -77,7 +81,7 @@ async def create_order(request: Request) -> Response:
     try:
         key = parse_idempotency_key(raw_key)
     except msgspec.ValidationError as exc:
-        raise _invalid(exc) from None
+        raise errors.InvalidRequest(str(exc)) from None
 
     result, payload = await gw.inventory.create_order(req, key)
     if result is CreateResult.CREATED:
@@ -130,12 +134,7 @@ async def put_sku(request: Request) -> Response:
     require_admin(request, gw)
     sku_id = _sku_id(request)
     body = await read_body(request, gw.settings.max_body_bytes)
-    try:
-        cfg = sku_config_decoder.decode(body)
-    except msgspec.ValidationError as exc:
-        raise _invalid(exc) from None
-    except msgspec.DecodeError as exc:
-        raise _invalid(exc) from None
+    cfg = decode(sku_config_decoder, body)
     if cfg.starts_at is not None and cfg.ends_at is not None and cfg.ends_at <= cfg.starts_at:
         raise errors.InvalidRequest("ends_at must be after starts_at")
     result, committed = await gw.inventory.configure_sku(sku_id, cfg)

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from redis.exceptions import NoScriptError
 
-_KEY_LINE = re.compile(r"^\s*KEYS\[(\d+)\]", re.MULTILINE)
+_KEY_REF = re.compile(r"KEYS\[(\d+)\]")
 
 Arg = str | bytes | int | float
 
@@ -23,7 +23,7 @@ class Executor(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class LuaScript:
-    """One script file: its source, SHA1 and the largest KEYS index its header declares."""
+    """One script file: its source, SHA1 and the largest KEYS index its header comment declares."""
 
     name: str
     source: str
@@ -32,7 +32,8 @@ class LuaScript:
 
     @classmethod
     def from_source(cls, name: str, source: str) -> LuaScript:
-        indexes = [int(i) for i in _KEY_LINE.findall(source)]
+        header = source.split("]]", 1)[0]
+        indexes = [int(i) for i in _KEY_REF.findall(header)]
         sha = hashlib.sha1(source.encode("utf-8")).hexdigest()
         return cls(name, source, sha, max(indexes, default=0))
 

@@ -34,4 +34,4 @@ def create_client(settings: Settings, url: str | None = None) -> Redis:
         retry=no_retry(),
         health_check_interval=0,
     )
-    return Redis(connection_pool=pool, retry=no_retry())
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both

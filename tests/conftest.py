@@ -1,0 +1,125 @@
+"""Fixtures: one real valkey-server per session (the binary flashgate embeds), or
+FLASHGATE_TEST_REDIS_URL; a flushed client per test; an app factory that runs the lifespan."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from gateway.app import create_app
+from gateway.config import Settings
+from gateway.embedded import free_port, server_binary, wait_for_ping
+from gateway.store import create_client
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    if url := os.environ.get("FLASHGATE_TEST_REDIS_URL"):
+        yield url
+        return
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    url = f"redis://127.0.0.1:{port}/0"
+    wait_for_ping(url, 10, proc)
+    yield url
+    proc.terminate()
+    proc.wait(5)
+
+
+@pytest.fixture
+def settings(redis_url: str) -> Settings:
+    return Settings(redis_url=redis_url, admin_token=ADMIN_TOKEN)
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = create_client(settings)
+    await client.flushall()
+    yield client
+    await client.aclose()
+
+
+Client = httpx.AsyncClient
+MakeClient = Callable[..., Awaitable[Client]]
+
+
+@pytest.fixture
+async def make_client(redis: Redis, settings: Settings) -> AsyncIterator[MakeClient]:
+    """make_client(**setting_overrides) -> an httpx client on a started app."""
+    stack = contextlib.AsyncExitStack()
+
+    async def make(**overrides: Any) -> Client:
+        app = create_app(settings.replace(**overrides), redis=redis)
+        await stack.enter_async_context(app.router.lifespan_context(app))
+        transport = httpx.ASGITransport(app=app)
+        return await stack.enter_async_context(
+            httpx.AsyncClient(transport=transport, base_url="http://flashgate.test")
+        )
+
+    yield make
+    await stack.aclose()
+
+
+@pytest.fixture
+async def client(make_client: MakeClient) -> Client:
+    return await make_client()
+
+
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+async def put_sku(client: Client, sku_id: str = "sku-42", **cfg: Any) -> httpx.Response:
+    body = {"promotion_id": "promo-1", "stock": 10, "per_user_limit": 5, **cfg}
+    return await client.put(f"/api/v1/admin/skus/{sku_id}", json=body, headers=ADMIN)
+
+
+def order_body(**fields: Any) -> dict[str, Any]:
+    return {"user_id": "u1", "sku_id": "sku-42", "quantity": 1, "promotion_id": "promo-1", **fields}
+
+
+async def create(client: Client, key: str | None = None, **fields: Any) -> httpx.Response:
+    headers = {"X-Idempotency-Key": key or str(uuid.uuid4())}
+    return await client.post("/api/v1/order/create", json=order_body(**fields), headers=headers)
+
+
+async def snapshot(redis: Redis) -> dict[bytes, Any]:
+    """Every key with its type and value: to prove a refused request changed nothing."""
+    out: dict[bytes, Any] = {}
+    async for key in redis.scan_iter(count=1000):
+        kind = (await redis.type(key)).decode()
+        if kind == "string":
+            out[key] = await redis.get(key)
+        elif kind == "hash":
+            out[key] = await redis.hgetall(key)
+        elif kind == "zset":
+            out[key] = await redis.zrange(key, 0, -1, withscores=True)
+        elif kind == "set":
+            out[key] = await redis.smembers(key)
+        elif kind == "stream":
+            out[key] = await redis.xrange(key)
+        else:
+            out[key] = kind
+    return out

@@ -1,0 +1,82 @@
+"""configure_sku.lua and audit_sku.lua called directly against the real server."""
+
+from __future__ import annotations
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway import keys
+from gateway.config import Settings
+from gateway.inventory import ConfigureResult, CreateResult, Inventory
+from gateway.schemas import OrderRequest, SkuConfig
+from gateway.scripts import ScriptRegistry
+
+pytestmark = pytest.mark.lua
+
+
+@pytest.fixture
+def inv(redis: Redis, settings: Settings) -> Inventory:
+    return Inventory(redis, ScriptRegistry(), settings)
+
+
+def cfg(stock: int, limit: int = 5, **kw: int) -> SkuConfig:
+    return SkuConfig(promotion_id="p", stock=stock, per_user_limit=limit, **kw)
+
+
+async def hold(inv: Inventory, n: int, user: str = "u") -> None:
+    for i in range(n):
+        r = OrderRequest(user_id=f"{user}{i}", sku_id="s", quantity=1, promotion_id="p")
+        assert (await inv.create_order(r, f"key-{user}{i}"))[0] is CreateResult.CREATED
+
+
+async def test_create_then_update_keeps_the_identity(inv: Inventory) -> None:
+    assert await inv.configure_sku("s", cfg(10)) == (ConfigureResult.CREATED, 0)
+    await hold(inv, 3)
+    assert await inv.configure_sku("s", cfg(20)) == (ConfigureResult.UPDATED, 0)
+    view = await inv.get_sku("s")
+    assert view is not None
+    assert (view.stock, view.available, view.held, view.sold) == (20, 17, 3, 0)
+    assert await inv.configure_sku("s", cfg(3)) == (ConfigureResult.UPDATED, 0)
+    view = await inv.get_sku("s")
+    assert view is not None and (view.available, view.held) == (0, 3)
+
+
+async def test_stock_below_held_is_refused_and_changes_nothing(
+    inv: Inventory, redis: Redis
+) -> None:
+    await inv.configure_sku("s", cfg(10))
+    await hold(inv, 4)
+    before = await redis.hgetall(keys.SkuKeys("s").sku)
+    assert await inv.configure_sku("s", cfg(3)) == (ConfigureResult.STOCK_BELOW_COMMITTED, 4)
+    assert await redis.hgetall(keys.SkuKeys("s").sku) == before
+
+
+async def test_window_can_be_set_and_cleared(inv: Inventory) -> None:
+    await inv.configure_sku("s", cfg(1, starts_at=100, ends_at=200))
+    view = await inv.get_sku("s")
+    assert view is not None and (view.starts_at, view.ends_at) == (100, 200)
+    await inv.configure_sku("s", cfg(1))
+    view = await inv.get_sku("s")
+    assert view is not None and (view.starts_at, view.ends_at) == (None, None)
+
+
+async def test_audit_sees_the_holds_behind_the_counters(inv: Inventory, redis: Redis) -> None:
+    await inv.configure_sku("s", cfg(10))
+    await hold(inv, 3)
+    row = await inv.audit_sku("s")
+    assert row is not None
+    assert (row.held, row.holds_count, row.holds_units, row.users_total) == (3, 3, 3, 3)
+    assert row.breaches() == []
+    await redis.hincrby(keys.SkuKeys("s").sku, "held", 1)  # a corrupted counter
+    row = await inv.audit_sku("s")
+    assert row is not None
+    assert "stock != available + held + sold" in row.breaches()
+    assert any("active holds" in b for b in row.breaches())
+
+
+async def test_audit_after_script_flush(inv: Inventory, redis: Redis) -> None:
+    await inv.configure_sku("s", cfg(2))
+    await redis.script_flush()
+    row = await inv.audit_sku("s")
+    assert row is not None and row.breaches() == []
+    assert await inv.audit_sku("missing") is None

@@ -1,0 +1,78 @@
+"""The client boundary over real sockets: no automatic retry, a deadline, a clean 503."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway.config import Settings
+from gateway.errors import BackendUnavailable
+from gateway.inventory import Inventory
+from gateway.schemas import OrderRequest
+from gateway.scripts import ScriptRegistry
+from gateway.store import create_client
+from tests.conftest import MakeClient, create, put_sku
+from tests.faultproxy import FaultProxy
+
+
+@pytest.fixture
+async def loaded(redis: Redis) -> AsyncIterator[ScriptRegistry]:
+    scripts = ScriptRegistry()
+    await scripts.load_all(redis)
+    yield scripts
+
+
+REQ = OrderRequest(user_id="u", sku_id="s", quantity=1, promotion_id="p")
+
+
+@pytest.mark.parametrize("mode", ["hang", "reset"])
+async def test_a_failed_script_call_is_sent_once(
+    mode: str, loaded: ScriptRegistry, redis_url: str
+) -> None:
+    settings = Settings(redis_timeout_ms=300)
+    proxy = FaultProxy(redis_url, mode=mode)
+    async with proxy as url:
+        client = create_client(settings, url)
+        inv = Inventory(client, loaded, settings)
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await inv.create_order(REQ, str(uuid.uuid4()))
+        elapsed = time.monotonic() - started
+        await client.aclose()
+    assert proxy.count(b"EVALSHA") == 1, proxy.sent
+    assert proxy.connections == 1
+    assert elapsed < 5  # bounded by the deadline, not by ten retries with back-off
+
+
+async def test_refused_connection_is_unavailable(loaded: ScriptRegistry) -> None:
+    from gateway.embedded import free_port
+
+    settings = Settings(redis_timeout_ms=300)
+    client = create_client(settings, f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(BackendUnavailable):
+        await Inventory(client, loaded, settings).create_order(REQ, str(uuid.uuid4()))
+    await client.aclose()
+
+
+async def test_http_answer_when_redis_is_gone(
+    make_client: MakeClient, redis: Redis, settings: Settings
+) -> None:
+    c = await make_client()
+    await put_sku(c)
+    proxy = FaultProxy(settings.redis_url or "", mode="reset")
+    async with proxy as url:
+        dead = create_client(settings.replace(redis_timeout_ms=300), url)
+        from gateway.app import Gateway
+
+        app = c._transport.app  # type: ignore[attr-defined]
+        gw: Gateway = app.state.gateway
+        gw.inventory.redis = dead
+        r = await create(c)
+        await dead.aclose()
+    assert (r.status_code, r.json()["error"]) == (503, "unavailable")
+    assert r.json()["message"] == "活动火爆,请稍后再试"
+    assert int(r.headers["retry-after"]) >= 1
