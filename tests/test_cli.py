@@ -1,0 +1,239 @@
+"""`flashgate serve | gateway | audit` as real processes over real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from gateway.embedded import free_port
+from tests.conftest import ADMIN, ADMIN_TOKEN, order_body
+
+pytestmark = pytest.mark.integration
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid`, read from /proc."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    found: set[int] = set()
+    frontier = {pid}
+    while frontier:
+        frontier = {c for c, p in parents.items() if p in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids: set[int], timeout: float = 20) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while (left := {p for p in pids if alive(p)}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return left
+
+
+class Serve:
+    def __init__(self, data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        environ = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        environ.update(FLASHGATE_ADMIN_TOKEN=ADMIN_TOKEN, **(env or {}))
+        self.log = data_dir.parent / f"serve-{self.port}.log"
+        data_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "wb") as out:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "gateway",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--data-dir",
+                    str(data_dir),
+                    *extra,
+                ],
+                env=environ,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{self.base}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                out = self.log.read_text()
+                raise AssertionError(f"serve did not become ready:\n{out}")
+            time.sleep(0.1)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(30)
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    return tmp_path / "data"
+
+
+@pytest.fixture
+def serve(data_dir: Path) -> Iterator[Serve]:
+    s = Serve(data_dir)
+    yield s
+    if s.proc.poll() is None:
+        s.stop()
+
+
+def flashgate(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    environ.update(env)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def stampede(base: str, n: int, sku: str) -> Counter[int]:
+    limits = httpx.Limits(max_connections=100)
+    async with httpx.AsyncClient(base_url=base, limits=limits, timeout=30) as c:
+        rs = await asyncio.gather(
+            *(
+                c.post(
+                    "/api/v1/order/create",
+                    json=order_body(user_id=f"u{i}", sku_id=sku),
+                    headers={"X-Idempotency-Key": str(uuid.uuid4())},
+                )
+                for i in range(n)
+            )
+        )
+    return Counter(r.status_code for r in rs)
+
+
+def test_serve_end_to_end_then_clean_stop(serve: Serve, data_dir: Path) -> None:
+    r = httpx.put(
+        f"{serve.base}/api/v1/admin/skus/hot",
+        headers=ADMIN,
+        json={"promotion_id": "promo-1", "stock": 25, "per_user_limit": 1},
+    )
+    assert r.status_code == 201
+    codes = asyncio.run(stampede(serve.base, 400, "hot"))
+    assert codes == {202: 25, 409: 375}
+
+    audit = flashgate("audit", "--data-dir", str(data_dir))
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert "hot" in audit.stdout and "ok" in audit.stdout
+
+    tree = descendants(serve.proc.pid)
+    assert len(tree) >= 2  # the embedded server and the gateway
+    assert serve.stop() == 0
+    assert wait_gone(tree) == set()
+    assert not (data_dir / "server.url").exists()
+
+
+def test_accepted_orders_survive_a_restart(data_dir: Path) -> None:
+    first = Serve(data_dir)
+    httpx.put(
+        f"{first.base}/api/v1/admin/skus/s",
+        headers=ADMIN,
+        json={"promotion_id": "promo-1", "stock": 3, "per_user_limit": 1},
+    )
+    r = httpx.post(
+        f"{first.base}/api/v1/order/create",
+        json=order_body(sku_id="s"),
+        headers={"X-Idempotency-Key": str(uuid.uuid4())},
+    )
+    assert r.status_code == 202
+    first.stop()
+    second = Serve(data_dir)
+    try:
+        g = httpx.get(f"{second.base}/api/v1/order/{r.json()['order_id']}")
+        assert g.status_code == 200 and g.json()["status"] == "HELD"
+        v = httpx.get(f"{second.base}/api/v1/admin/skus/s", headers=ADMIN).json()
+        assert (v["available"], v["held"]) == (2, 1)
+    finally:
+        second.stop()
+
+
+def test_supervisor_killed_leaves_no_orphan(data_dir: Path) -> None:
+    s = Serve(data_dir, "--workers", "2")
+    tree = descendants(s.proc.pid)
+    assert len(tree) >= 4  # server, gateway supervisor, two workers
+    s.stop(signal.SIGKILL)
+    assert wait_gone(tree) == set()
+
+
+def test_two_workers_serve_and_stop(data_dir: Path) -> None:
+    s = Serve(data_dir, "--workers", "2")
+    try:
+        httpx.put(
+            f"{s.base}/api/v1/admin/skus/w",
+            headers=ADMIN,
+            json={"promotion_id": "promo-1", "stock": 40, "per_user_limit": 1},
+        )
+        assert asyncio.run(stampede(s.base, 200, "w")) == {202: 40, 409: 160}
+        tree = descendants(s.proc.pid)
+    finally:
+        assert s.stop() == 0
+    assert wait_gone(tree) == set()
+
+
+def test_second_serve_on_one_data_dir_is_refused(serve: Serve, data_dir: Path) -> None:
+    other = flashgate("serve", "--port", str(free_port()), "--data-dir", str(data_dir))
+    assert other.returncode == 1
+    assert "another `flashgate serve`" in other.stderr + other.stdout
+
+
+def test_audit_without_server_says_so(tmp_path: Path) -> None:
+    out = flashgate("audit", "--data-dir", str(tmp_path / "none"))
+    assert out.returncode == 2
+    assert "no running `flashgate serve`" in out.stderr
+
+
+def test_audit_reports_a_breach(serve: Serve, data_dir: Path) -> None:
+    httpx.put(
+        f"{serve.base}/api/v1/admin/skus/x",
+        headers=ADMIN,
+        json={"promotion_id": "promo-1", "stock": 5, "per_user_limit": 1},
+    )
+    url = (data_dir / "server.url").read_text().strip()
+    with redis.Redis.from_url(url) as client:
+        client.hincrby("fg:{x}:sku", "available", 1)  # an oversell, made by hand
+    out = flashgate("audit", "--data-dir", str(data_dir))
+    assert out.returncode == 1
+    assert "BROKEN: stock != available + held + sold" in out.stdout
+
+
+def test_bad_setting_names_the_variable(tmp_path: Path) -> None:
+    out = flashgate("audit", "--data-dir", str(tmp_path), FLASHGATE_HOLD_TTL_S="soon")
+    assert out.returncode == 2
+    assert "FLASHGATE_HOLD_TTL_S" in out.stderr
