@@ -13,6 +13,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway.breaker import CircuitBreaker, State
 from gateway.config import Settings
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.inventory import Inventory
@@ -32,7 +33,18 @@ class Gateway:
         self.redis = redis
         self.scripts = scripts
         self.inventory = Inventory(redis, scripts, settings)
-        self.busy_message = settings.busy_message
+        self.breaker = CircuitBreaker(
+            rt_ms=settings.breaker_rt_ms,
+            slow_ratio=settings.breaker_slow_ratio,
+            min_calls=settings.breaker_min_calls,
+            window_ms=settings.breaker_window_ms,
+            open_s=settings.breaker_open_s,
+            on_transition=_log_transition,
+        )
+
+
+def _log_transition(old: State, new: State) -> None:
+    log.warning("circuit breaker %s -> %s", old.value, new.value)
 
 
 def error_response(exc: GatewayError, settings: Settings) -> Response:

@@ -83,7 +83,16 @@ async def create_order(request: Request) -> Response:
     except msgspec.ValidationError as exc:
         raise errors.InvalidRequest(str(exc)) from None
 
-    result, payload = await gw.inventory.create_order(req, key)
+    breaker = gw.breaker
+    if not breaker.allow():
+        raise errors.BreakerOpen(retry_after_s=breaker.retry_after_s())
+    started = breaker.clock()
+    failed = True
+    try:
+        result, payload = await gw.inventory.create_order(req, key)
+        failed = False
+    finally:
+        breaker.record(breaker.clock() - started, failed=failed)
     if result is CreateResult.CREATED:
         return RawJSONResponse(payload, status_code=202)
     if result is CreateResult.REPLAYED:

@@ -15,7 +15,7 @@ from gateway.inventory import Inventory
 from gateway.schemas import OrderRequest
 from gateway.scripts import ScriptRegistry
 from gateway.store import create_client
-from tests.conftest import MakeClient, create, put_sku
+from tests.conftest import ADMIN, MakeClient, create, put_sku
 from tests.faultproxy import FaultProxy
 
 
@@ -76,3 +76,41 @@ async def test_http_answer_when_redis_is_gone(
     assert (r.status_code, r.json()["error"]) == (503, "unavailable")
     assert r.json()["message"] == "活动火爆,请稍后再试"
     assert int(r.headers["retry-after"]) >= 1
+
+
+async def test_breaker_opens_on_slow_redis_and_closes_after(
+    redis: Redis, settings: Settings
+) -> None:
+    """Through a latency-injecting proxy: slow calls open it, a fast probe closes it."""
+    import asyncio
+
+    import httpx
+
+    from gateway.app import create_app
+
+    proxy = FaultProxy(settings.redis_url or "")
+    async with proxy as url:
+        app = create_app(
+            settings.replace(
+                redis_url=url, breaker_rt_ms=50, breaker_min_calls=3, breaker_open_s=0.5
+            )
+        )
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                await put_sku(c, stock=100, per_user_limit=100)
+                proxy.delay_s = 0.1
+                slow = [await create(c) for _ in range(3)]
+                assert [r.status_code for r in slow] == [202] * 3  # slow, but answered
+                sent = proxy.count(b"EVALSHA")
+                shed = await create(c)
+                assert (shed.status_code, shed.json()["error"]) == (503, "busy")
+                assert shed.headers["retry-after"] == "1"
+                assert proxy.count(b"EVALSHA") == sent  # refused without touching Redis
+                reads = await c.get("/api/v1/admin/skus/sku-42", headers=ADMIN)
+                assert reads.status_code == 200  # reads are never refused by the breaker
+                proxy.delay_s = 0.0
+                await asyncio.sleep(0.6)
+                probe = await create(c)
+                assert probe.status_code == 202
+                assert (await create(c)).status_code == 202
