@@ -52,6 +52,7 @@ def error_response(exc: GatewayError, settings: Settings) -> Response:
     headers = dict(exc.headers)
     if exc.overload:
         body["message"] = settings.busy_message
+    if exc.status in (429, 503):
         headers["Retry-After"] = str(max(1, exc.retry_after_s or 1))
     return MsgspecResponse(body, status_code=exc.status, headers=headers)
 

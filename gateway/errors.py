@@ -11,7 +11,8 @@ class GatewayError(Exception):
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
     default_message: ClassVar[str] = "internal error"
-    overload: ClassVar[bool] = False  # 429/503 overload answers: Retry-After + busy message
+    overload: ClassVar[bool] = False  # overload answers carry the shopper's busy message
+    # every 429/503 carries Retry-After (retry_after_s, default 1)
 
     def __init__(
         self,

@@ -8,7 +8,11 @@ from typing import Any
 
 import msgspec
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    ConnectionError as RedisConnectionError,
+    RedisError,
+    TimeoutError as RedisTimeoutError,
+)
 
 from gateway import keys
 from gateway.config import Settings
@@ -103,7 +107,17 @@ class Inventory:
             self._idem_ttl_ms,
             "" if now_ms is None else now_ms,
         )
-        code, payload = await self._call(self._create, ks, args)
+        try:
+            code, payload = await self._create(self.redis, ks, args)
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            if not _maybe_sent(exc):
+                raise BackendUnavailable() from exc
+            # The script may have run and only its answer been lost. Sending it again with the
+            # same idempotency key is safe: if the first ran, this one replays its answer; if
+            # not, this one decides. Either way at most one hold, and the shopper learns which.
+            code, payload = await self._call(self._create, ks, args)
+        except RedisError as exc:
+            raise BackendUnavailable() from exc
         return CreateResult(code), payload
 
     async def configure_sku(self, sku_id: str, cfg: SkuConfig) -> tuple[ConfigureResult, int]:
@@ -190,3 +204,12 @@ class Inventory:
             raise BackendUnavailable() from exc
         except OSError as exc:  # a socket error redis-py did not wrap
             raise BackendUnavailable() from exc
+
+
+def _maybe_sent(exc: Exception) -> bool:
+    """False only when the command surely never left: a failed connect or an empty pool
+    (redis-py's messages "Error N connecting to ...", "Timeout connecting to server",
+    "No connection available."). Anything unrecognised counts as maybe sent: resending is
+    safe, answering "nothing was held" after a lost answer is not."""
+    text = str(exc)
+    return "connecting to" not in text and "No connection available" not in text

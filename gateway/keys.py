@@ -27,9 +27,10 @@ PREFIX = "fg"
 SKU_REGISTRY = f"{PREFIX}:skus"
 MODE = f"{PREFIX}:mode"
 
-ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}$"
+# \Z, not $: `$` also matches before a trailing newline, which would pass "id\n".
+ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}\Z"
 ORDER_RAND_LEN = 26  # 128 random bits in lower-case base32
-ORDER_ID_PATTERN = r"^[a-z2-7]{26}\.[A-Za-z0-9_.:\-]{1,64}$"
+ORDER_ID_PATTERN = r"^[a-z2-7]{26}\.[A-Za-z0-9_.:\-]{1,64}\Z"
 _ORDER_ID = re.compile(ORDER_ID_PATTERN)
 
 

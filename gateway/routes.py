@@ -7,7 +7,7 @@ import re
 from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -46,11 +46,14 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise errors.PayloadTooLarge(f"request body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise errors.PayloadTooLarge(f"request body is larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise errors.PayloadTooLarge(f"request body is larger than {limit} bytes")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise errors.InvalidRequest("client disconnected before sending the body") from None
     return b"".join(chunks)
 
 
@@ -171,11 +174,7 @@ async def readyz(request: Request) -> Response:
     gw = _gateway(request)
     if await gw.inventory.ping():
         return MsgspecResponse({"status": "ready"})
-    return MsgspecResponse(
-        {"error": "unavailable", "message": "Redis is not answering or scripts are not loaded"},
-        status_code=503,
-        headers={"Retry-After": "1"},
-    )
+    raise errors.BackendUnavailable(reason="Redis is not answering or scripts are not loaded")
 
 
 routes = [

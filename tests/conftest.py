@@ -51,7 +51,9 @@ def redis_url() -> Iterator[str]:
 
 @pytest.fixture
 def settings(redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, admin_token=ADMIN_TOKEN)
+    # A generous deadline: correctness tests must not turn into timing tests on a busy CI
+    # machine. Deadlines and faults are tested with their own settings in test_store.py.
+    return Settings(redis_url=redis_url, admin_token=ADMIN_TOKEN, redis_timeout_ms=10_000)
 
 
 @pytest.fixture

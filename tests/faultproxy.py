@@ -2,7 +2,8 @@
 
 Modes: "pass" forwards both ways; "hang" swallows every command containing a marker (the
 caller never gets an answer, the server never sees it); "reset" aborts the connection when a
-marker arrives; `delay_s` delays every answer. It records every chunk clients sent.
+marker arrives; `delay_s` delays every answer, `delay_once_s` the next one.
+It records every chunk clients sent.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class FaultProxy:
         self.mode = mode
         self.marker = marker
         self.delay_s = 0.0
+        self.delay_once_s = 0.0  # delays only the next answer
         self.sent: list[bytes] = []
         self.connections = 0
         self._server: asyncio.Server | None = None
@@ -46,8 +48,11 @@ class FaultProxy:
 
     async def _pipe_down(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
-            if self.delay_s:
-                await asyncio.sleep(self.delay_s)
+            delay = self.delay_s
+            if self.delay_once_s:
+                delay, self.delay_once_s = self.delay_once_s, 0.0
+            if delay:
+                await asyncio.sleep(delay)
             writer.write(data)
         writer.close()
 

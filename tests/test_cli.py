@@ -160,6 +160,22 @@ def test_serve_end_to_end_then_clean_stop(serve: Serve, data_dir: Path) -> None:
     assert not (data_dir / "server.url").exists()
 
 
+def test_client_gone_mid_body_is_quiet(serve: Serve) -> None:
+    import socket
+
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", serve.port)) as sock:
+            sock.sendall(
+                b"POST /api/v1/order/create HTTP/1.1\r\nHost: x\r\n"
+                b"X-Idempotency-Key: 0b5a3f6e-8d7c-4e1f-9a2b-3c4d5e6f7a8b\r\n"
+                b'Content-Length: 80\r\n\r\n{"user_id": '
+            )
+    assert httpx.get(f"{serve.base}/healthz").status_code == 200
+    time.sleep(0.5)
+    log = serve.log.read_text()
+    assert "Traceback" not in log and "unhandled error" not in log, log
+
+
 def test_accepted_orders_survive_a_restart(data_dir: Path) -> None:
     first = Serve(data_dir)
     httpx.put(

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from gateway.config import Settings
 from gateway.errors import BackendUnavailable
-from gateway.inventory import Inventory
+from gateway.inventory import CreateResult, Inventory
 from gateway.schemas import OrderRequest
 from gateway.scripts import ScriptRegistry
 from gateway.store import create_client
@@ -30,9 +30,10 @@ REQ = OrderRequest(user_id="u", sku_id="s", quantity=1, promotion_id="p")
 
 
 @pytest.mark.parametrize("mode", ["hang", "reset"])
-async def test_a_failed_script_call_is_sent_once(
+async def test_a_failing_script_call_is_sent_at_most_twice(
     mode: str, loaded: ScriptRegistry, redis_url: str
 ) -> None:
+    """redis-py never retries by itself; the gateway resends once, with the same key."""
     settings = Settings(redis_timeout_ms=300)
     proxy = FaultProxy(redis_url, mode=mode)
     async with proxy as url:
@@ -43,9 +44,36 @@ async def test_a_failed_script_call_is_sent_once(
             await inv.create_order(REQ, str(uuid.uuid4()))
         elapsed = time.monotonic() - started
         await client.aclose()
-    assert proxy.count(b"EVALSHA") == 1, proxy.sent
-    assert proxy.connections == 1
-    assert elapsed < 5  # bounded by the deadline, not by ten retries with back-off
+    assert proxy.count(b"EVALSHA") == 2, proxy.sent
+    assert proxy.connections == 2
+    assert elapsed < 5  # bounded by two deadlines, not by ten retries with back-off
+
+
+async def test_a_lost_answer_is_resolved_by_a_replay(
+    loaded: ScriptRegistry, redis: Redis, redis_url: str
+) -> None:
+    """The script ran but its answer came too late: the resend replays it, one hold only."""
+    from gateway.schemas import SkuConfig
+
+    settings = Settings(redis_timeout_ms=300)
+    await Inventory(redis, loaded, settings).configure_sku(
+        "s", SkuConfig(promotion_id="p", stock=5, per_user_limit=5)
+    )
+    proxy = FaultProxy(redis_url)
+    async with proxy as url:
+        client = create_client(settings, url)
+        inv = Inventory(client, loaded, settings)
+        await client.ping()  # connected: the delay below hits the script's answer
+        proxy.delay_once_s = 0.6
+        key = str(uuid.uuid4())
+        result, body = await inv.create_order(REQ, key)
+        await client.aclose()
+    assert result is CreateResult.REPLAYED
+    assert proxy.count(b"EVALSHA") == 2
+    assert await redis.hget("fg:{s}:sku", "held") == b"1"
+    assert await redis.xlen("fg:{s}:stream") == 1
+    stored = await redis.get(f"fg:{{s}}:idem:u:{key}")
+    assert stored == b"s|1|p\n" + body
 
 
 async def test_refused_connection_is_unavailable(loaded: ScriptRegistry) -> None:
@@ -114,3 +142,24 @@ async def test_breaker_opens_on_slow_redis_and_closes_after(
                 probe = await create(c)
                 assert probe.status_code == 202
                 assert (await create(c)).status_code == 202
+
+
+async def test_readyz_turns_503_when_redis_stops_answering(settings: Settings) -> None:
+    import httpx
+
+    from gateway.app import create_app
+
+    proxy = FaultProxy(settings.redis_url or "", marker=b"PING")
+    async with proxy as url:
+        app = create_app(settings.replace(redis_url=url, redis_timeout_ms=300))
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                assert (await c.get("/readyz")).status_code == 200
+                proxy.mode = "hang"
+                r = await c.get("/readyz")
+                assert (r.status_code, r.json()["error"]) == (503, "unavailable")
+                assert r.headers["retry-after"] == "1"
+                assert (await c.get("/healthz")).status_code == 200
+                proxy.mode = "pass"
+                assert (await c.get("/readyz")).status_code == 200
