@@ -74,6 +74,13 @@ class Settings:
             raise ConfigError(f"{env_name('breaker_slow_ratio')} must be within 0..1")
         if self.breaker_open_s <= 0:
             raise ConfigError(f"{env_name('breaker_open_s')} must be > 0")
+        if self.redis_cluster:
+            # Refused rather than half-supported: cluster mode needs a cluster client and a
+            # two-phase idempotency record to keep the contract (issue #8).
+            raise ConfigError(
+                f"{env_name('redis_cluster')}=1: Redis Cluster mode is not available yet; "
+                "use a single Redis/Valkey server"
+            )
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{env_name('port')} must be a TCP port, got {self.port}")
 

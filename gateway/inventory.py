@@ -78,7 +78,6 @@ class Inventory:
         self._audit = scripts["audit_sku"]
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._idem_ttl_ms = settings.idempotency_ttl_s * 1000
-        self._guard = not settings.redis_cluster
 
     async def create_order(
         self, req: OrderRequest, idempotency_key: str, *, now_ms: int | None = None
@@ -93,9 +92,8 @@ class Inventory:
             sk.stream,
             sk.order(order_id),
             sk.idempotency(req.user_id, idempotency_key),
+            keys.key_guard(req.user_id, idempotency_key),
         ]
-        if self._guard:
-            ks.append(keys.key_guard(req.user_id, idempotency_key))
         args = (
             order_id,
             req.user_id,

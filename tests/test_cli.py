@@ -253,3 +253,9 @@ def test_bad_setting_names_the_variable(tmp_path: Path) -> None:
     out = flashgate("audit", "--data-dir", str(tmp_path), FLASHGATE_HOLD_TTL_S="soon")
     assert out.returncode == 2
     assert "FLASHGATE_HOLD_TTL_S" in out.stderr
+
+
+def test_cluster_mode_is_refused_until_supported(tmp_path: Path) -> None:
+    out = flashgate("audit", "--data-dir", str(tmp_path), FLASHGATE_REDIS_CLUSTER="1")
+    assert out.returncode == 2
+    assert "FLASHGATE_REDIS_CLUSTER" in out.stderr

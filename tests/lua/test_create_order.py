@@ -182,7 +182,7 @@ async def test_script_flush_forces_a_reload_and_one_application(
 
 
 async def test_every_key_of_one_call_shares_the_sku_slot(settings: Settings) -> None:
-    """Cluster mode passes only SKU-tagged keys (the cross-SKU guard is standalone only)."""
+    """Every key but the cross-SKU guard carries the SKU's hash tag."""
     sk = keys.SkuKeys("sku-1")
     oid = keys.new_order_id("sku-1")
     for key in (sk.sku, sk.users, sk.holds, sk.stream, sk.order(oid), sk.idempotency("u", KEY)):
