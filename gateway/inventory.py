@@ -106,16 +106,14 @@ class Inventory:
             "" if now_ms is None else now_ms,
         )
         try:
-            code, payload = await self._create(self.redis, ks, args)
-        except (RedisConnectionError, RedisTimeoutError) as exc:
-            if not _maybe_sent(exc):
-                raise BackendUnavailable() from exc
+            code, payload = await self._call(self._create, ks, args)
+        except BackendUnavailable as exc:
+            if not _maybe_sent(exc.__cause__):
+                raise
             # The script may have run and only its answer been lost. Sending it again with the
             # same idempotency key is safe: if the first ran, this one replays its answer; if
             # not, this one decides. Either way at most one hold, and the shopper learns which.
             code, payload = await self._call(self._create, ks, args)
-        except RedisError as exc:
-            raise BackendUnavailable() from exc
         return CreateResult(code), payload
 
     async def configure_sku(self, sku_id: str, cfg: SkuConfig) -> tuple[ConfigureResult, int]:
@@ -204,10 +202,15 @@ class Inventory:
             raise BackendUnavailable() from exc
 
 
-def _maybe_sent(exc: Exception) -> bool:
-    """False only when the command surely never left: a failed connect or an empty pool
-    (redis-py's messages "Error N connecting to ...", "Timeout connecting to server",
-    "No connection available."). Anything unrecognised counts as maybe sent: resending is
-    safe, answering "nothing was held" after a lost answer is not."""
+def _maybe_sent(exc: BaseException | None) -> bool:
+    """Could the failed command have run on the server with its answer lost?
+
+    No for an answer the server gave (an error reply) and for a command that surely never
+    left: a failed connect or an empty pool (redis-py's "Error N connecting to ...", "Timeout
+    connecting to server", "No connection available."). Any other connection failure counts
+    as maybe sent: resending is safe, answering "nothing was held" after a lost answer is not.
+    """
+    if not isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+        return False
     text = str(exc)
     return "connecting to" not in text and "No connection available" not in text

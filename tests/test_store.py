@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -39,14 +38,12 @@ async def test_a_failing_script_call_is_sent_at_most_twice(
     async with proxy as url:
         client = create_client(settings, url)
         inv = Inventory(client, loaded, settings)
-        started = time.monotonic()
         with pytest.raises(BackendUnavailable):
             await inv.create_order(REQ, str(uuid.uuid4()))
-        elapsed = time.monotonic() - started
         await client.aclose()
+    # two sends on two connections: the gateway's one resend, none by redis-py
     assert proxy.count(b"EVALSHA") == 2, proxy.sent
     assert proxy.connections == 2
-    assert elapsed < 5  # bounded by two deadlines, not by ten retries with back-off
 
 
 async def test_a_lost_answer_is_resolved_by_a_replay(
@@ -74,16 +71,6 @@ async def test_a_lost_answer_is_resolved_by_a_replay(
     assert await redis.xlen("fg:{s}:stream") == 1
     stored = await redis.get(f"fg:{{s}}:idem:u:{key}")
     assert stored == b"s|1|p\n" + body
-
-
-async def test_refused_connection_is_unavailable(loaded: ScriptRegistry) -> None:
-    from gateway.embedded import free_port
-
-    settings = Settings(redis_timeout_ms=300)
-    client = create_client(settings, f"redis://127.0.0.1:{free_port()}/0")
-    with pytest.raises(BackendUnavailable):
-        await Inventory(client, loaded, settings).create_order(REQ, str(uuid.uuid4()))
-    await client.aclose()
 
 
 async def test_http_answer_when_redis_is_gone(
@@ -163,3 +150,15 @@ async def test_readyz_turns_503_when_redis_stops_answering(settings: Settings) -
                 assert (await c.get("/healthz")).status_code == 200
                 proxy.mode = "pass"
                 assert (await c.get("/readyz")).status_code == 200
+
+
+async def test_refused_connect_is_never_resent(loaded: ScriptRegistry) -> None:
+    from gateway.embedded import free_port
+    from gateway.inventory import _maybe_sent
+
+    settings = Settings(redis_timeout_ms=300)
+    client = create_client(settings, f"redis://127.0.0.1:{free_port()}/0")
+    with pytest.raises(BackendUnavailable) as info:
+        await Inventory(client, loaded, settings).create_order(REQ, str(uuid.uuid4()))
+    await client.aclose()
+    assert not _maybe_sent(info.value.__cause__)
