@@ -30,8 +30,6 @@ class Gateway:
 
     def __init__(self, settings: Settings, redis: Redis, scripts: ScriptRegistry) -> None:
         self.settings = settings
-        self.redis = redis
-        self.scripts = scripts
         self.inventory = Inventory(redis, scripts, settings)
         self.breaker = CircuitBreaker(
             rt_ms=settings.breaker_rt_ms,

@@ -125,12 +125,9 @@ class Inventory:
             "" if cfg.starts_at is None else cfg.starts_at,
             "" if cfg.ends_at is None else cfg.ends_at,
         )
-        try:
-            # Registry first: a SKU in the registry without config is harmless, the reverse
-            # would hide a SKU from the audit.
-            await self.redis.sadd(keys.SKU_REGISTRY, sku_id)
-        except RedisError as exc:
-            raise BackendUnavailable() from exc
+        # Registry first: a SKU in the registry without config is harmless, the reverse
+        # would hide a SKU from the audit.
+        await self._run(self.redis.sadd(keys.SKU_REGISTRY, sku_id))
         code, detail = await self._call(self._configure, [sk.sku], args)
         return ConfigureResult(code), int(detail)
 
@@ -196,9 +193,7 @@ class Inventory:
     async def _run(awaitable: Any) -> Any:
         try:
             return await awaitable
-        except RedisError as exc:
-            raise BackendUnavailable() from exc
-        except OSError as exc:  # a socket error redis-py did not wrap
+        except (RedisError, OSError) as exc:  # OSError: a socket error redis-py did not wrap
             raise BackendUnavailable() from exc
 
 

@@ -7,7 +7,6 @@ so they can never open or close a hash tag, add a separator or form a glob.
 | key | type | holds |
 | --- | --- | --- |
 | `fg:skus` | set | every configured sku_id (read by audit, sweeper, finalizers) |
-| `fg:mode` | hash | the shared intake mode and its change history |
 | `fg:{S}:sku` | hash | SKU config and counters: stock available held sold ... |
 | `fg:{S}:users` | hash | user_id -> units the user holds or bought of S |
 | `fg:{S}:holds` | zset | order_id -> hold deadline (epoch ms), the sweeper's index |
@@ -25,11 +24,9 @@ import re
 
 PREFIX = "fg"
 SKU_REGISTRY = f"{PREFIX}:skus"
-MODE = f"{PREFIX}:mode"
 
 # \Z, not $: `$` also matches before a trailing newline, which would pass "id\n".
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}\Z"
-ORDER_RAND_LEN = 26  # 128 random bits in lower-case base32
 ORDER_ID_PATTERN = r"^[a-z2-7]{26}\.[A-Za-z0-9_.:\-]{1,64}\Z"
 _ORDER_ID = re.compile(ORDER_ID_PATTERN)
 

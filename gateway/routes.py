@@ -61,9 +61,7 @@ def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     """Decode and validate a body; every failure is `400 invalid_request` naming the field."""
     try:
         return decoder.decode(body)
-    except msgspec.ValidationError as exc:  # before DecodeError: it is a subclass
-        raise errors.InvalidRequest(str(exc)) from None
-    except msgspec.DecodeError as exc:
+    except msgspec.DecodeError as exc:  # ValidationError included: it is a subclass
         raise errors.InvalidRequest(str(exc)) from None
     except UnicodeDecodeError:
         raise errors.InvalidRequest("request body is not valid UTF-8") from None

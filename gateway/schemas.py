@@ -7,10 +7,9 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-from gateway.keys import ID_PATTERN, ORDER_ID_PATTERN
+from gateway.keys import ID_PATTERN
 
 Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=ID_PATTERN)]
-OrderId = Annotated[str, Meta(max_length=91, pattern=ORDER_ID_PATTERN)]
 EpochSeconds = Annotated[int, Meta(ge=0, le=253_402_300_799)]
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z"
