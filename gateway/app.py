@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,13 +14,17 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from gateway import errors
 from gateway.breaker import CircuitBreaker, State
 from gateway.config import Settings
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.inventory import Inventory
+from gateway.limiter import TokenBucket
+from gateway.mode import ModeStore, NoticeWatcher
 from gateway.responses import MsgspecResponse
 from gateway.routes import routes
 from gateway.scripts import ScriptRegistry
+from gateway.soldout import SoldOutMemo
 from gateway.store import create_client
 
 log = logging.getLogger("flashgate")
@@ -31,6 +36,7 @@ class Gateway:
     def __init__(self, settings: Settings, redis: Redis, scripts: ScriptRegistry) -> None:
         self.settings = settings
         self.inventory = Inventory(redis, scripts, settings)
+        self.limiter = TokenBucket(settings.qps, settings.burst, path=settings.bucket_file)
         self.breaker = CircuitBreaker(
             rt_ms=settings.breaker_rt_ms,
             slow_ratio=settings.breaker_slow_ratio,
@@ -39,6 +45,33 @@ class Gateway:
             open_s=settings.breaker_open_s,
             on_transition=_log_transition,
         )
+        self.memo = SoldOutMemo(settings.soldout_recheck_ms / 1000)
+        self.modes = ModeStore(redis, scripts)
+        self.watcher = NoticeWatcher(
+            redis, self.modes, self.memo, refresh_s=settings.mode_refresh_ms / 1000
+        )
+        self._policy = f'"intake";q={max(1, round(settings.qps))};w=1'
+
+    def rate_limited(self, wait_s: float) -> errors.RateLimited:
+        """429 with Retry-After from the refill and the IETF RateLimit headers."""
+        retry = max(1, math.ceil(wait_s))
+        return errors.RateLimited(
+            retry_after_s=retry,
+            headers={"RateLimit-Policy": self._policy, "RateLimit": f'"intake";r=0;t={retry}'},
+        )
+
+    async def learn_sold_out(self, sku_id: str) -> None:
+        """Remember a sold-out SKU, with the accepted shoppers whose replays must still pass."""
+        try:
+            accepted, until_ms = await self.inventory.accepted_since(
+                sku_id, self.memo.accepted_since(sku_id)
+            )
+        except errors.BackendUnavailable:
+            return  # not remembered: the next request asks Redis again
+        self.memo.sold_out(sku_id, accepted, until_ms)
+
+    def close(self) -> None:
+        self.limiter.close()
 
 
 def _log_transition(old: State, new: State) -> None:
@@ -64,8 +97,13 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> Starlette:
         client = redis if redis is not None else create_client(settings)
         try:
             await scripts.load_all(client)
-            app.state.gateway = Gateway(settings, client, scripts)
-            yield
+            gateway = app.state.gateway = Gateway(settings, client, scripts)
+            await gateway.watcher.start()
+            try:
+                yield
+            finally:
+                await gateway.watcher.stop()
+                gateway.close()
         finally:
             if redis is None:
                 await client.aclose()

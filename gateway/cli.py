@@ -10,8 +10,10 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -37,6 +39,12 @@ _HELP = {
     "workers": "HTTP worker processes",
     "data_dir": "directory of the embedded server's data",
     "access_log": "log every request (halves throughput)",
+    "qps": "token bucket refill per second, per gateway instance",
+    "burst": "token bucket capacity",
+    "queue_max": "most unprocessed orders one SKU's stream may hold",
+    "mode_refresh_ms": "how often each worker re-reads the intake mode (ms)",
+    "soldout_recheck_ms": "how long a sold-out SKU is refused from memory (ms)",
+    "bucket_file": "token-bucket file shared by the workers (default: per port, on tmpfs)",
 }
 
 
@@ -73,11 +81,21 @@ def _resolve_redis(settings: Settings) -> Settings:
     return settings.replace(redis_url=discover(settings.data_dir))
 
 
+def bucket_path(port: int) -> Path:
+    """The token-bucket file the workers of the instance on `port` share (tmpfs when there is
+    one). One instance per port per host, so a later instance on the port reuses it."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    return base / f"flashgate-{os.getuid()}-{port}.bucket"
+
+
 def run_gateway(settings: Settings) -> int:
     """The HTTP gateway alone, in this process (uvicorn with uvloop and httptools)."""
     import uvicorn
 
     settings = _resolve_redis(settings)
+    if settings.workers > 1 and not settings.bucket_file:
+        settings = settings.replace(bucket_file=str(bucket_path(settings.port)))
     os.environ.update(settings.to_env())
     uvicorn.run(
         "gateway.app:app_from_env",
@@ -95,14 +113,53 @@ def run_gateway(settings: Settings) -> int:
     return 0
 
 
-class Supervisor:
-    """`flashgate serve`: the embedded server, then the gateway; stops them in reverse order."""
+class RestartBackoff:
+    """When to restart a crashed embedded server: after `first_s`, doubling with every restart
+    within the last `window_s` up to `max_s`; never (None) once `max_restarts` restarts fall
+    within `window_s`. Times in seconds, from an injected monotonic clock."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(
+        self,
+        *,
+        first_s: float = 0.5,
+        max_s: float = 5.0,
+        max_restarts: int = 5,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.clock = clock
+        self.restarts: deque[float] = deque()
+
+    def next_delay(self) -> float | None:
+        """The pause before the next restart (and count it), or None: give up."""
+        now = self.clock()
+        while self.restarts and now - self.restarts[0] >= self.window_s:
+            self.restarts.popleft()
+        if len(self.restarts) >= self.max_restarts:
+            return None
+        delay = min(self.first_s * 2.0 ** len(self.restarts), self.max_s)
+        self.restarts.append(now)
+        return delay
+
+
+class Supervisor:
+    """`flashgate serve`: the embedded server, then the gateway; stops them in reverse order.
+
+    A crashed embedded server is restarted in place (same data dir and URL, its append-only file
+    brings the data back) with a backoff, while the gateway keeps running and reconnects; after
+    too many crashes in a row everything shuts down. A gateway that exits shuts everything down.
+    """
+
+    def __init__(self, settings: Settings, *, backoff: RestartBackoff | None = None) -> None:
         self.settings = settings
         self.server: EmbeddedServer | None = None
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.stopping = False
+        self.backoff = backoff or RestartBackoff()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
@@ -152,11 +209,76 @@ class Supervisor:
                     log.error("%s exited with code %s; shutting down", name, proc.returncode)
                     return 1
             if self.server and self.server.proc and self.server.proc.poll() is not None:
-                log.error("embedded server exited; shutting down")
-                return 1
+                if not self._restart_server(self.server, self.server.proc.returncode):
+                    if not self.stopping:
+                        return 1
             time.sleep(0.2)
         log.info("stopping")
         return 0
+
+    def _restart_server(self, server: EmbeddedServer, code: int | None) -> bool:
+        """Restart the dead server after the backoff, again while it fails to come up.
+        False: a signal asked us to stop, or it crashed too often (shut down)."""
+        while not self.stopping:
+            delay = self.backoff.next_delay()
+            if delay is None:
+                log.error(
+                    "embedded server exited with code %s, its %d restarts within %g s "
+                    "are used up; shutting down",
+                    code,
+                    self.backoff.max_restarts,
+                    self.backoff.window_s,
+                )
+                return False
+            log.warning(
+                "embedded server exited with code %s; restarting it in %g s (restart %d of "
+                "at most %d within %g s)",
+                code,
+                delay,
+                len(self.backoff.restarts),
+                self.backoff.max_restarts,
+                self.backoff.window_s,
+            )
+            if not self._pause(delay):
+                return False
+            try:
+                url = server.restart()
+            except EmbeddedError as exc:
+                code = None
+                log.warning("embedded server did not come back: %s", exc)
+                continue
+            pid = server.proc.pid if server.proc else None
+            log.warning("embedded server restarted (pid %s) at %s", pid, url)
+            self._load_scripts(url)
+            return True
+        return False
+
+    def _pause(self, seconds: float) -> bool:
+        """Sleep, waking early for a stop signal. False: stopping."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+        return not self.stopping
+
+    def _load_scripts(self, url: str) -> None:
+        """SCRIPT LOAD into the restarted server (scripts are not in its AOF), so /readyz is
+        200 again at once; the gateway's NOSCRIPT fallback would otherwise load them lazily."""
+        from redis.exceptions import RedisError
+
+        from gateway.scripts import ScriptRegistry
+        from gateway.store import create_client
+
+        async def load() -> None:
+            client = create_client(self.settings, url)
+            try:
+                await ScriptRegistry().load_all(client)
+            finally:
+                await client.aclose()
+
+        try:
+            asyncio.run(load())
+        except (RedisError, OSError) as exc:
+            log.warning("could not load the scripts into the restarted server: %s", exc)
 
     def shutdown(self) -> None:
         """Gateway first (it answers what it accepted), then the server (it flushes its AOF)."""

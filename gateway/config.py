@@ -42,6 +42,9 @@ class Settings:
     max_quantity: int = 100
     max_body_bytes: int = 4096
     queue_max: int = 50_000
+    mode_refresh_ms: int = 500
+    soldout_recheck_ms: int = 1000
+    bucket_file: str | None = None
     busy_message: str = DEFAULT_BUSY_MESSAGE
     data_dir: str = ".flashgate"
     host: str = "127.0.0.1"
@@ -63,6 +66,8 @@ class Settings:
             "max_quantity",
             "max_body_bytes",
             "queue_max",
+            "mode_refresh_ms",
+            "soldout_recheck_ms",
             "workers",
         )
         for name in positive:

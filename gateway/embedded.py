@@ -80,7 +80,7 @@ def wait_for_ping(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | No
 
 
 class EmbeddedServer:
-    """One valkey-server process owned by this object: start(), url, stop()."""
+    """One valkey-server process owned by this object: start(), url, restart(), stop()."""
 
     def __init__(
         self, data_dir: str | Path, *, appendfsync: str = "everysec", persist: bool = True
@@ -90,17 +90,27 @@ class EmbeddedServer:
         self.persist = persist
         self.proc: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self._listen: tuple[list[str], str] | None = None
 
     def _address(self) -> tuple[list[str], str]:
+        """A unix socket in the data dir, else a free TCP port. Chosen on the first start and
+        kept, so a restarted server answers at the URL its clients already hold."""
         sock = self.data_dir / SOCKET_FILE
-        if len(str(sock)) <= _UNIX_PATH_MAX:
-            if sock.exists():
-                sock.unlink()
-            return ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"], (
-                f"unix://{sock}"
-            )
-        port = free_port()
-        return ["--port", str(port), "--bind", "127.0.0.1"], f"redis://127.0.0.1:{port}/0"
+        if self._listen is None:
+            if len(str(sock)) <= _UNIX_PATH_MAX:
+                self._listen = (
+                    ["--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700"],
+                    f"unix://{sock}",
+                )
+            else:
+                port = free_port()
+                self._listen = (
+                    ["--port", str(port), "--bind", "127.0.0.1"],
+                    f"redis://127.0.0.1:{port}/0",
+                )
+        if self._listen[1].startswith("unix://") and sock.exists():
+            sock.unlink()  # left by a server that was killed
+        return self._listen
 
     def start(self, timeout_s: float = 30.0) -> str:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -139,6 +149,15 @@ class EmbeddedServer:
         self.url = url
         (self.data_dir / URL_FILE).write_text(url + "\n", encoding="utf-8")
         return url
+
+    def restart(self, timeout_s: float = 30.0) -> str:
+        """Start the server again in place: same data dir, same URL; its append-only file
+        brings the data back. A server still running is stopped first (SIGTERM, AOF flushed)."""
+        old = self.proc
+        self.stop()
+        if old is not None:
+            kill_group(old, signal.SIGKILL)  # a fork child (AOF rewrite) a killed server left
+        return self.start(timeout_s)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM (the server flushes its append-only file), then SIGKILL after `timeout_s`."""

@@ -19,6 +19,7 @@ from gateway.config import Settings
 from gateway.errors import BackendUnavailable
 from gateway.schemas import OrderRequest, OrderView, SkuConfig, SkuView
 from gateway.scripts import ScriptRegistry
+from gateway.store import call
 
 
 class CreateResult(IntEnum):
@@ -29,6 +30,7 @@ class CreateResult(IntEnum):
     SOLD_OUT = -3
     LIMIT_EXCEEDED = -4
     KEY_REUSED = -5
+    QUEUE_FULL = -6
 
 
 class ConfigureResult(IntEnum):
@@ -80,9 +82,17 @@ class Inventory:
         self._idem_ttl_ms = settings.idempotency_ttl_s * 1000
 
     async def create_order(
-        self, req: OrderRequest, idempotency_key: str, *, now_ms: int | None = None
+        self,
+        req: OrderRequest,
+        idempotency_key: str,
+        *,
+        queue_only: bool = False,
+        now_ms: int | None = None,
     ) -> tuple[CreateResult, bytes]:
-        """Hold stock for one order in one round trip. Returns (result, payload)."""
+        """Hold stock for one order (or, queue_only, just enqueue it) in one round trip.
+
+        Returns (result, payload); the payload is described in lua/create_order.lua.
+        """
         sk = keys.SkuKeys(req.sku_id)
         order_id = keys.new_order_id(req.sku_id)
         ks = [
@@ -92,6 +102,7 @@ class Inventory:
             sk.stream,
             sk.order(order_id),
             sk.idempotency(req.user_id, idempotency_key),
+            sk.accepted,
             keys.key_guard(req.user_id, idempotency_key),
         ]
         args = (
@@ -104,6 +115,9 @@ class Inventory:
             self._hold_ttl_ms,
             self._idem_ttl_ms,
             "" if now_ms is None else now_ms,
+            "queue" if queue_only else "hold",
+            self.settings.queue_max,
+            accepted_member(req.user_id, idempotency_key),
         )
         try:
             code, payload = await self._call(self._create, ks, args)
@@ -115,6 +129,17 @@ class Inventory:
             # not, this one decides. Either way at most one hold, and the shopper learns which.
             code, payload = await self._call(self._create, ks, args)
         return CreateResult(code), payload
+
+    async def accepted_since(self, sku_id: str, since_ms: float) -> tuple[set[str], float]:
+        """Members `<key>:<user>` of the SKU's accepted set whose replay deadline is at or after
+        `since_ms`, and the latest deadline seen (to ask only for newer ones next time)."""
+        raw = await self._run(
+            self.redis.zrangebyscore(
+                keys.SkuKeys(sku_id).accepted, since_ms, "+inf", withscores=True
+            )
+        )
+        latest = max((score for _, score in raw), default=since_ms)
+        return {m.decode() for m, _ in raw}, latest
 
     async def configure_sku(self, sku_id: str, cfg: SkuConfig) -> tuple[ConfigureResult, int]:
         sk = keys.SkuKeys(sku_id)
@@ -129,6 +154,9 @@ class Inventory:
         # would hide a SKU from the audit.
         await self._run(self.redis.sadd(keys.SKU_REGISTRY, sku_id))
         code, detail = await self._call(self._configure, [sk.sku], args)
+        if code > 0:
+            # More may be available now: gateways that remember the SKU as sold out forget it.
+            await self._run(self.redis.publish(keys.NOTICES, f"stock:{sku_id}"))
         return ConfigureResult(code), int(detail)
 
     async def get_sku(self, sku_id: str) -> SkuView | None:
@@ -181,8 +209,13 @@ class Inventory:
         return AuditRow(sku_id, *(int(x) for x in row[1:]))
 
     async def ping(self) -> bool:
+        """Redis answers and every script is loaded (reloaded here after a restart)."""
         try:
-            return bool(await self.redis.ping()) and await self.scripts.loaded(self.redis)
+            if not await self.redis.ping():
+                return False
+            if not await self.scripts.loaded(self.redis):
+                await self.scripts.load_all(self.redis)
+            return True
         except RedisError:
             return False
 
@@ -191,10 +224,12 @@ class Inventory:
 
     @staticmethod
     async def _run(awaitable: Any) -> Any:
-        try:
-            return await awaitable
-        except (RedisError, OSError) as exc:  # OSError: a socket error redis-py did not wrap
-            raise BackendUnavailable() from exc
+        return await call(awaitable)
+
+
+def accepted_member(user_id: str, idempotency_key: str) -> str:
+    """The accepted-set member of one (user, key): the key is a UUID, so `:` splits them."""
+    return f"{idempotency_key}:{user_id}"
 
 
 def _maybe_sent(exc: BaseException | None) -> bool:

@@ -13,6 +13,9 @@ so they can never open or close a hash tag, add a separator or form a glob.
 | `fg:{S}:stream` | stream | orders of S for the finalizers |
 | `fg:{S}:o:<rand>` | hash | the order record |
 | `fg:{S}:idem:<user>:<key>` | string | request fingerprint, newline, first answer (24 h) |
+| `fg:{S}:accepted` | zset | `<key>:<user>` of every 202 -> replay deadline (sold-out memo) |
+| `fg:{mode}` | hash | mode, changed_at: the intake mode shared by every gateway |
+| `fg:{mode}:history` | list | the latest mode changes, newest first (JSON) |
 | `fg:{u:<user>}:ik:<key>` | string | sku_id the key was first used for (24 h), standalone |
 """
 
@@ -24,6 +27,11 @@ import re
 
 PREFIX = "fg"
 SKU_REGISTRY = f"{PREFIX}:skus"
+MODE = f"{PREFIX}:{{mode}}"
+MODE_HISTORY = f"{MODE}:history"
+# Pub/sub channel of gateway notices: "mode" (re-read the mode), "stock:<sku_id>" (stock came
+# back: forget that the SKU was sold out). Channels are not keys: any node relays them.
+NOTICES = f"{PREFIX}:notices"
 
 # \Z, not $: `$` also matches before a trailing newline, which would pass "id\n".
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}\Z"
@@ -49,7 +57,7 @@ def split_order_id(order_id: str) -> tuple[str, str] | None:
 class SkuKeys:
     """The keys of one SKU, all under the hash tag `{sku_id}`."""
 
-    __slots__ = ("holds", "sku", "sku_id", "stream", "tag", "users")
+    __slots__ = ("accepted", "holds", "sku", "sku_id", "stream", "tag", "users")
 
     def __init__(self, sku_id: str) -> None:
         self.sku_id = sku_id
@@ -58,6 +66,7 @@ class SkuKeys:
         self.users = f"{self.tag}:users"
         self.holds = f"{self.tag}:holds"
         self.stream = f"{self.tag}:stream"
+        self.accepted = f"{self.tag}:accepted"
 
     def order(self, order_id: str) -> str:
         return f"{self.tag}:o:{order_id.partition('.')[0]}"

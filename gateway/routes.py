@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+import os
 import re
 from typing import TYPE_CHECKING, TypeVar
 
@@ -12,14 +13,16 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import errors
-from gateway.inventory import ConfigureResult, CreateResult
+from gateway.inventory import ConfigureResult, CreateResult, accepted_member
 from gateway.keys import ID_PATTERN
+from gateway.mode import Mode
 from gateway.responses import MsgspecResponse, RawJSONResponse
 from gateway.schemas import (
     order_request_decoder,
     parse_idempotency_key,
     sku_config_decoder,
 )
+from gateway.store import call
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -84,31 +87,49 @@ async def create_order(request: Request) -> Response:
     except msgspec.ValidationError as exc:
         raise errors.InvalidRequest(str(exc)) from None
 
+    queue_only = gw.watcher.mode is Mode.QUEUE_ONLY
+    member = accepted_member(req.user_id, key)
+    if not queue_only and gw.memo.refuses(req.sku_id, member):
+        raise errors.SoldOut(available=0)
+    wait_s = gw.limiter.take()
+    if wait_s > 0:
+        raise gw.rate_limited(wait_s)
     breaker = gw.breaker
     if not breaker.allow():
         raise errors.BreakerOpen(retry_after_s=breaker.retry_after_s())
     started = breaker.clock()
     failed = True
     try:
-        result, payload = await gw.inventory.create_order(req, key)
+        result, payload = await gw.inventory.create_order(req, key, queue_only=queue_only)
         failed = False
     finally:
         breaker.record(breaker.clock() - started, failed=failed)
     if result is CreateResult.CREATED:
+        if req.sku_id in gw.memo:
+            gw.memo.forget(req.sku_id)  # a re-check found stock again
         return RawJSONResponse(payload, status_code=202)
     if result is CreateResult.REPLAYED:
         return RawJSONResponse(payload, status_code=202, headers=_REPLAYED)
     if result is CreateResult.SOLD_OUT:
-        raise errors.SoldOut(available=int(payload))
+        available = int(payload)
+        if available == 0 and not queue_only:
+            await gw.learn_sold_out(req.sku_id)
+        raise errors.SoldOut(available=available)
+    raise _refusal(result, payload)
+
+
+def _refusal(result: CreateResult, payload: bytes) -> errors.GatewayError:
     if result is CreateResult.LIMIT_EXCEEDED:
-        raise errors.LimitExceeded()
+        return errors.LimitExceeded()
     if result is CreateResult.UNKNOWN_SKU:
-        raise errors.UnknownSku()
+        return errors.UnknownSku()
     if result is CreateResult.NOT_ACTIVE:
         reason = payload.decode()
         text = "the sale has not started" if reason == "not_started" else "the sale has ended"
-        raise errors.SaleNotActive(text, reason=reason)
-    raise errors.KeyReused()
+        return errors.SaleNotActive(text, reason=reason)
+    if result is CreateResult.QUEUE_FULL:
+        return errors.QueueFull(backlog=int(payload))
+    return errors.KeyReused()
 
 
 async def get_order(request: Request) -> Response:
@@ -171,12 +192,33 @@ async def healthz(request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     gw = _gateway(request)
     if await gw.inventory.ping():
-        return MsgspecResponse({"status": "ready"})
+        return MsgspecResponse({"status": "ready", "mode": gw.watcher.mode, "pid": os.getpid()})
     raise errors.BackendUnavailable(reason="Redis is not answering or scripts are not loaded")
+
+
+async def get_switch(request: Request) -> Response:
+    gw = _gateway(request)
+    require_admin(request, gw)
+    return MsgspecResponse(await call(gw.modes.view()))
+
+
+async def post_switch(request: Request) -> Response:
+    gw = _gateway(request)
+    require_admin(request, gw)
+    raw = request.query_params.get("mode", "")
+    try:
+        mode = Mode(raw.strip().upper())
+    except ValueError:
+        raise errors.InvalidRequest("mode must be QUEUE_ONLY or NORMAL - at `?mode`") from None
+    await call(gw.modes.switch(mode))
+    gw.watcher.mode = mode  # this process at once; the others on the published notice
+    return MsgspecResponse(await call(gw.modes.view()))
 
 
 routes = [
     Route("/api/v1/order/create", create_order, methods=["POST"]),
+    Route("/api/v1/order/switch", post_switch, methods=["POST"]),
+    Route("/api/v1/order/switch", get_switch, methods=["GET"]),
     Route("/api/v1/order/{order_id}", get_order, methods=["GET"]),
     Route("/api/v1/admin/skus/{sku_id}", put_sku, methods=["PUT"]),
     Route("/api/v1/admin/skus/{sku_id}", get_sku, methods=["GET"]),

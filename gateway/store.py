@@ -7,11 +7,18 @@ that wants to try again sends the same idempotency key, which makes the retry a 
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+from typing import TypeVar
+
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
 
 from gateway.config import Settings
+from gateway.errors import BackendUnavailable
+
+T = TypeVar("T")
 
 
 def no_retry() -> Retry:
@@ -35,3 +42,11 @@ def create_client(settings: Settings, url: str | None = None) -> Redis:
         health_check_interval=0,
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
+
+
+async def call(awaitable: Awaitable[T]) -> T:
+    """Await one Redis operation; any Redis or socket failure leaves as BackendUnavailable."""
+    try:
+        return await awaitable
+    except (RedisError, OSError) as exc:  # OSError: a socket error redis-py did not wrap
+        raise BackendUnavailable() from exc

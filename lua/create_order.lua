@@ -1,19 +1,23 @@
---[[ create_order: idempotency claim, checks, stock hold, order record and stream entry for one
-  order, atomically. Every check runs before the first write (scripts do not roll back).
+--[[ create_order: idempotency claim, checks and enqueue of one order, atomically; in hold mode
+  also the stock hold. Every check runs before the first write (scripts do not roll back).
   Time in epoch milliseconds, from the server's TIME unless ARGV[9] is given.
 
   KEYS[1] fg:{S}:sku      (hash)   promotion_id stock available held sold per_user_limit
-                                   starts_at ends_at (epoch s, optional)
+                                   starts_at ends_at (epoch s, optional) backlog
   KEYS[2] fg:{S}:users    (hash)   user_id -> units held or bought
   KEYS[3] fg:{S}:holds    (zset)   order_id -> hold deadline ms
   KEYS[4] fg:{S}:stream   (stream) order stream
   KEYS[5] fg:{S}:o:<rand> (hash)   the new order record
   KEYS[6] fg:{S}:idem:<user>:<key> (string) fingerprint .. "\n" .. first answer
-  KEYS[7] optional fg:{u:<user>}:ik:<key> (string) sku_id (cross-SKU key reuse guard)
+  KEYS[7] fg:{S}:accepted (zset)   "<key>:<user>" of every 202 -> replay deadline ms
+  KEYS[8] optional fg:{u:<user>}:ik:<key> (string) sku_id (cross-SKU key reuse guard)
 
   ARGV[1] order_id      ARGV[2] user_id   ARGV[3] sku_id   ARGV[4] quantity
   ARGV[5] promotion_id  ARGV[6] fingerprint (sku|quantity|promotion)
   ARGV[7] hold_ttl_ms   ARGV[8] idempotency_ttl_ms   ARGV[9] now_ms ("" = server TIME)
+  ARGV[10] mode: "hold" (NORMAL: stock, limit and hold) | "queue" (QUEUE_ONLY: no stock read)
+  ARGV[11] queue_max: most unprocessed orders (backlog) the SKU's stream may hold
+  ARGV[12] "<key>:<user>", this request's member of KEYS[7]
 
   Returns {code, payload}:
      1 CREATED         payload: the 202 body (also stored for replays)
@@ -23,6 +27,7 @@
     -3 SOLD_OUT        payload: units available
     -4 LIMIT_EXCEEDED  payload: units the user already holds or bought
     -5 KEY_REUSED      payload: "" (same user and key, different request)
+    -6 QUEUE_FULL      payload: the backlog
 ]]
 local rcall = redis.call
 
@@ -34,15 +39,15 @@ if stored then
   end
   return {-5, ''}
 end
-if KEYS[7] then
-  local first_sku = rcall('GET', KEYS[7])
+if KEYS[8] then
+  local first_sku = rcall('GET', KEYS[8])
   if first_sku and first_sku ~= ARGV[3] then
     return {-5, ''}
   end
 end
 
 local cfg = rcall('HMGET', KEYS[1], 'promotion_id', 'available', 'per_user_limit',
-  'starts_at', 'ends_at')
+  'starts_at', 'ends_at', 'backlog')
 if not cfg[1] or cfg[1] ~= ARGV[5] then
   return {-1, ''}
 end
@@ -61,34 +66,52 @@ if cfg[5] and now >= tonumber(cfg[5]) * 1000 then
   return {-2, 'ended'}
 end
 
+local hold = ARGV[10] == 'hold'
 local qty = tonumber(ARGV[4])
-local available = tonumber(cfg[2])
-if available < qty then
-  return {-3, tostring(available)}
+if hold then
+  local available = tonumber(cfg[2])
+  if available < qty then
+    return {-3, tostring(available)}
+  end
+  local owned = tonumber(rcall('HGET', KEYS[2], ARGV[2]) or '0')
+  if owned + qty > tonumber(cfg[3]) then
+    return {-4, tostring(owned)}
+  end
 end
-local owned = tonumber(rcall('HGET', KEYS[2], ARGV[2]) or '0')
-if owned + qty > tonumber(cfg[3]) then
-  return {-4, tostring(owned)}
+local backlog = tonumber(cfg[6] or '0')
+if backlog >= tonumber(ARGV[11]) then
+  return {-6, tostring(backlog)}
 end
 
 -- all checks passed: write
-local deadline = now + tonumber(ARGV[7])
 local now_s = string.format('%d', now)
-local deadline_s = string.format('%d', deadline)
-local body = '{"order_id":"' .. ARGV[1] .. '","status":"HELD","sku_id":"' .. ARGV[3] ..
-  '","quantity":' .. ARGV[4] .. ',"hold_expires_at":' .. deadline_s .. '}'
-
-rcall('HINCRBY', KEYS[1], 'available', -qty)
-rcall('HINCRBY', KEYS[1], 'held', qty)
-rcall('HINCRBY', KEYS[2], ARGV[2], qty)
-rcall('ZADD', KEYS[3], deadline, ARGV[1])
-rcall('HSET', KEYS[5], 'status', 'HELD', 'user_id', ARGV[2], 'sku_id', ARGV[3],
+local status, body
+if hold then
+  local deadline = now + tonumber(ARGV[7])
+  local deadline_s = string.format('%d', deadline)
+  status = 'HELD'
+  body = '{"order_id":"' .. ARGV[1] .. '","status":"HELD","sku_id":"' .. ARGV[3] ..
+    '","quantity":' .. ARGV[4] .. ',"hold_expires_at":' .. deadline_s .. '}'
+  rcall('HINCRBY', KEYS[1], 'available', -qty)
+  rcall('HINCRBY', KEYS[1], 'held', qty)
+  rcall('HINCRBY', KEYS[2], ARGV[2], qty)
+  rcall('ZADD', KEYS[3], deadline, ARGV[1])
+  rcall('HSET', KEYS[5], 'hold_expires_at', deadline_s)
+else
+  status = 'QUEUED'
+  body = '{"order_id":"' .. ARGV[1] .. '","status":"QUEUED","sku_id":"' .. ARGV[3] ..
+    '","quantity":' .. ARGV[4] .. '}'
+end
+rcall('HINCRBY', KEYS[1], 'backlog', 1)
+rcall('HSET', KEYS[5], 'status', status, 'user_id', ARGV[2], 'sku_id', ARGV[3],
   'quantity', ARGV[4], 'promotion_id', ARGV[5], 'created_at', now_s,
-  'hold_expires_at', deadline_s,
-  'history', '[{"from":null,"to":"HELD","at":' .. now_s .. '}]')
+  'history', '[{"from":null,"to":"' .. status .. '","at":' .. now_s .. '}]')
+local replay_until = now + tonumber(ARGV[8])
 rcall('SET', KEYS[6], ARGV[6] .. '\n' .. body, 'PX', ARGV[8])
-if KEYS[7] then
-  rcall('SET', KEYS[7], ARGV[3], 'PX', ARGV[8])
+rcall('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
+rcall('ZADD', KEYS[7], replay_until, ARGV[12])
+if KEYS[8] then
+  rcall('SET', KEYS[8], ARGV[3], 'PX', ARGV[8])
 end
 rcall('XADD', KEYS[4], '*', 'order_id', ARGV[1], 'event', 'created')
 return {1, body}

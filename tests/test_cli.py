@@ -17,7 +17,9 @@ import httpx
 import pytest
 import redis
 
-from gateway.embedded import free_port
+from gateway.cli import RestartBackoff, Supervisor
+from gateway.config import Settings
+from gateway.embedded import EmbeddedError, EmbeddedServer, free_port
 from tests.conftest import ADMIN, ADMIN_TOKEN, order_body
 
 pytestmark = pytest.mark.integration
@@ -89,8 +91,8 @@ class Serve:
             except httpx.TransportError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                out = self.log.read_text()
-                raise AssertionError(f"serve did not become ready:\n{out}")
+                text = self.log.read_text()
+                raise AssertionError(f"serve did not become ready:\n{text}")
             time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGTERM) -> int:
@@ -208,6 +210,120 @@ def test_supervisor_killed_leaves_no_orphan(data_dir: Path) -> None:
     assert wait_gone(tree) == set()
 
 
+def server_pid(data_dir: Path) -> int:
+    """The embedded server's pid, from its own INFO."""
+    url = (data_dir / "server.url").read_text().strip()
+    with redis.Redis.from_url(url) as client:
+        return int(client.info("server")["process_id"])
+
+
+def create(c: httpx.Client, user: str, sku: str) -> httpx.Response:
+    return c.post(
+        "/api/v1/order/create",
+        json=order_body(user_id=user, sku_id=sku),
+        headers={"X-Idempotency-Key": str(uuid.uuid4())},
+    )
+
+
+def test_killed_embedded_server_is_restarted_in_place(data_dir: Path) -> None:
+    s = Serve(data_dir, "--breaker-open-s", "1", env={"FLASHGATE_REDIS_TIMEOUT_MS": "300"})
+    try:
+        with httpx.Client(base_url=s.base, timeout=10) as c:
+            r = c.put(
+                "/api/v1/admin/skus/k",
+                headers=ADMIN,
+                json={"promotion_id": "promo-1", "stock": 100, "per_user_limit": 1},
+            )
+            assert r.status_code == 201
+            before = create(c, "u-before", "k")
+            assert before.status_code == 202
+            url = (data_dir / "server.url").read_text()
+            gateway = descendants(s.proc.pid)
+            killed = server_pid(data_dir)
+            os.kill(killed, signal.SIGKILL)
+            assert wait_gone({killed}, 5) == set()
+
+            outage: list[str] = []
+            ready_down = False
+            deadline = time.monotonic() + 30
+            while True:
+                assert time.monotonic() < deadline, f"no 202 after the kill: {outage}"
+                started = time.monotonic()
+                r = create(c, f"u-{len(outage)}", "k")
+                assert time.monotonic() - started < 3  # the deadline answers, not a hang
+                if r.status_code == 202:
+                    break
+                assert r.status_code == 503, r.text
+                assert r.json()["error"] in ("unavailable", "busy"), r.text
+                outage.append(r.json()["error"])
+                ready_down |= c.get("/readyz").status_code == 503
+                time.sleep(0.05)
+            assert outage and ready_down  # the restart backoff is at least 0.5 s
+
+            while c.get("/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "not ready again"
+                time.sleep(0.1)
+            assert server_pid(data_dir) != killed
+            assert (data_dir / "server.url").read_text() == url  # the same socket / URL
+            assert gateway - {killed} <= descendants(s.proc.pid)  # the gateway kept running
+            g = c.get(f"/api/v1/order/{before.json()['order_id']}")
+            assert g.status_code == 200 and g.json()["status"] == "HELD"
+            assert create(c, "u-after", "k").status_code == 202
+        tree = descendants(s.proc.pid)
+    finally:
+        assert s.stop() == 0
+    assert wait_gone(tree) == set()
+    assert not (data_dir / "server.url").exists()
+    assert "restarting it in 0.5 s" in s.log.read_text()
+
+
+def test_restart_backoff_doubles_then_gives_up() -> None:
+    now = [0.0]
+    backoff = RestartBackoff(clock=lambda: now[0])
+    delays = []
+    for _ in range(6):
+        delays.append(backoff.next_delay())
+        now[0] += 1
+    assert delays == [0.5, 1.0, 2.0, 4.0, 5.0, None]
+    now[0] = 63.5  # restarts were at 0, 1, 2, 3, 4: all but the last have left the 60 s window
+    assert backoff.next_delay() == 1.0
+
+
+def exited() -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    proc.wait()
+    return proc
+
+
+class CrashingServer(EmbeddedServer):
+    """Dies at once after every restart, or never comes up at all."""
+
+    def __init__(self, data_dir: Path, *, comes_up: bool) -> None:
+        super().__init__(data_dir)
+        self.comes_up = comes_up
+        self.restarts = 0
+        self.proc = exited()
+
+    def restart(self, timeout_s: float = 30.0) -> str:
+        self.restarts += 1
+        if not self.comes_up:
+            raise EmbeddedError("server exited with code 1")
+        self.proc = exited()
+        return f"redis://127.0.0.1:{free_port()}/0"  # nothing there: script loading fails
+
+
+@pytest.mark.parametrize("comes_up", [True, False])
+def test_supervisor_gives_up_after_repeated_crashes(tmp_path: Path, comes_up: bool) -> None:
+    sup = Supervisor(
+        Settings(redis_timeout_ms=300),
+        backoff=RestartBackoff(first_s=0.01, max_s=0.02, max_restarts=3),
+    )
+    server = CrashingServer(tmp_path, comes_up=comes_up)
+    sup.server = server
+    assert sup._watch() == 1
+    assert server.restarts == 3
+
+
 def test_two_workers_serve_and_stop(data_dir: Path) -> None:
     s = Serve(data_dir, "--workers", "2")
     try:
@@ -221,6 +337,37 @@ def test_two_workers_serve_and_stop(data_dir: Path) -> None:
     finally:
         assert s.stop() == 0
     assert wait_gone(tree) == set()
+
+
+def test_two_workers_share_one_bucket_and_apply_a_switch_within_a_second(
+    data_dir: Path,
+) -> None:
+    s = Serve(data_dir, "--workers", "2", "--qps", "0.001", "--burst", "10")
+    try:
+        httpx.put(
+            f"{s.base}/api/v1/admin/skus/b",
+            headers=ADMIN,
+            json={"promotion_id": "promo-1", "stock": 100, "per_user_limit": 1},
+        )
+        # One budget for the instance: per-worker buckets would let up to 20 through.
+        assert asyncio.run(stampede(s.base, 60, "b")) == {202: 10, 429: 50}
+
+        r = httpx.post(
+            f"{s.base}/api/v1/order/switch", params={"mode": "QUEUE_ONLY"}, headers=ADMIN
+        )
+        switched = time.monotonic()
+        assert r.status_code == 200
+        late: dict[int, set[str]] = {}  # pid -> modes reported over a second after the switch
+        seen: set[int] = set()
+        while time.monotonic() - switched < 3 and len(late) < 2:
+            ready = httpx.get(f"{s.base}/readyz", timeout=5).json()  # a new connection each
+            seen.add(ready["pid"])
+            if time.monotonic() - switched > 1.0:
+                late.setdefault(ready["pid"], set()).add(ready["mode"])
+        assert len(seen) == 2, "both workers must have answered"
+        assert late == {pid: {"QUEUE_ONLY"} for pid in seen}
+    finally:
+        assert s.stop() == 0
 
 
 def test_second_serve_on_one_data_dir_is_refused(serve: Serve, data_dir: Path) -> None:

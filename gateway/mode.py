@@ -1,0 +1,146 @@
+"""The intake mode (NORMAL | QUEUE_ONLY), shared through Redis by every worker and instance.
+
+`ModeStore` reads and switches the mode in Redis (`switch_mode.lua` records the change and
+publishes a notice). `NoticeWatcher` keeps one process's copy: it subscribes to the notice
+channel and also re-reads the mode every `refresh_s`, so a lost notice (a reconnect, a
+restarted server) delays a switch by at most that long. While Redis is unreachable the last
+mode read stays in force.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+from typing import Any
+
+import msgspec
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway import keys
+from gateway.soldout import SoldOutMemo
+
+log = logging.getLogger("flashgate")
+
+HISTORY_KEPT = 100
+
+
+class Mode(enum.StrEnum):
+    NORMAL = "NORMAL"
+    QUEUE_ONLY = "QUEUE_ONLY"
+
+
+class ModeView(msgspec.Struct, frozen=True, kw_only=True):
+    mode: Mode
+    changed_at: int | None  # epoch ms of the last switch, None: never switched
+    history: msgspec.Raw  # [{"from", "to", "at"}, ...] newest first
+
+
+class ModeStore:
+    def __init__(self, redis: Redis, scripts: Any) -> None:
+        self.redis = redis
+        self._switch = scripts["switch_mode"]
+
+    async def read(self) -> Mode:
+        raw: bytes | None = await self.redis.hget(keys.MODE, "mode")  # type: ignore[assignment]
+        return Mode(raw.decode()) if raw else Mode.NORMAL
+
+    async def view(self, limit: int = 20) -> ModeView:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(keys.MODE, "mode", "changed_at")
+            pipe.lrange(keys.MODE_HISTORY, 0, limit - 1)
+            (mode, changed_at), history = await pipe.execute()
+        return ModeView(
+            mode=Mode(mode.decode()) if mode else Mode.NORMAL,
+            changed_at=int(changed_at) if changed_at else None,
+            history=msgspec.Raw(b"[" + b",".join(history) + b"]"),
+        )
+
+    async def switch(self, mode: Mode) -> bool:
+        """Set the mode; True when it changed. Every gateway applies it within `refresh_s`."""
+        changed, _, _ = await self._switch(
+            self.redis, [keys.MODE, keys.MODE_HISTORY], (mode.value, keys.NOTICES, HISTORY_KEPT)
+        )
+        return bool(changed)
+
+
+class NoticeWatcher:
+    """This process's copy of the mode, and the sold-out memo's `stock:<sku>` notices."""
+
+    def __init__(
+        self, redis: Redis, store: ModeStore, memo: SoldOutMemo, *, refresh_s: float = 0.5
+    ) -> None:
+        self.redis = redis
+        self.store = store
+        self.memo = memo
+        self.refresh_s = refresh_s
+        self.mode = Mode.NORMAL
+        self.connected = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Read the mode once (start-up fails fast without Redis), then watch in the background:
+        one task listens for notices, one re-reads the mode every `refresh_s`."""
+        self.mode = await self.store.read()
+        self._tasks = [
+            asyncio.create_task(self._listen(), name="flashgate-notices"),
+            asyncio.create_task(self._poll(), name="flashgate-mode-refresh"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            # Bounded: a cancellation lost inside a client read must not hang the shutdown.
+            await asyncio.wait(self._tasks, timeout=2)
+        self._tasks = []
+
+    async def refresh(self) -> None:
+        mode = await self.store.read()
+        if mode is not self.mode:
+            log.warning("intake mode %s -> %s", self.mode.value, mode.value)
+            self.mode = mode
+
+    def apply(self, notice: bytes) -> bool:
+        """Apply one notice; True when the mode must be re-read."""
+        if notice == b"mode":
+            return True
+        if notice.startswith(b"stock:"):
+            self.memo.forget(notice[6:].decode(errors="replace"))
+        return False
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            with contextlib.suppress(RedisError, OSError):  # the last mode read stays
+                await self.refresh()
+
+    async def _listen(self) -> None:
+        # Reads block without a read timeout: a quiet channel is normal; the poll task covers
+        # a channel that went silent without an error.
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            try:
+                await pubsub.subscribe(keys.NOTICES)
+                await self.refresh()  # after subscribing: no switch falls in between
+                if not self.connected:
+                    self.connected = True
+                    self.memo.clear()  # stock may have changed while we could not hear
+                me = asyncio.current_task()
+                while True:
+                    msg = await pubsub.get_message(timeout=None)
+                    if msg is None and me is not None and me.cancelling():
+                        # redis-py can answer a cancelled blocking read with None
+                        raise asyncio.CancelledError
+                    if msg is not None and self.apply(msg["data"]):
+                        await self.refresh()
+            except (RedisError, OSError) as exc:
+                if self.connected:
+                    log.warning("notice channel lost (%s); keeping mode %s", exc, self.mode.value)
+                self.connected = False
+                await asyncio.sleep(self.refresh_s)
+            finally:
+                with contextlib.suppress(RedisError, OSError):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -1,0 +1,22 @@
+--[[ switch_mode: set the intake mode shared by every gateway, record the change, publish it.
+  A switch to the current mode changes and records nothing. Time from the server's TIME.
+
+  KEYS[1] fg:{mode}         (hash) mode changed_at (epoch ms)
+  KEYS[2] fg:{mode}:history (list) {"from","to","at"} JSON, newest first
+  ARGV[1] new mode ("NORMAL" | "QUEUE_ONLY")   ARGV[2] notice channel   ARGV[3] history kept
+
+  Returns {changed (1 | 0), mode, changed_at ("" = never switched)}
+]]
+local rcall = redis.call
+local cur = rcall('HMGET', KEYS[1], 'mode', 'changed_at')
+local old = cur[1] or 'NORMAL'
+if old == ARGV[1] then
+  return {0, old, cur[2] or ''}
+end
+local t = rcall('TIME')
+local now_s = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
+rcall('HSET', KEYS[1], 'mode', ARGV[1], 'changed_at', now_s)
+rcall('LPUSH', KEYS[2], '{"from":"' .. old .. '","to":"' .. ARGV[1] .. '","at":' .. now_s .. '}')
+rcall('LTRIM', KEYS[2], 0, tonumber(ARGV[3]) - 1)
+rcall('PUBLISH', ARGV[2], 'mode')
+return {1, ARGV[1], now_s}
