@@ -1,4 +1,4 @@
-"""`flashgate serve | gateway | audit`: the console script."""
+"""`flashgate serve | gateway | finalizer | sweeper | audit`: the console script."""
 
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
+
+from redis.exceptions import RedisError
 
 from gateway import __version__
 from gateway.config import ConfigError, Settings, env_name
@@ -193,6 +195,9 @@ class Supervisor:
                 log.info("embedded server %s, data in %s", url, data_dir)
                 settings = settings.replace(redis_url=url)
             env = {**os.environ, **settings.to_env()}
+            # Stopped in reverse: the gateway first, then the finalizer drains what it can.
+            self._spawn("sweeper", ["sweeper"], env)
+            self._spawn("finalizer", ["finalizer"], env)
             self._spawn("gateway", ["gateway"], env)
             return self._watch()
         except EmbeddedError as exc:
@@ -299,6 +304,43 @@ class Supervisor:
         log.info("stopped")
 
 
+async def _run_role(settings: Settings, role: str) -> int:
+    """`flashgate finalizer | sweeper`: one background worker until SIGTERM/SIGINT."""
+    from gateway.finalizer import Finalizer
+    from gateway.scripts import ScriptRegistry
+    from gateway.store import create_client
+    from gateway.sweeper import Sweeper
+
+    if role == "finalizer":
+        # Blocking reads wait up to finalizer_block_ms on top of the usual deadline.
+        client_settings = settings.replace(
+            redis_timeout_ms=settings.redis_timeout_ms + settings.finalizer_block_ms
+        )
+    else:
+        client_settings = settings
+    client = create_client(client_settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        scripts = ScriptRegistry()
+        try:
+            await scripts.load_all(client)
+        except (RedisError, OSError) as exc:
+            print(f"flashgate {role}: cannot reach Redis: {exc}", file=sys.stderr)
+            return 1
+        worker = (
+            Finalizer(client, scripts, settings)
+            if role == "finalizer"
+            else Sweeper(client, scripts, settings)
+        )
+        await worker.run(stop)
+        return 0
+    finally:
+        await client.aclose()
+
+
 async def _audit(settings: Settings) -> int:
     from gateway.inventory import Inventory
     from gateway.scripts import ScriptRegistry
@@ -347,6 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, text in (
         ("serve", "everything one machine needs, on the embedded server unless REDIS_URL is set"),
         ("gateway", "only the HTTP gateway"),
+        ("finalizer", "only a finalizer (several share one consumer group)"),
+        ("sweeper", "only the expired-hold sweeper (safe to run more than one)"),
         ("audit", "check the inventory invariants of every SKU"),
     ):
         _add_settings_flags(sub.add_parser(name, help=text, description=text))
@@ -358,6 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return Supervisor(settings).run()
         if args.command == "gateway":
             return run_gateway(settings)
+        if args.command in ("finalizer", "sweeper"):
+            return asyncio.run(_run_role(_resolve_redis(settings), args.command))
         return asyncio.run(_audit(_resolve_redis(settings)))
     except (ConfigError, EmbeddedError) as exc:
         print(f"flashgate: {exc}", file=sys.stderr)

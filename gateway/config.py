@@ -45,6 +45,12 @@ class Settings:
     mode_refresh_ms: int = 500
     soldout_recheck_ms: int = 1000
     bucket_file: str | None = None
+    finalizer_batch: int = 200
+    finalizer_block_ms: int = 1000
+    finalizer_claim_idle_ms: int = 30_000
+    finalizer_max_deliveries: int = 5
+    sweep_interval_ms: int = 1000
+    sweep_batch: int = 100
     busy_message: str = DEFAULT_BUSY_MESSAGE
     data_dir: str = ".flashgate"
     host: str = "127.0.0.1"
@@ -68,11 +74,18 @@ class Settings:
             "queue_max",
             "mode_refresh_ms",
             "soldout_recheck_ms",
+            "finalizer_batch",
+            "finalizer_block_ms",
+            "finalizer_max_deliveries",
+            "sweep_interval_ms",
+            "sweep_batch",
             "workers",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be >= 1, got {getattr(self, name)}")
+        if self.finalizer_claim_idle_ms < 0:
+            raise ConfigError(f"{env_name('finalizer_claim_idle_ms')} must be >= 0")
         if self.qps <= 0:
             raise ConfigError(f"{env_name('qps')} must be > 0, got {self.qps}")
         if not 0.0 <= self.breaker_slow_ratio <= 1.0:

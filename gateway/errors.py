@@ -41,6 +41,11 @@ class SaleNotActive(GatewayError):
     status, code, default_message = 403, "sale_not_active", "the sale of this SKU is not active"
 
 
+class BadSignature(GatewayError):
+    status, code = 401, "bad_signature"
+    default_message = "X-Signature is missing or is not the HMAC-SHA256 of the body"
+
+
 class UnknownSku(GatewayError):
     status, code = 404, "unknown_sku"
     default_message = "no such SKU in this promotion"
@@ -70,6 +75,11 @@ class LimitExceeded(GatewayError):
 class KeyInUse(GatewayError):
     status, code = 409, "idempotency_key_in_use"
     default_message = "the first request with this idempotency key is still being processed"
+
+
+class PaymentReused(GatewayError):
+    status, code = 409, "payment_id_reused"
+    default_message = "this payment_id already confirmed another order"
 
 
 class StockBelowCommitted(GatewayError):
@@ -105,3 +115,8 @@ class BackendUnavailable(GatewayError):
 class AdminDisabled(GatewayError):
     status, code = 503, "admin_disabled"
     default_message = "admin endpoints are disabled: FLASHGATE_ADMIN_TOKEN is not set"
+
+
+class PaymentsDisabled(GatewayError):
+    status, code = 503, "payments_disabled"
+    default_message = "payment confirmation is disabled: FLASHGATE_PAYMENT_SECRET is not set"

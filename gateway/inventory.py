@@ -33,6 +33,13 @@ class CreateResult(IntEnum):
     QUEUE_FULL = -6
 
 
+class PaymentResult(IntEnum):
+    ACCEPTED = 1
+    REPLAYED = 2
+    UNKNOWN_ORDER = -1
+    PAYMENT_REUSED = -2
+
+
 class ConfigureResult(IntEnum):
     CREATED = 1
     UPDATED = 2
@@ -78,6 +85,7 @@ class Inventory:
         self._create = scripts["create_order"]
         self._configure = scripts["configure_sku"]
         self._audit = scripts["audit_sku"]
+        self._confirm = scripts["confirm_payment"]
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._idem_ttl_ms = settings.idempotency_ttl_s * 1000
 
@@ -129,6 +137,24 @@ class Inventory:
             # not, this one decides. Either way at most one hold, and the shopper learns which.
             code, payload = await self._call(self._create, ks, args)
         return CreateResult(code), payload
+
+    async def confirm_payment(
+        self, order_id: str, payment_id: str, *, now_ms: int | None = None
+    ) -> PaymentResult:
+        """Record one payment confirmation durably and queue it for the finalizers."""
+        parts = keys.split_order_id(order_id)
+        if parts is None:
+            return PaymentResult.UNKNOWN_ORDER
+        sk = keys.SkuKeys(parts[1])
+        ks = [sk.payment(payment_id), sk.order(order_id), sk.holds, sk.stream]
+        args = (payment_id, order_id, "" if now_ms is None else now_ms)
+        try:
+            (code,) = await self._call(self._confirm, ks, args)
+        except BackendUnavailable as exc:
+            if not _maybe_sent(exc.__cause__):
+                raise
+            (code,) = await self._call(self._confirm, ks, args)  # a resend replays
+        return PaymentResult(code)
 
     async def accepted_since(self, sku_id: str, since_ms: float) -> tuple[set[str], float]:
         """Members `<key>:<user>` of the SKU's accepted set whose replay deadline is at or after

@@ -13,6 +13,9 @@ so they can never open or close a hash tag, add a separator or form a glob.
 | `fg:{S}:stream` | stream | orders of S for the finalizers |
 | `fg:{S}:o:<rand>` | hash | the order record |
 | `fg:{S}:idem:<user>:<key>` | string | request fingerprint, newline, first answer (24 h) |
+| `fg:{S}:events` | stream | outbound: every final state with the order record (ERP/WMS) |
+| `fg:{S}:dead` | stream | dead letters: order-stream entries that failed repeatedly, with reason |
+| `fg:{S}:pay:<payment_id>` | hash | order_id, at, applied: one payment confirmation |
 | `fg:{S}:accepted` | zset | `<key>:<user>` of every 202 -> replay deadline (sold-out memo) |
 | `fg:{mode}` | hash | mode, changed_at: the intake mode shared by every gateway |
 | `fg:{mode}:history` | list | the latest mode changes, newest first (JSON) |
@@ -26,6 +29,7 @@ import os
 import re
 
 PREFIX = "fg"
+FINALIZER_GROUP = "finalizers"  # the consumer group every finalizer joins on every SKU stream
 SKU_REGISTRY = f"{PREFIX}:skus"
 MODE = f"{PREFIX}:{{mode}}"
 MODE_HISTORY = f"{MODE}:history"
@@ -57,7 +61,18 @@ def split_order_id(order_id: str) -> tuple[str, str] | None:
 class SkuKeys:
     """The keys of one SKU, all under the hash tag `{sku_id}`."""
 
-    __slots__ = ("accepted", "holds", "sku", "sku_id", "stream", "tag", "users")
+    __slots__ = (
+        "accepted",
+        "dead",
+        "events",
+        "holds",
+        "orders_prefix",
+        "sku",
+        "sku_id",
+        "stream",
+        "tag",
+        "users",
+    )
 
     def __init__(self, sku_id: str) -> None:
         self.sku_id = sku_id
@@ -67,9 +82,15 @@ class SkuKeys:
         self.holds = f"{self.tag}:holds"
         self.stream = f"{self.tag}:stream"
         self.accepted = f"{self.tag}:accepted"
+        self.events = f"{self.tag}:events"
+        self.dead = f"{self.tag}:dead"
+        self.orders_prefix = f"{self.tag}:o:"
 
     def order(self, order_id: str) -> str:
         return f"{self.tag}:o:{order_id.partition('.')[0]}"
+
+    def payment(self, payment_id: str) -> str:
+        return f"{self.tag}:pay:{payment_id}"
 
     def idempotency(self, user_id: str, key: str) -> str:
         return f"{self.tag}:idem:{user_id}:{key}"

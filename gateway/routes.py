@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import os
 import re
@@ -13,13 +14,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway import errors
-from gateway.inventory import ConfigureResult, CreateResult, accepted_member
+from gateway.inventory import ConfigureResult, CreateResult, PaymentResult, accepted_member
 from gateway.keys import ID_PATTERN
 from gateway.mode import Mode
 from gateway.responses import MsgspecResponse, RawJSONResponse
 from gateway.schemas import (
     order_request_decoder,
     parse_idempotency_key,
+    payment_decoder,
     sku_config_decoder,
 )
 from gateway.store import call
@@ -140,6 +142,28 @@ async def get_order(request: Request) -> Response:
     return MsgspecResponse(order)
 
 
+async def confirm_payment(request: Request) -> Response:
+    """Payment provider callback: signature over the raw body first, then the body."""
+    gw = _gateway(request)
+    secret = gw.settings.payment_secret
+    if not secret:
+        raise errors.PaymentsDisabled()
+    body = await read_body(request, gw.settings.max_body_bytes)
+    given = request.headers.get("x-signature", "").strip().lower()
+    expected = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+    if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
+        raise errors.BadSignature()
+    pay = decode(payment_decoder, body)
+    result = await gw.inventory.confirm_payment(pay.order_id, pay.payment_id)
+    if result is PaymentResult.UNKNOWN_ORDER:
+        raise errors.UnknownOrder()
+    if result is PaymentResult.PAYMENT_REUSED:
+        raise errors.PaymentReused()
+    answer = {"order_id": pay.order_id, "payment_id": pay.payment_id, "accepted": True}
+    headers = _REPLAYED if result is PaymentResult.REPLAYED else None
+    return MsgspecResponse(answer, status_code=202, headers=headers)
+
+
 def require_admin(request: Request, gw: Gateway) -> None:
     """Bearer token check in constant time; admin is off (503) when no token is set."""
     token = gw.settings.admin_token
@@ -220,6 +244,7 @@ routes = [
     Route("/api/v1/order/switch", post_switch, methods=["POST"]),
     Route("/api/v1/order/switch", get_switch, methods=["GET"]),
     Route("/api/v1/order/{order_id}", get_order, methods=["GET"]),
+    Route("/api/v1/payment/confirm", confirm_payment, methods=["POST"]),
     Route("/api/v1/admin/skus/{sku_id}", put_sku, methods=["PUT"]),
     Route("/api/v1/admin/skus/{sku_id}", get_sku, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),

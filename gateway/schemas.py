@@ -27,6 +27,11 @@ class OrderRequest(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True
         return f"{self.sku_id}|{self.quantity}|{self.promotion_id}"
 
 
+class PaymentConfirmation(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    order_id: Annotated[str, Meta(min_length=1, max_length=100)]
+    payment_id: Id
+
+
 class SkuConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     promotion_id: Id
     stock: Annotated[int, Meta(ge=0, le=1_000_000_000)]
@@ -61,6 +66,7 @@ class OrderView(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 order_request_decoder = msgspec.json.Decoder(OrderRequest)
 sku_config_decoder = msgspec.json.Decoder(SkuConfig)
+payment_decoder = msgspec.json.Decoder(PaymentConfirmation)
 encoder = msgspec.json.Encoder()
 
 

@@ -50,3 +50,8 @@ async def call(awaitable: Awaitable[T]) -> T:
         return await awaitable
     except (RedisError, OSError) as exc:  # OSError: a socket error redis-py did not wrap
         raise BackendUnavailable() from exc
+
+
+def text(value: bytes | str) -> str:
+    """A reply value as str (the client returns bytes)."""
+    return value.decode() if isinstance(value, bytes) else value

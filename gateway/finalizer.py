@@ -1,0 +1,197 @@
+"""Finalizer: drains every SKU's order stream through one consumer group.
+
+Each entry is applied by `finalize.lua`, which stores the effect and acknowledges the entry in
+one atomic step: an entry is never acknowledged without its effect, and a redelivered entry
+finds its effect already stored, so processing is idempotent. Entries left pending by a dead
+finalizer are claimed with XAUTOCLAIM once idle for `claim_idle_ms`; an entry that fails
+`max_deliveries` times moves to the SKU's dead-letter stream with its reason. Acknowledged
+entries are trimmed (XTRIM MINID below the oldest pending, never an unprocessed one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError, ResponseError
+
+from gateway import keys
+from gateway.config import Settings
+from gateway.scripts import ScriptRegistry
+from gateway.store import text
+
+log = logging.getLogger("flashgate")
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+
+
+class Finalizer:
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: ScriptRegistry,
+        settings: Settings,
+        *,
+        name: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.group = keys.FINALIZER_GROUP
+        self.consumer = name or consumer_name()
+        self.count = settings.finalizer_batch
+        self.block_ms = settings.finalizer_block_ms
+        self.claim_idle_ms = settings.finalizer_claim_idle_ms
+        self.max_deliveries = settings.finalizer_max_deliveries
+        self.clock = clock
+        self._finalize = scripts["finalize"]
+        self._hold_ttl_ms = settings.hold_ttl_s * 1000
+        self._streams: dict[str, str] = {}  # stream key -> sku_id
+        self._streams_read_at = -1e9
+        self._trimmed_at = -1e9
+        self.applied = 0
+        self.dead_lettered = 0
+
+    async def refresh_streams(self) -> None:
+        """Join the group on every configured SKU's stream (created from its first entry)."""
+        for sku_id in await self.redis.smembers(keys.SKU_REGISTRY):
+            sku = text(sku_id)
+            stream = keys.SkuKeys(sku).stream
+            if stream in self._streams:
+                continue
+            try:
+                await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    raise
+            self._streams[stream] = sku
+        self._streams_read_at = self.clock()
+
+    async def step(self, *, block: bool = True) -> int:
+        """One round: reclaim stale entries, then read and apply new ones. Returns how many
+        entries were handled."""
+        if self.clock() - self._streams_read_at > 2.0:
+            await self.refresh_streams()
+        if not self._streams:
+            if block:
+                await asyncio.sleep(self.block_ms / 1000)
+            return 0
+        handled = 0
+        for stream, sku in self._streams.items():
+            for entry in await self._claim(stream):
+                handled += await self.apply(stream, sku, entry)
+        reply = await self.redis.xreadgroup(
+            self.group,
+            self.consumer,
+            dict.fromkeys(self._streams, ">"),
+            count=self.count,
+            block=self.block_ms if block and not handled else None,
+        )
+        for stream_name, entries in _stream_entries(reply):
+            stream = text(stream_name)
+            for entry in entries:
+                handled += await self.apply(stream, self._streams[stream], entry)
+        if self.clock() - self._trimmed_at > 5.0:
+            await self.trim()
+        return handled
+
+    async def _claim(self, stream: str) -> list[Entry]:
+        reply = await self.redis.xautoclaim(
+            stream, self.group, self.consumer, self.claim_idle_ms, "0-0", count=self.count
+        )
+        return [e for e in reply[1] if e is not None and e[1] is not None]
+
+    async def apply(self, stream: str, sku_id: str, entry: Entry) -> int:
+        """Apply one entry; 1 when handled (applied, duplicate or dead-lettered), 0 when left
+        pending for a retry."""
+        entry_id, fields = entry
+        event = fields.get(b"event", b"").decode()
+        order_id = fields.get(b"order_id", b"").decode()
+        payment_id = fields.get(b"payment_id", b"").decode()
+        parts = keys.split_order_id(order_id)
+        if event not in ("created", "paid") or parts is None or parts[1] != sku_id:
+            await self._dead_letter(stream, sku_id, entry, "malformed entry")
+            return 1
+        sk = keys.SkuKeys(sku_id)
+        ks = [sk.sku, sk.users, sk.holds, stream, sk.order(order_id), sk.events]
+        if event == "paid":
+            ks.append(sk.payment(payment_id))
+        args = (self.group, entry_id, event, order_id, payment_id, self._hold_ttl_ms, "")
+        try:
+            await self._finalize(self.redis, ks, args)
+        except ResponseError as exc:  # the script refused: this entry's fault, not Redis's
+            return await self._failed(stream, sku_id, entry, str(exc))
+        self.applied += 1
+        return 1
+
+    async def _failed(self, stream: str, sku_id: str, entry: Entry, reason: str) -> int:
+        info = await self.redis.xpending_range(
+            stream, self.group, min=entry[0], max=entry[0], count=1
+        )
+        deliveries = int(info[0]["times_delivered"]) if info else self.max_deliveries
+        log.warning("entry %s of %s failed (delivery %d): %s", entry[0], stream, deliveries, reason)
+        if deliveries >= self.max_deliveries:
+            await self._dead_letter(stream, sku_id, entry, reason)
+            return 1
+        return 0
+
+    async def _dead_letter(self, stream: str, sku_id: str, entry: Entry, reason: str) -> None:
+        entry_id, fields = entry
+        dead: dict[Any, Any] = {**fields, b"entry_id": entry_id, b"reason": reason.encode()}
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(keys.SkuKeys(sku_id).dead, dead)
+            pipe.xack(stream, self.group, entry_id)
+            await pipe.execute()
+        self.dead_lettered += 1
+        log.error("entry %s of %s dead-lettered: %s", entry_id, stream, reason)
+
+    async def trim(self) -> int:
+        """Drop acknowledged entries: everything below the oldest pending entry (or, with none
+        pending, below the last delivered one). Returns how many entries went."""
+        dropped = 0
+        for stream in self._streams:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.xinfo_groups(stream)
+                pipe.xpending(stream, self.group)
+                groups, pending = await pipe.execute()
+            group = next((g for g in groups if text(g["name"]) == self.group), None)
+            if group is None:
+                continue
+            floor = text(group["last-delivered-id"])
+            if int(pending["pending"]):
+                floor = text(pending["min"])
+            if floor != "0-0":
+                dropped += await self.redis.xtrim(stream, minid=floor, approximate=False)
+        self._trimmed_at = self.clock()
+        return dropped
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Drain until `stop` is set; Redis outages are waited out."""
+        log.info("finalizer %s started", self.consumer)
+        while not stop.is_set():
+            try:
+                await self.step()
+            except (RedisError, OSError) as exc:
+                log.warning("finalizer: Redis unavailable (%s); retrying", exc)
+                await asyncio.sleep(1.0)
+        log.info("finalizer %s stopped (%d applied)", self.consumer, self.applied)
+
+
+def _stream_entries(reply: Any) -> list[tuple[Any, list[Entry]]]:
+    """XREADGROUP's answer as (stream, entries) pairs (a list; a map on some protocols)."""
+    if not reply:
+        return []
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return [(name, entries) for name, entries in reply]

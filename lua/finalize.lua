@@ -1,0 +1,153 @@
+--[[ finalize: apply one order-stream entry and acknowledge it in the same atomic step, so an
+  entry is never acknowledged without its effect and never applied twice (a redelivered entry
+  finds its effect already there). Every check runs before the first write.
+
+  KEYS[1] fg:{S}:sku      (hash)   counters and sale config (see create_order.lua)
+  KEYS[2] fg:{S}:users    (hash)   user_id -> units held or bought
+  KEYS[3] fg:{S}:holds    (zset)   order_id -> hold deadline ms
+  KEYS[4] fg:{S}:stream   (stream) the order stream (XACK)
+  KEYS[5] fg:{S}:o:<rand> (hash)   the order record
+  KEYS[6] fg:{S}:events   (stream) outbound events: every final state, with the order record
+  KEYS[7] fg:{S}:pay:<payment_id> (hash) order_id at applied ("paid" entries only)
+
+  ARGV[1] consumer group   ARGV[2] entry id   ARGV[3] event: "created" | "paid"
+  ARGV[4] order_id         ARGV[5] payment_id ("" for "created")
+  ARGV[6] hold_ttl_ms      ARGV[7] now_ms ("" = server TIME)
+
+  "created": a QUEUED order is decided with intake's rules (sale window, stock, per-user limit):
+    QUEUED -> HELD (its hold deadline starts now) or QUEUED -> REJECTED; the SKU's backlog
+    shrinks by one, once per order.
+  "paid" (confirm_payment.lua recorded the payment on the order and judged it in time or late):
+    HELD and paid in time -> CONFIRMED (held units become sold); HELD and paid late ->
+    PAID_AFTER_EXPIRY (the hold is released first); EXPIRED -> PAID_AFTER_EXPIRY; a payment of
+    a REJECTED or settled order, or a second payment, changes no state and emits
+    "refund_needed". A QUEUED order is decided first.
+
+  Returns {code, status}: 1 APPLIED, 0 DUPLICATE (effect already stored), -1 UNKNOWN_ORDER
+]]
+local rcall = redis.call
+local now
+if ARGV[7] ~= '' then
+  now = tonumber(ARGV[7])
+else
+  local t = rcall('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local now_s = string.format('%d', now)
+
+local o = rcall('HMGET', KEYS[5], 'status', 'user_id', 'quantity', 'drained', 'history',
+  'hold_expires_at', 'paid_in_time', 'payment_id')
+if not o[1] then
+  rcall('XACK', KEYS[4], ARGV[1], ARGV[2])
+  return {-1, ''}
+end
+local status, user, qty = o[1], o[2], tonumber(o[3])
+local history = o[5]
+if not user or not qty or not history or string.sub(history, -1) ~= ']' then
+  return redis.error_reply('corrupt order record ' .. ARGV[4])  -- before any write
+end
+
+local function move(to, extra)
+  history = string.sub(history, 1, -2) .. ',{"from":"' .. status .. '","to":"' .. to ..
+    '","at":' .. now_s .. '}]'
+  rcall('HSET', KEYS[5], 'status', to, 'history', history, 'updated_at', now_s)
+  status = to
+  if extra then
+    rcall('HSET', KEYS[5], unpack(extra))
+  end
+end
+
+local function emit(event, fields)
+  local rec = rcall('HMGET', KEYS[5], 'user_id', 'sku_id', 'quantity', 'promotion_id',
+    'created_at', 'payment_id')
+  local args = {KEYS[6], '*', 'event', event, 'order_id', ARGV[4], 'status', status,
+    'user_id', rec[1], 'sku_id', rec[2], 'quantity', rec[3], 'promotion_id', rec[4],
+    'created_at', rec[5], 'at', now_s, 'history', history}
+  if rec[6] then
+    table.insert(args, 'payment_id'); table.insert(args, rec[6])
+  end
+  for _, v in ipairs(fields or {}) do
+    table.insert(args, v)
+  end
+  rcall('XADD', unpack(args))
+end
+
+local function release()  -- give a HELD order's units back to stock
+  rcall('HINCRBY', KEYS[1], 'available', qty)
+  rcall('HINCRBY', KEYS[1], 'held', -qty)
+  local left = rcall('HINCRBY', KEYS[2], user, -qty)
+  if left <= 0 then
+    rcall('HDEL', KEYS[2], user)
+  end
+  rcall('ZREM', KEYS[3], ARGV[4])
+end
+
+local function decide()  -- QUEUED -> HELD | REJECTED, intake's rules
+  local cfg = rcall('HMGET', KEYS[1], 'available', 'per_user_limit', 'starts_at', 'ends_at')
+  local reason
+  if not cfg[1] then
+    reason = 'unknown_sku'
+  elseif cfg[3] and now < tonumber(cfg[3]) * 1000 then
+    reason = 'sale_not_active'
+  elseif cfg[4] and now >= tonumber(cfg[4]) * 1000 then
+    reason = 'sale_not_active'
+  elseif tonumber(cfg[1]) < qty then
+    reason = 'sold_out'
+  elseif tonumber(rcall('HGET', KEYS[2], user) or '0') + qty > tonumber(cfg[2]) then
+    reason = 'limit_exceeded'
+  end
+  if reason then
+    move('REJECTED', {'reason', reason})
+    emit('REJECTED', {'reason', reason})
+    return
+  end
+  local deadline = now + tonumber(ARGV[6])
+  rcall('HINCRBY', KEYS[1], 'available', -qty)
+  rcall('HINCRBY', KEYS[1], 'held', qty)
+  rcall('HINCRBY', KEYS[2], user, qty)
+  -- a payment that came while the order was queued is in time: no deadline to sweep
+  rcall('ZADD', KEYS[3], o[7] == '1' and '+inf' or deadline, ARGV[4])
+  move('HELD', {'hold_expires_at', string.format('%d', deadline)})
+end
+
+local applied = 0
+if ARGV[3] == 'created' then
+  if not o[4] then
+    if status == 'QUEUED' then
+      decide()
+    end
+    rcall('HSET', KEYS[5], 'drained', '1')
+    rcall('HINCRBY', KEYS[1], 'backlog', -1)
+    applied = 1
+  end
+elseif ARGV[3] == 'paid' then
+  local pay = rcall('HMGET', KEYS[7], 'order_id', 'applied')
+  if pay[1] == ARGV[4] and not pay[2] then
+    if status == 'QUEUED' then
+      decide()
+    end
+    local mine = o[8] == ARGV[5]
+    if status == 'HELD' and mine and o[7] == '1' then
+      rcall('HINCRBY', KEYS[1], 'held', -qty)
+      rcall('HINCRBY', KEYS[1], 'sold', qty)
+      rcall('ZREM', KEYS[3], ARGV[4])
+      move('CONFIRMED')
+      emit('CONFIRMED')
+    elseif (status == 'HELD' and mine) or (status == 'EXPIRED' and (mine or not o[8])) then
+      if status == 'HELD' then  -- paid after the deadline, before the sweeper came
+        release()
+      end
+      rcall('HSET', KEYS[5], 'payment_id', ARGV[5])
+      move('PAID_AFTER_EXPIRY')
+      emit('PAID_AFTER_EXPIRY', {'refund_needed', '1'})
+    else  -- REJECTED, settled, or a second payment of one order
+      emit('refund_needed', {'refund_needed', '1', 'refund_payment_id', ARGV[5]})
+    end
+    rcall('HSET', KEYS[7], 'applied', now_s)
+    applied = 1
+  end
+else
+  return redis.error_reply('unknown stream event ' .. tostring(ARGV[3]))
+end
+rcall('XACK', KEYS[4], ARGV[1], ARGV[2])
+return {applied, status}

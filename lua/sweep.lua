@@ -1,0 +1,52 @@
+--[[ sweep: release up to ARGV[2] holds of one SKU whose deadline has passed, atomically:
+  stock and the user's count come back, HELD -> EXPIRED, an "EXPIRED" outbound event. Holds paid
+  in time carry the deadline +inf and are never selected; each order is re-checked, so two
+  sweepers never release one hold twice.
+
+  KEYS[1] fg:{S}:sku (hash)   KEYS[2] fg:{S}:users (hash)   KEYS[3] fg:{S}:holds (zset)
+  KEYS[4] fg:{S}:events (stream)
+  ARGV[1] now_ms ("" = server TIME)   ARGV[2] batch size   ARGV[3] order-record prefix "fg:{S}:o:"
+
+  Returns {released, units, selected} (selected == batch size: call again)
+]]
+local rcall = redis.call
+local now
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
+else
+  local t = rcall('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local now_s = string.format('%d', now)
+local due = rcall('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local released, units = 0, 0
+for _, oid in ipairs(due) do
+  local dot = string.find(oid, '.', 1, true)
+  local key = ARGV[3] .. string.sub(oid, 1, dot - 1)
+  local o = rcall('HMGET', key, 'status', 'user_id', 'quantity', 'history', 'sku_id',
+    'promotion_id', 'created_at', 'paid_in_time', 'payment_id')
+  if o[1] == 'HELD' and o[8] ~= '1' then
+    local qty = tonumber(o[3])
+    rcall('HINCRBY', KEYS[1], 'available', qty)
+    rcall('HINCRBY', KEYS[1], 'held', -qty)
+    if rcall('HINCRBY', KEYS[2], o[2], -qty) <= 0 then
+      rcall('HDEL', KEYS[2], o[2])
+    end
+    local history = string.sub(o[4], 1, -2) .. ',{"from":"HELD","to":"EXPIRED","at":' ..
+      now_s .. '}]'
+    rcall('HSET', key, 'status', 'EXPIRED', 'history', history, 'updated_at', now_s)
+    local ev = {KEYS[4], '*', 'event', 'EXPIRED', 'order_id', oid, 'status', 'EXPIRED',
+      'user_id', o[2], 'sku_id', o[5], 'quantity', o[3], 'promotion_id', o[6],
+      'created_at', o[7], 'at', now_s, 'history', history}
+    if o[9] then  -- paid late: the finalizer will turn this into PAID_AFTER_EXPIRY
+      table.insert(ev, 'payment_id'); table.insert(ev, o[9])
+    end
+    rcall('XADD', unpack(ev))
+    released = released + 1
+    units = units + qty
+  end
+  if o[1] ~= 'HELD' or o[8] ~= '1' then
+    rcall('ZREM', KEYS[3], oid)
+  end
+end
+return {released, units, #due}

@@ -1,0 +1,351 @@
+"""Phase two against the real server: finalizer, payment confirmation, sweeper, and the order
+state machine, through the same scripts the processes run."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import uuid
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from gateway import keys
+from gateway.config import Settings
+from gateway.finalizer import Finalizer
+from gateway.inventory import CreateResult, Inventory, PaymentResult
+from gateway.schemas import OrderRequest, SkuConfig
+from gateway.scripts import ScriptRegistry
+from gateway.sweeper import Sweeper
+from tests.conftest import ADMIN, MakeClient, create, put_sku
+
+SECRET = "test-payment-secret"
+T0 = 1_800_000_000_000
+TTL_MS = 900_000
+
+
+class Phase2:
+    def __init__(self, redis: Redis, scripts: ScriptRegistry, settings: Settings) -> None:
+        self.redis = redis
+        self.settings = settings
+        self.inv = Inventory(redis, scripts, settings)
+        self.fin = Finalizer(redis, scripts, settings, name="f1")
+        self.sweeper = Sweeper(redis, scripts, settings)
+
+    async def sku(self, sku: str = "s", stock: int = 5, limit: int = 5) -> None:
+        await self.inv.configure_sku(
+            sku, SkuConfig(promotion_id="p", stock=stock, per_user_limit=limit)
+        )
+
+    async def order(
+        self,
+        user: str = "u1",
+        qty: int = 1,
+        sku: str = "s",
+        *,
+        queue_only: bool = False,
+        now_ms: int | None = T0,
+    ) -> tuple[CreateResult, dict[str, Any]]:
+        req = OrderRequest(user_id=user, sku_id=sku, quantity=qty, promotion_id="p")
+        result, body = await self.inv.create_order(
+            req, str(uuid.uuid4()), queue_only=queue_only, now_ms=now_ms
+        )
+        return result, json.loads(body) if result is CreateResult.CREATED else {}
+
+    async def drain(self) -> int:
+        total = 0
+        while handled := await self.fin.step(block=False):
+            total += handled
+        return total
+
+    async def status(self, order_id: str) -> str:
+        view = await self.inv.get_order(order_id)
+        assert view is not None
+        return view.status
+
+    async def history(self, order_id: str) -> list[tuple[str | None, str]]:
+        view = await self.inv.get_order(order_id)
+        assert view is not None
+        return [(h["from"], h["to"]) for h in json.loads(bytes(view.history))]
+
+    async def figures(self, sku: str = "s") -> dict[str, int]:
+        raw = await self.redis.hgetall(keys.SkuKeys(sku).sku)
+        wanted = (b"stock", b"available", b"held", b"sold", b"backlog")
+        return {k.decode(): int(v) for k, v in raw.items() if k in wanted}
+
+    async def events(self, sku: str = "s") -> list[dict[str, str]]:
+        return [
+            {k.decode(): v.decode() for k, v in fields.items()}
+            for _, fields in await self.redis.xrange(keys.SkuKeys(sku).events)
+        ]
+
+    async def audit(self, sku: str = "s") -> list[str]:
+        row = await self.inv.audit_sku(sku)
+        assert row is not None
+        return row.breaches()
+
+
+@pytest.fixture
+async def p2(redis: Redis, settings: Settings) -> Phase2:
+    scripts = ScriptRegistry()
+    await scripts.load_all(redis)
+    return Phase2(redis, scripts, settings.replace(finalizer_claim_idle_ms=0))
+
+
+async def test_paid_order_is_confirmed_with_its_history(p2: Phase2) -> None:
+    await p2.sku(stock=5)
+    _, body = await p2.order(qty=2)
+    oid = body["order_id"]
+    assert (await p2.figures())["backlog"] == 1
+    assert await p2.drain() == 1
+    assert await p2.status(oid) == "HELD"
+    assert (await p2.figures())["backlog"] == 0
+    assert await p2.inv.confirm_payment(oid, "pay-1", now_ms=T0 + 1000) is PaymentResult.ACCEPTED
+    assert await p2.inv.confirm_payment(oid, "pay-1") is PaymentResult.REPLAYED
+    assert await p2.drain() == 1
+    assert await p2.status(oid) == "CONFIRMED"
+    assert await p2.history(oid) == [(None, "HELD"), ("HELD", "CONFIRMED")]
+    assert await p2.figures() == {"stock": 5, "available": 3, "held": 0, "sold": 2, "backlog": 0}
+    (event,) = await p2.events()
+    assert event["event"] == "CONFIRMED" and event["order_id"] == oid
+    assert (event["payment_id"], event["user_id"], event["quantity"]) == ("pay-1", "u1", "2")
+    assert await p2.audit() == []
+
+
+async def test_unpaid_hold_expires_once_and_is_sold_again(p2: Phase2) -> None:
+    await p2.sku(stock=1)
+    _, body = await p2.order(now_ms=T0)
+    oid = body["order_id"]
+    assert (await p2.order(user="u2", now_ms=T0 + 1))[0] is CreateResult.SOLD_OUT
+    assert await p2.sweeper.sweep_once(now_ms=T0 + TTL_MS - 1) == 0
+    assert await p2.sweeper.sweep_once(now_ms=T0 + TTL_MS) == 1
+    assert await p2.sweeper.sweep_once(now_ms=T0 + TTL_MS + 5) == 0  # never twice
+    assert await p2.status(oid) == "EXPIRED"
+    assert await p2.history(oid) == [(None, "HELD"), ("HELD", "EXPIRED")]
+    assert [e["event"] for e in await p2.events()] == ["EXPIRED"]
+    assert (await p2.order(user="u2", now_ms=T0 + TTL_MS + 10))[0] is CreateResult.CREATED
+    await p2.drain()
+    assert await p2.audit() == []
+
+
+async def test_payment_before_the_deadline_beats_the_sweeper(p2: Phase2) -> None:
+    await p2.sku(stock=1)
+    _, body = await p2.order(now_ms=T0)
+    oid = body["order_id"]
+    await p2.inv.confirm_payment(oid, "pay-1", now_ms=T0 + TTL_MS - 1)
+    assert await p2.sweeper.sweep_once(now_ms=T0 + TTL_MS + 10_000) == 0  # finalizer is late
+    await p2.drain()
+    assert await p2.status(oid) == "CONFIRMED"
+    assert (await p2.figures())["sold"] == 1
+
+
+@pytest.mark.parametrize("swept_first", [True, False])
+async def test_payment_at_the_deadline_loses_to_the_expiry(p2: Phase2, swept_first: bool) -> None:
+    await p2.sku(stock=1)
+    _, body = await p2.order(now_ms=T0)
+    oid = body["order_id"]
+    await p2.inv.confirm_payment(oid, "pay-1", now_ms=T0 + TTL_MS)
+    if swept_first:
+        assert await p2.sweeper.sweep_once(now_ms=T0 + TTL_MS) == 1
+    await p2.drain()
+    await p2.sweeper.sweep_once(now_ms=T0 + TTL_MS + 1)
+    assert await p2.status(oid) == "PAID_AFTER_EXPIRY"
+    expected = [(None, "HELD"), ("HELD", "EXPIRED"), ("EXPIRED", "PAID_AFTER_EXPIRY")]
+    assert await p2.history(oid) == (
+        expected if swept_first else [(None, "HELD"), ("HELD", "PAID_AFTER_EXPIRY")]
+    )
+    assert await p2.figures() == {"stock": 1, "available": 1, "held": 0, "sold": 0, "backlog": 0}
+    refund = (await p2.events())[-1]
+    assert (refund["event"], refund["refund_needed"], refund["payment_id"]) == (
+        "PAID_AFTER_EXPIRY",
+        "1",
+        "pay-1",
+    )
+    assert await p2.audit() == []
+
+
+async def test_queue_only_orders_get_exactly_the_stock_there_was(p2: Phase2) -> None:
+    await p2.sku(stock=3, limit=2)
+    bodies = [(await p2.order(user=u, queue_only=True))[1] for u in ("a", "a", "a", "b", "c")]
+    assert {b["status"] for b in bodies} == {"QUEUED"}
+    assert (await p2.figures())["available"] == 3  # nothing decided at intake
+    await p2.drain()
+    statuses = [await p2.status(b["order_id"]) for b in bodies]
+    assert statuses == ["HELD", "HELD", "REJECTED", "HELD", "REJECTED"]
+    reasons = [e["reason"] for e in await p2.events() if e["event"] == "REJECTED"]
+    assert reasons == ["limit_exceeded", "sold_out"]
+    assert await p2.history(bodies[2]["order_id"]) == [(None, "QUEUED"), ("QUEUED", "REJECTED")]
+    view = await p2.inv.get_order(bodies[0]["order_id"])
+    assert view is not None and view.hold_expires_at is not None
+    assert await p2.figures() == {"stock": 3, "available": 0, "held": 3, "sold": 0, "backlog": 0}
+    assert await p2.audit() == []
+
+
+async def test_payment_of_a_queued_order_decides_it_first(p2: Phase2) -> None:
+    await p2.sku(stock=1)
+    _, a = await p2.order(user="a", queue_only=True)
+    _, b = await p2.order(user="b", queue_only=True)
+    # Both pay before any finalizer ran; the paid entries come after the created ones.
+    await p2.inv.confirm_payment(a["order_id"], "pay-a")
+    await p2.inv.confirm_payment(b["order_id"], "pay-b")
+    await p2.drain()
+    assert await p2.status(a["order_id"]) == "CONFIRMED"
+    assert await p2.status(b["order_id"]) == "REJECTED"
+    kinds = [e["event"] for e in await p2.events()]
+    assert kinds == ["REJECTED", "CONFIRMED", "refund_needed"]
+    assert await p2.audit() == []
+
+
+async def test_duplicate_deliveries_have_one_effect(p2: Phase2, redis: Redis) -> None:
+    await p2.sku(stock=5)
+    _, body = await p2.order(queue_only=True)
+    oid = body["order_id"]
+    await p2.inv.confirm_payment(oid, "pay-1")
+    stream = keys.SkuKeys("s").stream
+    await p2.fin.refresh_streams()
+    entries = await redis.xrange(stream)
+    for _ in range(3):  # each entry applied three times, as after lost acknowledgements
+        for entry in entries:
+            await p2.fin.apply(stream, "s", entry)
+    assert await p2.status(oid) == "CONFIRMED"
+    assert await p2.figures() == {"stock": 5, "available": 4, "held": 0, "sold": 1, "backlog": 0}
+    assert [e["event"] for e in await p2.events()] == ["CONFIRMED"]
+    assert await p2.audit() == []
+
+
+async def test_a_second_payment_is_refunded_not_applied(p2: Phase2) -> None:
+    await p2.sku(stock=5)
+    _, body = await p2.order()
+    oid = body["order_id"]
+    await p2.inv.confirm_payment(oid, "pay-1")
+    await p2.inv.confirm_payment(oid, "pay-2")
+    _, other = await p2.order(user="u2")
+    assert await p2.inv.confirm_payment(other["order_id"], "pay-1") is PaymentResult.PAYMENT_REUSED
+    await p2.drain()
+    assert await p2.status(oid) == "CONFIRMED"
+    assert [(e["event"], e.get("refund_payment_id")) for e in await p2.events()] == [
+        ("CONFIRMED", None),
+        ("refund_needed", "pay-2"),
+    ]
+    assert (await p2.figures())["sold"] == 1
+
+
+async def test_bad_entries_go_to_the_dead_letter_stream(p2: Phase2, redis: Redis) -> None:
+    await p2.sku(stock=5)
+    _, body = await p2.order()
+    oid = body["order_id"]
+    sk = keys.SkuKeys("s")
+    await p2.drain()
+    await redis.xadd(sk.stream, {"event": "bogus", "order_id": oid})
+    await redis.hdel(sk.order(oid), "history")  # a corrupt record: the script refuses it
+    await p2.inv.confirm_payment(oid, "pay-1")
+    before = await p2.figures()
+    p2.fin.max_deliveries = 2
+    await p2.fin.step(block=False)  # malformed: dead at once; corrupt: first failure
+    assert await redis.xlen(sk.dead) == 1
+    await p2.fin.step(block=False)  # reclaimed (idle >= 0 ms), fails again: dead
+    dead = await redis.xrange(sk.dead)
+    assert [f[b"reason"] for _, f in dead][0] == b"malformed entry"
+    assert b"corrupt order record" in dead[1][1][b"reason"]
+    assert (await redis.xpending(sk.stream, keys.FINALIZER_GROUP))["pending"] == 0
+    assert await p2.figures() == before  # the refused script wrote nothing
+
+
+async def test_trim_drops_acknowledged_entries_only(p2: Phase2, redis: Redis) -> None:
+    await p2.sku(stock=100, limit=100)
+    stream = keys.SkuKeys("s").stream
+    for _ in range(3):
+        await p2.order()
+    assert await p2.drain() == 3
+    for _ in range(5):
+        await p2.order()
+    # Another finalizer takes two entries and dies before applying them.
+    taken = await redis.xreadgroup(keys.FINALIZER_GROUP, "dead", {stream: ">"}, count=2)
+    taken_ids = [eid for eid, _ in taken[0][1]]
+    p2.fin.claim_idle_ms = 3_600_000  # not reclaimed yet
+    assert await p2.drain() == 3
+    await p2.fin.trim()  # the first three go; everything from the pending ones stays
+    left = [eid for eid, _ in await redis.xrange(stream)]
+    assert left[:2] == taken_ids and len(left) == 5
+    p2.fin.claim_idle_ms = 0
+    assert await p2.drain() == 2
+    assert (await p2.figures())["backlog"] == 0
+    await p2.fin.trim()
+    assert await redis.xlen(stream) == 1  # the last delivered entry marks the group's place
+
+
+async def test_payment_endpoint(make_client: MakeClient, redis: Redis) -> None:
+    c = await make_client(payment_secret=SECRET)
+    await put_sku(c)
+    oid = (await create(c)).json()["order_id"]
+
+    def signed(body: bytes, secret: str = SECRET) -> dict[str, str]:
+        sig = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+        return {"X-Signature": sig, "Content-Type": "application/json"}
+
+    url = "/api/v1/payment/confirm"
+    body = json.dumps({"order_id": oid, "payment_id": "pay-1"}).encode()
+    before = await redis.dbsize()
+    for headers in ({}, signed(body, "wrong"), {"X-Signature": "zz"}):
+        r = await c.post(url, content=body, headers=headers)
+        assert (r.status_code, r.json()["error"]) == (401, "bad_signature")
+    assert await redis.dbsize() == before
+    r = await c.post(url, content=body, headers=signed(body))
+    assert r.status_code == 202
+    assert r.json() == {"order_id": oid, "payment_id": "pay-1", "accepted": True}
+    again = await c.post(url, content=body, headers=signed(body))
+    assert again.status_code == 202 and again.content == r.content
+    missing = json.dumps({"order_id": "a" * 26 + ".sku-42", "payment_id": "p2"}).encode()
+    r = await c.post(url, content=missing, headers=signed(missing))
+    assert (r.status_code, r.json()["error"]) == (404, "unknown_order")
+    for bad in (b"{", b'{"order_id": 1, "payment_id": "x"}', b'{"order_id": "x"}'):
+        r = await c.post(url, content=bad, headers=signed(bad))
+        assert (r.status_code, r.json()["error"]) == (400, "invalid_request")
+    off = await make_client(payment_secret=None)
+    r = await off.post(url, content=body, headers=signed(body))
+    assert (r.status_code, r.json()["error"]) == (503, "payments_disabled")
+    assert (await c.get("/api/v1/admin/skus/sku-42", headers=ADMIN)).json()["held"] == 1
+
+
+async def test_many_payments_racing_their_expiry_have_one_winner_each(
+    redis: Redis, settings: Settings
+) -> None:
+    """Real server time: holds of 1 s, payments and sweeps fired around the deadline."""
+    scripts = ScriptRegistry()
+    await scripts.load_all(redis)
+    p2 = Phase2(redis, scripts, settings.replace(hold_ttl_s=1, finalizer_claim_idle_ms=0))
+    await p2.sku(stock=60, limit=1)
+    orders = [(await p2.order(user=f"u{i}", now_ms=None))[1] for i in range(60)]
+    await p2.drain()
+    await asyncio.sleep(0.9)
+
+    async def pay(i: int, oid: str) -> None:
+        await asyncio.sleep((i % 20) * 0.01)
+        await p2.inv.confirm_payment(oid, f"pay-{i}")
+
+    async def sweep() -> None:
+        for _ in range(30):
+            await p2.sweeper.sweep_once()
+            await asyncio.sleep(0.01)
+
+    await asyncio.gather(sweep(), *(pay(i, o["order_id"]) for i, o in enumerate(orders)))
+    await p2.drain()
+    await p2.sweeper.sweep_once()
+    statuses = [await p2.status(o["order_id"]) for o in orders]
+    assert set(statuses) <= {"CONFIRMED", "PAID_AFTER_EXPIRY"}
+    confirmed = statuses.count("CONFIRMED")
+    figures = await p2.figures()
+    assert figures == {
+        "stock": 60,
+        "available": 60 - confirmed,
+        "held": 0,
+        "sold": confirmed,
+        "backlog": 0,
+    }
+    events = await p2.events()
+    final = [e for e in events if e["event"] in ("CONFIRMED", "PAID_AFTER_EXPIRY")]
+    assert sorted(e["order_id"] for e in final) == sorted(o["order_id"] for o in orders)
+    assert await p2.audit() == []
