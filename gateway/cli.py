@@ -341,6 +341,9 @@ async def _run_role(settings: Settings, role: str) -> int:
         await client.aclose()
 
 
+AUDIT_SWEEP_MARGIN_MS = 5000  # a hold may outlive its deadline by one sweep interval plus this
+
+
 async def _audit(settings: Settings) -> int:
     from gateway.inventory import Inventory
     from gateway.scripts import ScriptRegistry
@@ -351,28 +354,24 @@ async def _audit(settings: Settings) -> int:
         scripts = ScriptRegistry()
         inventory = Inventory(client, scripts, settings)
         sku_ids = await inventory.sku_ids()
-        header = ("sku_id", "stock", "available", "held", "sold", "holds", "status")
+        seconds, micros = await client.time()
+        now_ms = seconds * 1000 + micros // 1000
+        slack_ms = settings.sweep_interval_ms + AUDIT_SWEEP_MARGIN_MS
+        header = ("sku_id", "stock", "available", "held", "sold", "backlog", "orders", "status")
         rows: list[tuple[str, ...]] = []
         broken = 0
         for sku_id in sku_ids:
-            row = await inventory.audit_sku(sku_id)
+            row = await inventory.audit_sku(sku_id, now_ms=now_ms, slack_ms=slack_ms)
             if row is None:
-                rows.append((sku_id, "-", "-", "-", "-", "-", "BROKEN: registered, no config"))
+                rows.append((sku_id, *"------", "BROKEN: registered, no config"))
                 broken += 1
                 continue
             problems = row.breaches()
             broken += bool(problems)
             status = "ok" if not problems else "BROKEN: " + "; ".join(problems)
-            rows.append(
-                (
-                    sku_id,
-                    *(
-                        str(x)
-                        for x in (row.stock, row.available, row.held, row.sold, row.holds_count)
-                    ),
-                    status,
-                )
-            )
+            orders = " ".join(f"{st}:{n}" for st, (n, _) in sorted(row.orders.items())) or "-"
+            figures = (row.stock, row.available, row.held, row.sold, row.backlog)
+            rows.append((sku_id, *(str(x) for x in figures), orders, status))
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         for r in [header, *rows]:
             print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

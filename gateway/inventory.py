@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
@@ -46,6 +46,42 @@ class ConfigureResult(IntEnum):
     STOCK_BELOW_COMMITTED = -1
 
 
+# The contract's transitions; (None, X) is the creation entry.
+TRANSITIONS = frozenset(
+    {
+        (None, "HELD"),
+        (None, "QUEUED"),
+        ("QUEUED", "HELD"),
+        ("QUEUED", "REJECTED"),
+        ("HELD", "CONFIRMED"),
+        ("HELD", "EXPIRED"),
+        ("HELD", "PAID_AFTER_EXPIRY"),
+        ("EXPIRED", "PAID_AFTER_EXPIRY"),
+    }
+)
+
+
+def history_problem(status: str, history: bytes, paid: bool) -> str | None:
+    """What is wrong with one order's history (None: it follows the contract)."""
+    try:
+        steps = [(h["from"], h["to"]) for h in msgspec.json.decode(history)]
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return "unreadable history"
+    if not steps or steps[0][0] is not None:
+        return "history does not start with the creation"
+    for (_, prev_to), (frm, _) in zip(steps, steps[1:], strict=False):
+        if frm != prev_to:
+            return f"history jumps from {prev_to} to {frm}"
+    bad = [step for step in steps if step not in TRANSITIONS]
+    if bad:
+        return f"transition {bad[0][0]} -> {bad[0][1]} is not allowed"
+    if steps[-1][1] != status:
+        return f"status {status} but history ends at {steps[-1][1]}"
+    if status == "CONFIRMED" and not paid:
+        return "CONFIRMED without a payment"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class AuditRow:
     sku_id: str
@@ -57,14 +93,18 @@ class AuditRow:
     holds_count: int
     holds_units: int
     holds_not_held: int
-    earliest_deadline_ms: int
+    earliest_deadline_ms: int  # 0: no hold with a deadline
+    backlog: int
+    orders: dict[str, tuple[int, int]] = field(default_factory=dict)  # status -> (count, units)
+    order_problems: list[str] = field(default_factory=list)
+    overdue_ms: int = 0  # how far the earliest deadline is past the allowed slack
 
     def breaches(self) -> list[str]:
         """Every broken invariant of this SKU, in words (empty when all hold)."""
         out: list[str] = []
         if self.stock != self.available + self.held + self.sold:
             out.append("stock != available + held + sold")
-        if min(self.available, self.held, self.sold) < 0:
+        if min(self.available, self.held, self.sold, self.backlog) < 0:
             out.append("negative counter")
         if self.holds_units != self.held:
             out.append(f"held {self.held} != units in active holds {self.holds_units}")
@@ -72,6 +112,17 @@ class AuditRow:
             out.append(f"{self.holds_not_held} hold(s) indexed for orders not HELD")
         if self.users_total != self.held + self.sold:
             out.append(f"per-user counts {self.users_total} != held + sold")
+        held_units = self.orders.get("HELD", (0, 0))[1]
+        sold_units = self.orders.get("CONFIRMED", (0, 0))[1]
+        if held_units != self.held:
+            out.append(f"held {self.held} != units of HELD orders {held_units}")
+        if sold_units != self.sold:
+            out.append(f"sold {self.sold} != units of CONFIRMED orders {sold_units}")
+        if self.overdue_ms > 0:
+            out.append(f"a hold is {self.overdue_ms} ms past its deadline: is a sweeper running?")
+        out.extend(self.order_problems[:5])
+        if len(self.order_problems) > 5:
+            out.append(f"... {len(self.order_problems) - 5} more order(s) with problems")
         return out
 
 
@@ -227,12 +278,66 @@ class Inventory:
         members = await self._run(self.redis.smembers(keys.SKU_REGISTRY))
         return sorted(m.decode() for m in members)
 
-    async def audit_sku(self, sku_id: str) -> AuditRow | None:
+    async def audit_sku(
+        self, sku_id: str, *, now_ms: int | None = None, slack_ms: int | None = None
+    ) -> AuditRow | None:
+        """One SKU's figures, its holds and every order record, checked against each other.
+        With `now_ms` and `slack_ms`, a hold past its deadline by more than `slack_ms` counts
+        as a breach (the sweeper should have released it)."""
         sk = keys.SkuKeys(sku_id)
-        row = await self._call(self._audit, [sk.sku, sk.users, sk.holds], (f"{sk.tag}:o:",))
+        row = await self._call(self._audit, [sk.sku, sk.users, sk.holds], (sk.orders_prefix,))
         if not row[0]:
             return None
-        return AuditRow(sku_id, *(int(x) for x in row[1:]))
+        orders: dict[str, tuple[int, int]] = {}
+        problems: list[str] = []
+        async for batch in self._order_records(sk):
+            for key, (status, qty, history, payment_id) in batch:
+                st = status.decode() if status else "?"
+                count, units = orders.get(st, (0, 0))
+                orders[st] = (count + 1, units + int(qty or 0))
+                problem = history_problem(st, history or b"", bool(payment_id))
+                if problem:
+                    problems.append(f"{key}: {problem}")
+        (stock, available, held, sold, users_total, holds_count, holds_units, not_held) = (
+            int(x) for x in row[1:9]
+        )
+        earliest, backlog = int(row[9]), int(row[10])
+        overdue = 0
+        if earliest and now_ms is not None and slack_ms is not None:
+            overdue = max(0, now_ms - earliest - slack_ms)
+        return AuditRow(
+            sku_id,
+            stock,
+            available,
+            held,
+            sold,
+            users_total,
+            holds_count,
+            holds_units,
+            not_held,
+            earliest,
+            backlog,
+            orders,
+            problems,
+            overdue,
+        )
+
+    async def _order_records(self, sk: keys.SkuKeys) -> Any:
+        keys_seen: list[bytes] = []
+        async for key in self.redis.scan_iter(match=f"{sk.orders_prefix}*", count=1000):
+            keys_seen.append(key)
+            if len(keys_seen) >= 500:
+                yield await self._read_orders(keys_seen)
+                keys_seen = []
+        if keys_seen:
+            yield await self._read_orders(keys_seen)
+
+    async def _read_orders(self, ks: list[bytes]) -> list[tuple[str, list[Any]]]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for k in ks:
+                pipe.hmget(k, "status", "quantity", "history", "payment_id")
+            rows = await pipe.execute()
+        return [(k.decode(), r) for k, r in zip(ks, rows, strict=True)]
 
     async def ping(self) -> bool:
         """Redis answers and every script is loaded (reloaded here after a restart)."""

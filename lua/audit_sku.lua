@@ -6,12 +6,13 @@
   ARGV[1] the order-record key prefix of S ("fg:{S}:o:")
 
   Returns {exists, stock, available, held, sold, users_total, holds_count, holds_units,
-           holds_not_held, earliest_deadline_ms}   (all integers; exists 0 -> rest 0)
+           holds_not_held, earliest_deadline_ms (0: none), backlog}
+           (all integers; exists 0 -> rest 0)
 ]]
 local rcall = redis.call
-local h = rcall('HMGET', KEYS[1], 'stock', 'available', 'held', 'sold')
+local h = rcall('HMGET', KEYS[1], 'stock', 'available', 'held', 'sold', 'backlog')
 if not h[1] then
-  return {0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
+  return {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0}
 end
 local users_total = 0
 for _, v in ipairs(rcall('HVALS', KEYS[2])) do
@@ -28,9 +29,10 @@ for i = 1, #holds, 2 do
   else
     not_held = not_held + 1
   end
-  if i == 1 then
-    earliest = tonumber(holds[2])
-  end
+end
+local first = rcall('ZRANGEBYSCORE', KEYS[3], '-inf', '(+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+if first[2] then
+  earliest = tonumber(first[2])  -- holds paid in time carry +inf: they have no deadline
 end
 return {1, tonumber(h[1]), tonumber(h[2]), tonumber(h[3]), tonumber(h[4]), users_total,
-  #holds / 2, units, not_held, earliest}
+  #holds / 2, units, not_held, earliest, tonumber(h[5] or '0')}
