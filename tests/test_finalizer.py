@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from gateway import keys
 from gateway.config import Settings
 from gateway.finalizer import Finalizer
-from gateway.inventory import CreateResult, Inventory, PaymentResult
+from gateway.inventory import CreateResult, Inventory, PaymentResult, history_problem
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.scripts import ScriptRegistry
 from gateway.sweeper import Sweeper
@@ -349,3 +349,56 @@ async def test_many_payments_racing_their_expiry_have_one_winner_each(
     final = [e for e in events if e["event"] in ("CONFIRMED", "PAID_AFTER_EXPIRY")]
     assert sorted(e["order_id"] for e in final) == sorted(o["order_id"] for o in orders)
     assert await p2.audit() == []
+
+
+def steps(*pairs: tuple[str | None, str]) -> bytes:
+    return json.dumps([{"from": f, "to": t, "at": i} for i, (f, t) in enumerate(pairs)]).encode()
+
+
+CREATED = (None, "HELD")
+
+
+@pytest.mark.parametrize(
+    ("status", "history", "paid", "problem"),
+    [
+        ("HELD", steps(CREATED), False, None),
+        ("CONFIRMED", steps(CREATED, ("HELD", "CONFIRMED")), True, None),
+        ("CONFIRMED", steps(CREATED, ("HELD", "CONFIRMED")), False, "CONFIRMED without a payment"),
+        (
+            "REJECTED",
+            steps(CREATED, ("HELD", "REJECTED")),
+            False,
+            "transition HELD -> REJECTED is not allowed",
+        ),
+        (
+            "EXPIRED",
+            steps(CREATED, ("QUEUED", "EXPIRED")),
+            False,
+            "history jumps from HELD to QUEUED",
+        ),
+        ("HELD", steps((None, "QUEUED")), False, "status HELD but history ends at QUEUED"),
+        ("HELD", steps(("HELD", "EXPIRED")), False, "history does not start with the creation"),
+        ("HELD", b"nonsense", False, "unreadable history"),
+    ],
+)
+def test_history_rules(status: str, history: bytes, paid: bool, problem: str | None) -> None:
+    assert history_problem(status, history, paid) == problem
+
+
+async def test_audit_catches_records_that_disagree_with_the_figures(
+    p2: Phase2, redis: Redis
+) -> None:
+    await p2.sku(stock=5)
+    _, body = await p2.order(now_ms=T0)
+    row = await p2.inv.audit_sku("s", now_ms=T0 + TTL_MS + 6000, slack_ms=6000)
+    assert row is not None and row.breaches() == []
+    late = await p2.inv.audit_sku("s", now_ms=T0 + TTL_MS + 6001, slack_ms=6000)
+    assert late is not None
+    assert late.breaches() == ["a hold is 1 ms past its deadline: is a sweeper running?"]
+    await redis.hset(keys.order_key(body["order_id"]) or "", "status", "CONFIRMED")
+    broken = await p2.inv.audit_sku("s")
+    assert broken is not None
+    problems = broken.breaches()
+    assert "held 1 != units of HELD orders 0" in problems
+    assert "sold 0 != units of CONFIRMED orders 1" in problems
+    assert any("CONFIRMED without a payment" in p or "history ends at HELD" in p for p in problems)
