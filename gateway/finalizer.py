@@ -56,6 +56,7 @@ class Finalizer:
         self.max_deliveries = settings.finalizer_max_deliveries
         self.clock = clock
         self._finalize = scripts["finalize"]
+        self._dead = scripts["dead_letter"]
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._streams: dict[str, str] = {}  # stream key -> sku_id
         self._streams_read_at = -1e9
@@ -129,10 +130,13 @@ class Finalizer:
             ks.append(sk.payment(payment_id))
         args = (self.group, entry_id, event, order_id, payment_id, self._hold_ttl_ms, "")
         try:
-            await self._finalize(self.redis, ks, args)
+            applied, status = await self._finalize(self.redis, ks, args)
         except ResponseError as exc:  # the script refused: this entry's fault, not Redis's
             return await self._failed(stream, sku_id, entry, str(exc))
         self.applied += 1
+        if applied and status == b"PAID_AFTER_EXPIRY":
+            # A late payment may have released a hold: sold-out memos must look again.
+            await self.redis.publish(keys.NOTICES, f"stock:{sku_id}")
         return 1
 
     async def _failed(self, stream: str, sku_id: str, entry: Entry, reason: str) -> int:
@@ -148,11 +152,13 @@ class Finalizer:
 
     async def _dead_letter(self, stream: str, sku_id: str, entry: Entry, reason: str) -> None:
         entry_id, fields = entry
-        dead: dict[Any, Any] = {**fields, b"entry_id": entry_id, b"reason": reason.encode()}
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(keys.SkuKeys(sku_id).dead, dead)
-            pipe.xack(stream, self.group, entry_id)
-            await pipe.execute()
+        sk = keys.SkuKeys(sku_id)
+        ks = [stream, sk.dead, sk.sku]
+        parts = keys.split_order_id(fields.get(b"order_id", b"").decode(errors="replace"))
+        if fields.get(b"event") == b"created" and parts is not None and parts[1] == sku_id:
+            ks.append(sk.order(parts[0] + "." + parts[1]))
+        flat = [x for pair in fields.items() for x in pair]
+        await self._dead(self.redis, ks, (self.group, entry_id, reason, *flat))
         self.dead_lettered += 1
         log.error("entry %s of %s dead-lettered: %s", entry_id, stream, reason)
 

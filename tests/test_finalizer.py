@@ -402,3 +402,16 @@ async def test_audit_catches_records_that_disagree_with_the_figures(
     assert "held 1 != units of HELD orders 0" in problems
     assert "sold 0 != units of CONFIRMED orders 1" in problems
     assert any("CONFIRMED without a payment" in p or "history ends at HELD" in p for p in problems)
+
+
+async def test_a_dead_created_entry_leaves_the_backlog(p2: Phase2, redis: Redis) -> None:
+    await p2.sku(stock=5)
+    _, body = await p2.order(queue_only=True)
+    sk = keys.SkuKeys("s")
+    await redis.hdel(sk.order(body["order_id"]), "history")  # corrupt before it is decided
+    p2.fin.max_deliveries = 1
+    await p2.drain()
+    assert await redis.xlen(sk.dead) == 1
+    figures = await p2.figures()
+    assert (figures["backlog"], figures["available"]) == (0, 5)
+    assert (await redis.xpending(sk.stream, keys.FINALIZER_GROUP))["pending"] == 0

@@ -1,0 +1,23 @@
+--[[ dead_letter: move one order-stream entry that keeps failing to the SKU's dead-letter
+  stream with its reason, and acknowledge it, atomically. A dead "created" entry of a real
+  order leaves the backlog too (once), so intake is not throttled by entries nobody processes.
+
+  KEYS[1] fg:{S}:stream (stream)   KEYS[2] fg:{S}:dead (stream)   KEYS[3] fg:{S}:sku (hash)
+  KEYS[4] optional fg:{S}:o:<rand> (hash) the order of a "created" entry
+  ARGV[1] consumer group   ARGV[2] entry id   ARGV[3] reason
+  ARGV[4..] the entry's fields and values, in pairs
+
+  Returns {1}
+]]
+local rcall = redis.call
+local dead = {KEYS[2], '*', 'entry_id', ARGV[2], 'reason', ARGV[3]}
+for i = 4, #ARGV do
+  table.insert(dead, ARGV[i])
+end
+if KEYS[4] and rcall('EXISTS', KEYS[4]) == 1 and not rcall('HGET', KEYS[4], 'drained') then
+  rcall('HSET', KEYS[4], 'drained', '1')
+  rcall('HINCRBY', KEYS[3], 'backlog', -1)
+end
+rcall('XADD', unpack(dead))
+rcall('XACK', KEYS[1], ARGV[1], ARGV[2])
+return {1}
