@@ -22,6 +22,21 @@ from gateway.store import create_client
 ADMIN_TOKEN = "test-admin-token"
 
 
+class Clock:
+    """An injected monotonic clock (seconds) that tests move by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     if url := os.environ.get("FLASHGATE_TEST_REDIS_URL"):

@@ -5,19 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.breaker import CircuitBreaker, State
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
+from tests.conftest import Clock
 
 
 @pytest.fixture

@@ -14,21 +14,9 @@ from typing import Any
 import pytest
 
 from gateway.limiter import TokenBucket
+from tests.conftest import Clock
 
 Make = Callable[..., TokenBucket]
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 @pytest.fixture(params=["local", "shared"])
