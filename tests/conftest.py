@@ -17,6 +17,8 @@ from redis.asyncio import Redis
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.embedded import free_port, server_binary, wait_for_ping
+from gateway.inventory import Inventory
+from gateway.scripts import ScriptRegistry
 from gateway.store import create_client
 
 ADMIN_TOKEN = "test-admin-token"
@@ -72,11 +74,30 @@ def settings(redis_url: str) -> Settings:
 
 
 @pytest.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
+async def redis(settings: Settings, request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    """A flushed client. After the test, the audit must be clean for every SKU, unless the
+    test is marked `corrupts` (it breaks records on purpose)."""
     client = create_client(settings)
     await client.flushall()
     yield client
-    await client.aclose()
+    try:
+        if request.node.get_closest_marker("corrupts") is None:
+            assert await audit_breaches(client, settings) == {}
+    finally:
+        await client.aclose()
+
+
+async def audit_breaches(client: Redis, settings: Settings) -> dict[str, list[str]]:
+    scripts = ScriptRegistry()
+    await scripts.load_all(client)
+    inventory = Inventory(client, scripts, settings)
+    found: dict[str, list[str]] = {}
+    for sku_id in await inventory.sku_ids():
+        row = await inventory.audit_sku(sku_id)
+        problems = ["registered, no config"] if row is None else row.breaches()
+        if problems:
+            found[sku_id] = problems
+    return found
 
 
 Client = httpx.AsyncClient

@@ -233,6 +233,7 @@ async def test_a_second_payment_is_refunded_not_applied(p2: Phase2) -> None:
     assert (await p2.figures())["sold"] == 1
 
 
+@pytest.mark.corrupts
 async def test_bad_entries_go_to_the_dead_letter_stream(p2: Phase2, redis: Redis) -> None:
     await p2.sku(stock=5)
     _, body = await p2.order()
@@ -385,6 +386,7 @@ def test_history_rules(status: str, history: bytes, paid: bool, problem: str | N
     assert history_problem(status, history, paid) == problem
 
 
+@pytest.mark.corrupts
 async def test_audit_catches_records_that_disagree_with_the_figures(
     p2: Phase2, redis: Redis
 ) -> None:
@@ -404,6 +406,7 @@ async def test_audit_catches_records_that_disagree_with_the_figures(
     assert any("CONFIRMED without a payment" in p or "history ends at HELD" in p for p in problems)
 
 
+@pytest.mark.corrupts
 async def test_a_dead_created_entry_leaves_the_backlog(p2: Phase2, redis: Redis) -> None:
     await p2.sku(stock=5)
     _, body = await p2.order(queue_only=True)

@@ -60,6 +60,7 @@ async def test_window_can_be_set_and_cleared(inv: Inventory) -> None:
     assert view is not None and (view.starts_at, view.ends_at) == (None, None)
 
 
+@pytest.mark.corrupts
 async def test_audit_sees_the_holds_behind_the_counters(inv: Inventory, redis: Redis) -> None:
     await inv.configure_sku("s", cfg(10))
     await hold(inv, 3)
