@@ -30,6 +30,8 @@ from gateway.store import text
 log = logging.getLogger("flashgate")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
+STREAMS_REFRESH_S = 1.0  # how soon a new SKU's stream is read
+TRIM_EVERY_S = 5.0
 
 
 def consumer_name() -> str:
@@ -82,7 +84,7 @@ class Finalizer:
     async def step(self, *, block: bool = True) -> int:
         """One round: reclaim stale entries, then read and apply new ones. Returns how many
         entries were handled."""
-        if self.clock() - self._streams_read_at > 2.0:
+        if self.clock() - self._streams_read_at > STREAMS_REFRESH_S:
             await self.refresh_streams()
         if not self._streams:
             if block:
@@ -103,7 +105,7 @@ class Finalizer:
             stream = text(stream_name)
             for entry in entries:
                 handled += await self.apply(stream, self._streams[stream], entry)
-        if self.clock() - self._trimmed_at > 5.0:
+        if self.clock() - self._trimmed_at > TRIM_EVERY_S:
             await self.trim()
         return handled
 
