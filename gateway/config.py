@@ -84,6 +84,9 @@ class Settings:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{env_name(name)} must be >= 1, got {getattr(self, name)}")
+        if self.mode_refresh_ms > 1000:
+            # The contract: every worker applies a switch within one second, notice or not.
+            raise ConfigError(f"{env_name('mode_refresh_ms')} must be <= 1000")
         if self.finalizer_claim_idle_ms < 0:
             raise ConfigError(f"{env_name('finalizer_claim_idle_ms')} must be >= 0")
         if self.qps <= 0:

@@ -197,7 +197,13 @@ class Inventory:
         if parts is None:
             return PaymentResult.UNKNOWN_ORDER
         sk = keys.SkuKeys(parts[1])
-        ks = [sk.payment(payment_id), sk.order(order_id), sk.holds, sk.stream]
+        ks = [
+            sk.payment(payment_id),
+            sk.order(order_id),
+            sk.holds,
+            sk.stream,
+            keys.payment_guard(payment_id),
+        ]
         args = (payment_id, order_id, "" if now_ms is None else now_ms)
         try:
             (code,) = await self._call(self._confirm, ks, args)
@@ -291,13 +297,20 @@ class Inventory:
         orders: dict[str, tuple[int, int]] = {}
         problems: list[str] = []
         async for batch in self._order_records(sk):
-            for key, (status, qty, history, payment_id) in batch:
+            for key, (status, qty, history, payment_id, in_time, paid_at) in batch:
                 st = status.decode() if status else "?"
                 count, units = orders.get(st, (0, 0))
                 orders[st] = (count + 1, units + int(qty or 0))
                 problem = history_problem(st, history or b"", bool(payment_id))
                 if problem:
                     problems.append(f"{key}: {problem}")
+                stuck = st == "HELD" and in_time == b"1" and paid_at is not None
+                if stuck and now_ms is not None and slack_ms is not None:
+                    if now_ms - int(paid_at) > slack_ms:
+                        problems.append(
+                            f"{key}: paid in time but not confirmed after "
+                            f"{(now_ms - int(paid_at)) // 1000} s (finalizer down? dead letters?)"
+                        )
         (stock, available, held, sold, users_total, holds_count, holds_units, not_held) = (
             int(x) for x in row[1:9]
         )
@@ -335,7 +348,9 @@ class Inventory:
     async def _read_orders(self, ks: list[bytes]) -> list[tuple[str, list[Any]]]:
         async with self.redis.pipeline(transaction=False) as pipe:
             for k in ks:
-                pipe.hmget(k, "status", "quantity", "history", "payment_id")
+                pipe.hmget(
+                    k, "status", "quantity", "history", "payment_id", "paid_in_time", "paid_at"
+                )
             rows = await pipe.execute()
         return [(k.decode(), r) for k, r in zip(ks, rows, strict=True)]
 

@@ -20,6 +20,7 @@ so they can never open or close a hash tag, add a separator or form a glob.
 | `fg:{mode}` | hash | mode, changed_at: the intake mode shared by every gateway |
 | `fg:{mode}:history` | list | the latest mode changes, newest first (JSON) |
 | `fg:{u:<user>}:ik:<key>` | string | sku_id the key was first used for (24 h), standalone |
+| `fg:{p:<payment_id>}` | string | order_id the payment confirmed, across SKUs, standalone |
 """
 
 from __future__ import annotations
@@ -107,3 +108,8 @@ def order_key(order_id: str) -> str | None:
 def key_guard(user_id: str, key: str) -> str:
     """Which SKU a user's idempotency key was first used for (outside cluster mode)."""
     return f"{PREFIX}:{{u:{user_id}}}:ik:{key}"
+
+
+def payment_guard(payment_id: str) -> str:
+    """Which order a payment_id confirmed, across SKUs (outside cluster mode)."""
+    return f"{PREFIX}:{{p:{payment_id}}}"

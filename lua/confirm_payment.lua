@@ -7,6 +7,7 @@
   KEYS[2] fg:{S}:o:<rand>  (hash)   the order record
   KEYS[3] fg:{S}:holds     (zset)   order_id -> hold deadline ms
   KEYS[4] fg:{S}:stream    (stream) the order stream
+  KEYS[5] optional fg:{p:<payment_id>} (string) order_id: the payment_id across SKUs
   ARGV[1] payment_id   ARGV[2] order_id   ARGV[3] now_ms ("" = server TIME)
 
   Returns {code}: 1 ACCEPTED, 2 REPLAYED (same payment, same order), -1 UNKNOWN_ORDER,
@@ -19,6 +20,12 @@ if seen then
     return {2}
   end
   return {-2}
+end
+if KEYS[5] then
+  local first = rcall('GET', KEYS[5])
+  if first and first ~= ARGV[2] then
+    return {-2}
+  end
 end
 local o = rcall('HMGET', KEYS[2], 'status', 'hold_expires_at', 'payment_id')
 if not o[1] then
@@ -37,6 +44,9 @@ local record = not o[3] and (o[1] == 'QUEUED' or o[1] == 'HELD')
 local in_time = o[1] == 'QUEUED' or (o[1] == 'HELD' and now < tonumber(o[2]))
 
 rcall('HSET', KEYS[1], 'order_id', ARGV[2], 'at', now_s)
+if KEYS[5] then
+  rcall('SET', KEYS[5], ARGV[2])
+end
 if record then
   rcall('HSET', KEYS[2], 'payment_id', ARGV[1], 'paid_at', now_s,
     'paid_in_time', in_time and '1' or '0')

@@ -224,6 +224,10 @@ async def test_a_second_payment_is_refunded_not_applied(p2: Phase2) -> None:
     await p2.inv.confirm_payment(oid, "pay-2")
     _, other = await p2.order(user="u2")
     assert await p2.inv.confirm_payment(other["order_id"], "pay-1") is PaymentResult.PAYMENT_REUSED
+    await p2.sku("t")
+    _, elsewhere = await p2.order(user="u2", sku="t")  # another SKU, another key slot
+    reused = await p2.inv.confirm_payment(elsewhere["order_id"], "pay-1")
+    assert reused is PaymentResult.PAYMENT_REUSED
     await p2.drain()
     assert await p2.status(oid) == "CONFIRMED"
     assert [(e["event"], e.get("refund_payment_id")) for e in await p2.events()] == [
@@ -397,6 +401,14 @@ async def test_audit_catches_records_that_disagree_with_the_figures(
     late = await p2.inv.audit_sku("s", now_ms=T0 + TTL_MS + 6001, slack_ms=6000)
     assert late is not None
     assert late.breaches() == ["a hold is 1 ms past its deadline: is a sweeper running?"]
+    await p2.inv.confirm_payment(body["order_id"], "pay-1", now_ms=T0 + 10)
+    waiting = await p2.inv.audit_sku("s", now_ms=T0 + 6010, slack_ms=6000)
+    assert waiting is not None and waiting.breaches() == []
+    stuck = await p2.inv.audit_sku("s", now_ms=T0 + 6011, slack_ms=6000)
+    assert stuck is not None
+    assert [b.split(": ", 1)[1] for b in stuck.breaches()] == [
+        "paid in time but not confirmed after 6 s (finalizer down? dead letters?)"
+    ]
     await redis.hset(keys.order_key(body["order_id"]) or "", "status", "CONFIRMED")
     broken = await p2.inv.audit_sku("s")
     assert broken is not None

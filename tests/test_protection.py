@@ -225,9 +225,13 @@ class TestSwitch:
     async def test_every_worker_applies_a_switch_within_a_second(
         self, make_client: MakeClient
     ) -> None:
-        # Polling is slowed down so that only the published notice can be this fast.
-        workers = [await make_client(mode_refresh_ms=60_000) for _ in range(3)]
+        workers = [await make_client() for _ in range(3)]
         await put_sku(workers[0])
+        # Polling slowed down (after the poll already waiting is over) so that only the
+        # published notice can be this fast.
+        for w in workers:
+            w._transport.app.state.gateway.watcher.refresh_s = 60  # type: ignore[attr-defined]
+        await asyncio.sleep(0.6)
         await workers[0].post(SWITCH, params={"mode": "QUEUE_ONLY"}, headers=ADMIN)
 
         async def all_queue() -> bool:
