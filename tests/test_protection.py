@@ -291,7 +291,7 @@ async def test_outage_answers_within_the_deadline_then_recovers(
                     (503, "unavailable")
                 }
                 # Bounded by the 300 ms deadline (a resend at most doubles it), never a hang.
-                assert elapsed < 5
+                assert elapsed < 10
                 proxy.mode = "pass"
                 r = await create(c)
                 assert (r.status_code, r.json()["status"]) == (202, "QUEUED")  # mode kept
