@@ -145,7 +145,9 @@ class Finalizer:
         info = await self.redis.xpending_range(
             stream, self.group, min=entry[0], max=entry[0], count=1
         )
-        deliveries = int(info[0]["times_delivered"]) if info else self.max_deliveries
+        if not info:
+            return 1  # no longer pending: another finalizer claimed and applied it
+        deliveries = int(info[0]["times_delivered"])
         log.warning("entry %s of %s failed (delivery %d): %s", entry[0], stream, deliveries, reason)
         if deliveries >= self.max_deliveries:
             await self._dead_letter(stream, sku_id, entry, reason)

@@ -9,7 +9,7 @@ import asyncio
 import logging
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from gateway import keys
 from gateway.config import Settings
@@ -46,7 +46,10 @@ class Sweeper:
     async def sweep_once(self, *, now_ms: int | None = None) -> int:
         total = 0
         for raw in await self.redis.smembers(keys.SKU_REGISTRY):
-            total += await self.sweep_sku(text(raw), now_ms=now_ms)
+            try:
+                total += await self.sweep_sku(text(raw), now_ms=now_ms)
+            except ResponseError as exc:  # one SKU's problem must not stop the others
+                log.error("sweeper: SKU %s: %s", text(raw), exc)
         self.released += total
         return total
 

@@ -112,10 +112,11 @@ end
 
 local applied = 0
 if ARGV[3] == 'created' then
+  if status == 'QUEUED' then  -- also when a dead-lettered entry is put back after a repair
+    decide()
+    applied = 1
+  end
   if not o[4] then
-    if status == 'QUEUED' then
-      decide()
-    end
     rcall('HSET', KEYS[5], 'drained', '1')
     rcall('HINCRBY', KEYS[1], 'backlog', -1)
     applied = 1

@@ -21,12 +21,13 @@ local now_s = string.format('%d', now)
 local due = rcall('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 local released, units = 0, 0
 for _, oid in ipairs(due) do
-  local dot = string.find(oid, '.', 1, true)
+  local dot = string.find(oid, '.', 1, true) or (#oid + 1)
   local key = ARGV[3] .. string.sub(oid, 1, dot - 1)
   local o = rcall('HMGET', key, 'status', 'user_id', 'quantity', 'history', 'sku_id',
     'promotion_id', 'created_at', 'paid_in_time', 'payment_id')
-  if o[1] == 'HELD' and o[8] ~= '1' then
-    local qty = tonumber(o[3])
+  local qty = tonumber(o[3])
+  local sound = qty and o[2] and o[4] and o[5] and o[6] and o[7] and string.sub(o[4], -1) == ']'
+  if o[1] == 'HELD' and o[8] ~= '1' and sound then
     rcall('HINCRBY', KEYS[1], 'available', qty)
     rcall('HINCRBY', KEYS[1], 'held', -qty)
     if rcall('HINCRBY', KEYS[2], o[2], -qty) <= 0 then
@@ -45,6 +46,8 @@ for _, oid in ipairs(due) do
     released = released + 1
     units = units + qty
   end
+  -- Released, not held any more, or a corrupt record (checked before any write: it keeps its
+  -- units held, never oversold, and the audit reports the mismatch): out of the index.
   if o[1] ~= 'HELD' or o[8] ~= '1' then
     rcall('ZREM', KEYS[3], oid)
   end

@@ -430,3 +430,40 @@ async def test_a_dead_created_entry_leaves_the_backlog(p2: Phase2, redis: Redis)
     figures = await p2.figures()
     assert (figures["backlog"], figures["available"]) == (0, 5)
     assert (await redis.xpending(sk.stream, keys.FINALIZER_GROUP))["pending"] == 0
+
+
+@pytest.mark.corrupts
+async def test_a_corrupt_hold_is_never_released_and_does_not_stop_the_sweep(
+    p2: Phase2, redis: Redis
+) -> None:
+    for sku in ("s", "t"):
+        await p2.sku(sku, stock=2)
+    _, bad = await p2.order(sku="s", now_ms=T0)
+    _, good = await p2.order(sku="t", now_ms=T0)
+    await redis.hdel(keys.order_key(bad["order_id"]) or "", "history")
+    assert await p2.sweeper.sweep_once(now_ms=T0 + TTL_MS) == 1  # only the sound one
+    assert await p2.status(good["order_id"]) == "EXPIRED"
+    assert await p2.figures("s") == {"stock": 2, "available": 1, "held": 1, "sold": 0, "backlog": 1}
+    assert await redis.zcard(keys.SkuKeys("s").holds) == 0  # out of the index, units kept held
+    row = await p2.inv.audit_sku("s")
+    assert row is not None and "held 1 != units in active holds 0" in row.breaches()
+
+
+@pytest.mark.corrupts
+async def test_a_repaired_dead_entry_put_back_is_decided(p2: Phase2, redis: Redis) -> None:
+    await p2.sku(stock=5)
+    _, body = await p2.order(queue_only=True)
+    key = keys.order_key(body["order_id"]) or ""
+    history = await redis.hget(key, "history")
+    await redis.hdel(key, "history")
+    p2.fin.max_deliveries = 1
+    await p2.drain()
+    ((_, dead),) = await redis.xrange(keys.SkuKeys("s").dead)
+    assert await redis.hget(key, "status") == b"QUEUED"
+    await redis.hset(key, "history", history or b"")  # the operator repairs the record
+    await redis.xadd(
+        keys.SkuKeys("s").stream, {b"event": dead[b"event"], b"order_id": dead[b"order_id"]}
+    )
+    await p2.drain()
+    assert await p2.status(body["order_id"]) == "HELD"
+    assert await p2.figures() == {"stock": 5, "available": 4, "held": 1, "sold": 0, "backlog": 0}
