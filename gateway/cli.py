@@ -268,8 +268,6 @@ class Supervisor:
     def _load_scripts(self, url: str) -> None:
         """SCRIPT LOAD into the restarted server (scripts are not in its AOF), so /readyz is
         200 again at once; the gateway's NOSCRIPT fallback would otherwise load them lazily."""
-        from redis.exceptions import RedisError
-
         from gateway.scripts import ScriptRegistry
         from gateway.store import create_client
 

@@ -138,7 +138,7 @@ class Finalizer:
         self.applied += 1
         if applied and status == b"PAID_AFTER_EXPIRY":
             # A late payment may have released a hold: sold-out memos must look again.
-            await self.redis.publish(keys.NOTICES, f"stock:{sku_id}")
+            await self.redis.publish(keys.NOTICES, keys.stock_notice(sku_id))
         return 1
 
     async def _failed(self, stream: str, sku_id: str, entry: Entry, reason: str) -> int:
@@ -158,9 +158,10 @@ class Finalizer:
         entry_id, fields = entry
         sk = keys.SkuKeys(sku_id)
         ks = [stream, sk.dead, sk.sku]
-        parts = keys.split_order_id(fields.get(b"order_id", b"").decode(errors="replace"))
+        order_id = fields.get(b"order_id", b"").decode(errors="replace")
+        parts = keys.split_order_id(order_id)
         if fields.get(b"event") == b"created" and parts is not None and parts[1] == sku_id:
-            ks.append(sk.order(parts[0] + "." + parts[1]))
+            ks.append(sk.order(order_id))
         flat = [x for pair in fields.items() for x in pair]
         await self._dead(self.redis, ks, (self.group, entry_id, reason, *flat))
         self.dead_lettered += 1

@@ -178,15 +178,7 @@ class Inventory:
             self.settings.queue_max,
             accepted_member(req.user_id, idempotency_key),
         )
-        try:
-            code, payload = await self._call(self._create, ks, args)
-        except BackendUnavailable as exc:
-            if not _maybe_sent(exc.__cause__):
-                raise
-            # The script may have run and only its answer been lost. Sending it again with the
-            # same idempotency key is safe: if the first ran, this one replays its answer; if
-            # not, this one decides. Either way at most one hold, and the shopper learns which.
-            code, payload = await self._call(self._create, ks, args)
+        code, payload = await self._call_resending(self._create, ks, args)
         return CreateResult(code), payload
 
     async def confirm_payment(
@@ -205,12 +197,7 @@ class Inventory:
             keys.payment_guard(payment_id),
         ]
         args = (payment_id, order_id, "" if now_ms is None else now_ms)
-        try:
-            (code,) = await self._call(self._confirm, ks, args)
-        except BackendUnavailable as exc:
-            if not _maybe_sent(exc.__cause__):
-                raise
-            (code,) = await self._call(self._confirm, ks, args)  # a resend replays
+        (code,) = await self._call_resending(self._confirm, ks, args)
         return PaymentResult(code)
 
     async def accepted_since(self, sku_id: str, since_ms: float) -> tuple[set[str], float]:
@@ -239,7 +226,7 @@ class Inventory:
         code, detail = await self._call(self._configure, [sk.sku], args)
         if code > 0:
             # More may be available now: gateways that remember the SKU as sold out forget it.
-            await self._run(self.redis.publish(keys.NOTICES, f"stock:{sku_id}"))
+            await self._run(self.redis.publish(keys.NOTICES, keys.stock_notice(sku_id)))
         return ConfigureResult(code), int(detail)
 
     async def get_sku(self, sku_id: str) -> SkuView | None:
@@ -370,7 +357,22 @@ class Inventory:
 
     @staticmethod
     async def _run(awaitable: Any) -> Any:
+        """`store.call`, answering Any: redis-py's reply types are looser than its replies."""
         return await call(awaitable)
+
+    async def _call_resending(self, script: Any, ks: list[str], args: tuple[Any, ...]) -> Any:
+        """`_call` for an idempotent script, sent once more when its answer may have been lost.
+
+        The script may have run and only its answer been lost. Sending it again with the same
+        idempotency key (or payment_id) is safe: if the first ran, this one replays its answer;
+        if not, this one decides. Either way one effect, and the caller learns which.
+        """
+        try:
+            return await self._call(script, ks, args)
+        except BackendUnavailable as exc:
+            if not _maybe_sent(exc.__cause__):
+                raise
+            return await self._call(script, ks, args)
 
 
 def accepted_member(user_id: str, idempotency_key: str) -> str:

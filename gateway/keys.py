@@ -37,6 +37,13 @@ MODE_HISTORY = f"{MODE}:history"
 # Pub/sub channel of gateway notices: "mode" (re-read the mode), "stock:<sku_id>" (stock came
 # back: forget that the SKU was sold out). Channels are not keys: any node relays them.
 NOTICES = f"{PREFIX}:notices"
+STOCK_NOTICE = b"stock:"
+
+
+def stock_notice(sku_id: str) -> str:
+    """The notice that a SKU may have stock again (sold-out memos forget it)."""
+    return STOCK_NOTICE.decode() + sku_id
+
 
 # \Z, not $: `$` also matches before a trailing newline, which would pass "id\n".
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}\Z"

@@ -107,8 +107,8 @@ class NoticeWatcher:
         """Apply one notice; True when the mode must be re-read."""
         if notice == b"mode":
             return True
-        if notice.startswith(b"stock:"):
-            self.memo.forget(notice[6:].decode(errors="replace"))
+        if notice.startswith(keys.STOCK_NOTICE):
+            self.memo.forget(notice[len(keys.STOCK_NOTICE) :].decode(errors="replace"))
         return False
 
     async def _poll(self) -> None:

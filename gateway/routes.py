@@ -107,8 +107,7 @@ async def create_order(request: Request) -> Response:
     finally:
         breaker.record(breaker.clock() - started, failed=failed)
     if result is CreateResult.CREATED:
-        if req.sku_id in gw.memo:
-            gw.memo.forget(req.sku_id)  # a re-check found stock again
+        gw.memo.forget(req.sku_id)  # if this was a re-check: stock came back
         return RawJSONResponse(payload, status_code=202)
     if result is CreateResult.REPLAYED:
         return RawJSONResponse(payload, status_code=202, headers=_REPLAYED)

@@ -65,6 +65,3 @@ class SoldOutMemo:
 
     def clear(self) -> None:
         self._entries.clear()
-
-    def __contains__(self, sku_id: object) -> bool:
-        return sku_id in self._entries

@@ -40,7 +40,7 @@ class Sweeper:
                 break
         if total:
             # Stock came back: gateways that remember the SKU as sold out forget it.
-            await self.redis.publish(keys.NOTICES, f"stock:{sku_id}")
+            await self.redis.publish(keys.NOTICES, keys.stock_notice(sku_id))
         return total
 
     async def sweep_once(self, *, now_ms: int | None = None) -> int:
