@@ -25,6 +25,7 @@ from gateway.soldout import SoldOutMemo
 log = logging.getLogger("flashgate")
 
 HISTORY_KEPT = 100
+LISTEN_WAKE_S = 1.0  # longest a stop waits for the notice listener
 
 
 class Mode(enum.StrEnum):
@@ -78,16 +79,20 @@ class NoticeWatcher:
         self.refresh_s = refresh_s
         self.mode = Mode.NORMAL
         self.connected = False
+        self._heard = asyncio.Event()  # the first subscription was confirmed
         self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
+    async def start(self, listen_timeout_s: float = 2.0) -> None:
         """Read the mode once (start-up fails fast without Redis), then watch in the background:
-        one task listens for notices, one re-reads the mode every `refresh_s`."""
+        one task listens for notices, one re-reads the mode every `refresh_s`. Waits (bounded)
+        for the subscription, so no notice published after start-up is missed."""
         self.mode = await self.store.read()
         self._tasks = [
             asyncio.create_task(self._listen(), name="flashgate-notices"),
             asyncio.create_task(self._poll(), name="flashgate-mode-refresh"),
         ]
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._heard.wait(), listen_timeout_s)
 
     async def stop(self) -> None:
         for task in self._tasks:
@@ -118,23 +123,27 @@ class NoticeWatcher:
                 await self.refresh()
 
     async def _listen(self) -> None:
-        # Reads block without a read timeout: a quiet channel is normal; the poll task covers
-        # a channel that went silent without an error.
+        # A quiet channel is normal (the poll task covers one that went silent without an
+        # error). Reads still wake up every second: redis-py can swallow a cancellation inside
+        # a read, and the wake-up is where this task notices it was asked to stop.
+        me = asyncio.current_task()
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub()
             try:
                 await pubsub.subscribe(keys.NOTICES)
-                await self.refresh()  # after subscribing: no switch falls in between
-                if not self.connected:
-                    self.connected = True
-                    self.memo.clear()  # stock may have changed while we could not hear
-                me = asyncio.current_task()
                 while True:
-                    msg = await pubsub.get_message(timeout=None)
-                    if msg is None and me is not None and me.cancelling():
-                        # redis-py can answer a cancelled blocking read with None
+                    msg = await pubsub.get_message(timeout=LISTEN_WAKE_S)
+                    if me is not None and me.cancelling():
                         raise asyncio.CancelledError
-                    if msg is not None and self.apply(msg["data"]):
+                    if msg is None:
+                        continue
+                    if msg["type"] == "subscribe":  # confirmed: from here no notice is missed
+                        await self.refresh()  # a switch made before it is read now
+                        if self._heard.is_set() and not self.connected:
+                            self.memo.clear()  # stock may have changed while we could not hear
+                        self.connected = True
+                        self._heard.set()
+                    elif msg["type"] == "message" and self.apply(msg["data"]):
                         await self.refresh()
             except (RedisError, OSError) as exc:
                 if self.connected:

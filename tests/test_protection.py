@@ -15,7 +15,9 @@ from redis.asyncio import Redis
 from gateway import keys
 from gateway.app import create_app
 from gateway.config import DEFAULT_BUSY_MESSAGE, Settings
+from gateway.mode import ModeStore, NoticeWatcher
 from gateway.scripts import ScriptRegistry
+from gateway.soldout import SoldOutMemo
 from tests.conftest import ADMIN, Client, MakeClient, create, put_sku, snapshot
 from tests.faultproxy import FaultProxy
 
@@ -129,6 +131,28 @@ class TestSoldOutMemo:
         r = await create(c, quantity=3)
         assert (r.status_code, r.json()["available"]) == (409, 2)
         assert (await create(c, quantity=2)).status_code == 202
+
+    async def test_start_waits_for_the_channel_and_a_lost_channel_clears_the_memo(
+        self, redis: Redis
+    ) -> None:
+        scripts = ScriptRegistry()
+        await scripts.load_all(redis)
+        memo = SoldOutMemo(60)
+        watcher = NoticeWatcher(redis, ModeStore(redis, scripts), memo, refresh_s=0.05)
+        await watcher.start()
+        try:
+            assert watcher.connected  # listening before the first request is served
+            memo.sold_out("A", (), 0)
+            await asyncio.sleep(0.2)  # nothing the start-up does later may forget it
+            assert memo.refuses("A", "k:u")
+            await redis.client_kill_filter(_type="pubsub")  # notices may be missed meanwhile
+
+            async def forgotten() -> bool:
+                return watcher.connected and not memo.refuses("A", "k:u")
+
+            await until(forgotten, within_s=5)
+        finally:
+            await watcher.stop()
 
 
 class TestBackpressure:
@@ -248,7 +272,9 @@ class TestSwitch:
         await redis.hset(keys.MODE, mapping={"mode": "QUEUE_ONLY", "changed_at": 1})
 
         async def queued() -> bool:
-            return (await create(c)).json()["status"] == "QUEUED"
+            r = await create(c, user_id=f"u{uuid.uuid4().hex}")
+            assert r.status_code == 202, r.text
+            return bool(r.json()["status"] == "QUEUED")
 
         await until(queued)
         ready = (await c.get("/readyz")).json()
