@@ -25,7 +25,7 @@ from gateway.responses import MsgspecResponse
 from gateway.routes import routes
 from gateway.scripts import ScriptRegistry
 from gateway.soldout import SoldOutMemo
-from gateway.store import create_client
+from gateway.store import Multiplexed, create_client, create_script_client
 
 log = logging.getLogger("flashgate")
 
@@ -33,9 +33,15 @@ log = logging.getLogger("flashgate")
 class Gateway:
     """What the handlers need, built once per process by the lifespan."""
 
-    def __init__(self, settings: Settings, redis: Redis, scripts: ScriptRegistry) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        redis: Redis,
+        scripts: ScriptRegistry,
+        fast: Multiplexed | None = None,
+    ) -> None:
         self.settings = settings
-        self.inventory = Inventory(redis, scripts, settings)
+        self.inventory = Inventory(redis, scripts, settings, fast=fast)
         self.limiter = TokenBucket(settings.qps, settings.burst, path=settings.bucket_file)
         self.breaker = CircuitBreaker(
             rt_ms=settings.breaker_rt_ms,
@@ -95,9 +101,10 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = redis if redis is not None else create_client(settings)
+        fast = create_script_client(settings)
         try:
             await scripts.load_all(client)
-            gateway = app.state.gateway = Gateway(settings, client, scripts)
+            gateway = app.state.gateway = Gateway(settings, client, scripts, fast)
             await gateway.watcher.start()
             try:
                 yield
@@ -105,6 +112,8 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> Starlette:
                 await gateway.watcher.stop()
                 gateway.close()
         finally:
+            if fast is not None:
+                await fast.aclose()
             if redis is None:
                 await client.aclose()
 

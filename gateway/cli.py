@@ -36,6 +36,7 @@ _HELP = {
     "redis_url": "Redis/Valkey URL; unset: the embedded server",
     "redis_cluster": "REDIS_URL names a node of a Redis Cluster",
     "redis_timeout_ms": "deadline of one Redis call (ms)",
+    "redis_client": "the order path's client: mux (one pipelined connection) or pool",
     "hold_ttl_s": "how long an unpaid hold keeps its stock (s)",
     "idempotency_ttl_s": "how long an accepted answer is replayed (s)",
     "workers": "HTTP worker processes",

@@ -28,6 +28,7 @@ class Settings:
     redis_cluster: bool = False
     redis_timeout_ms: int = 1000
     redis_max_connections: int = 64
+    redis_client: str = "mux"  # the order path's client: "mux" (one pipelined connection) or "pool"
     admin_token: str | None = None
     payment_secret: str | None = None
     hold_ttl_s: int = 900
@@ -102,6 +103,8 @@ class Settings:
                 f"{env_name('redis_cluster')}=1: Redis Cluster mode is not available yet; "
                 "use a single Redis/Valkey server"
             )
+        if self.redis_client not in ("mux", "pool"):
+            raise ConfigError(f"{env_name('redis_client')} must be mux or pool")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{env_name('port')} must be a TCP port, got {self.port}")
 

@@ -18,8 +18,8 @@ from gateway import keys
 from gateway.config import Settings
 from gateway.errors import BackendUnavailable
 from gateway.schemas import OrderRequest, OrderView, SkuConfig, SkuView
-from gateway.scripts import ScriptRegistry
-from gateway.store import call
+from gateway.scripts import Executor, ScriptRegistry
+from gateway.store import NotSent, call
 
 
 class CreateResult(IntEnum):
@@ -129,8 +129,16 @@ class AuditRow:
 class Inventory:
     """The gateway's view of Redis. Every Redis failure leaves as BackendUnavailable."""
 
-    def __init__(self, redis: Redis, scripts: ScriptRegistry, settings: Settings) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        scripts: ScriptRegistry,
+        settings: Settings,
+        *,
+        fast: Executor | None = None,
+    ) -> None:
         self.redis = redis
+        self.fast = fast  # runs the scripts when given (the multiplexed client)
         self.scripts = scripts
         self.settings = settings
         self._create = scripts["create_order"]
@@ -346,6 +354,8 @@ class Inventory:
         try:
             if not await self.redis.ping():
                 return False
+            if self.fast is not None:
+                await self.fast.execute_command("PING")
             if not await self.scripts.loaded(self.redis):
                 await self.scripts.load_all(self.redis)
             return True
@@ -353,7 +363,7 @@ class Inventory:
             return False
 
     async def _call(self, script: Any, ks: list[str], args: tuple[Any, ...]) -> Any:
-        return await self._run(script(self.redis, ks, args))
+        return await self._run(script(self.fast or self.redis, ks, args))
 
     @staticmethod
     async def _run(awaitable: Any) -> Any:
@@ -388,7 +398,9 @@ def _maybe_sent(exc: BaseException | None) -> bool:
     connecting to server", "No connection available."). Any other connection failure counts
     as maybe sent: resending is safe, answering "nothing was held" after a lost answer is not.
     """
-    if not isinstance(exc, (RedisConnectionError, RedisTimeoutError, OSError)):
+    if isinstance(exc, NotSent) or not isinstance(
+        exc, (RedisConnectionError, RedisTimeoutError, OSError)
+    ):
         return False
     text = str(exc)
     return "connecting to" not in text and "No connection available" not in text

@@ -7,18 +7,31 @@ that wants to try again sends the same idempotency key, which makes the retry a 
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections import deque
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, unquote, urlsplit
 
+import hiredis
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    BusyLoadingError,
+    ConnectionError as RedisConnectionError,
+    NoScriptError,
+    RedisError,
+    ResponseError,
+    TimeoutError as RedisTimeoutError,
+)
 
 from gateway.config import Settings
 from gateway.errors import BackendUnavailable
 
 T = TypeVar("T")
+log = logging.getLogger("flashgate")
 
 
 def no_retry() -> Retry:
@@ -44,6 +57,15 @@ def create_client(settings: Settings, url: str | None = None) -> Redis:
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
+def create_script_client(settings: Settings, url: str | None = None) -> Multiplexed | None:
+    """The order path's client: the multiplexed one (`FLASHGATE_REDIS_CLIENT=mux`, the
+    default), or None to run scripts on the pool client."""
+    target = url or settings.redis_url
+    if settings.redis_client != "mux" or not target:
+        return None
+    return Multiplexed(target, timeout_s=settings.redis_timeout_ms / 1000)
+
+
 async def call(awaitable: Awaitable[T]) -> T:
     """Await one Redis operation; any Redis or socket failure leaves as BackendUnavailable."""
     try:
@@ -55,3 +77,178 @@ async def call(awaitable: Awaitable[T]) -> T:
 def text(value: bytes | str) -> str:
     """A reply value as str (the client returns bytes)."""
     return value.decode() if isinstance(value, bytes) else value
+
+
+class NotSent(RedisConnectionError):
+    """The command surely never reached the server (no connection could be made)."""
+
+
+def _encode(args: tuple[Any, ...]) -> bytes:
+    """One command in RESP: an array of bulk strings."""
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            b = arg
+        elif isinstance(arg, str):
+            b = arg.encode()
+        elif isinstance(arg, int):
+            b = b"%d" % arg
+        elif isinstance(arg, float):
+            b = repr(arg).encode()
+        else:
+            raise TypeError(f"cannot send {type(arg).__name__} to Redis")
+        out.append(b"$%d\r\n%b\r\n" % (len(b), b))
+    return b"".join(out)
+
+
+def _error(reply: hiredis.ReplyError) -> ResponseError:
+    message = str(reply)
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    if message.startswith("LOADING"):
+        return BusyLoadingError(message)  # type: ignore[return-value]
+    return ResponseError(message)
+
+
+class _Wire(asyncio.Protocol):
+    """One connection: commands go out in order, replies come back in the same order."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.reader = hiredis.Reader()
+        self.pending: deque[asyncio.Future[Any]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.received = 0  # replies so far: a reply count that stops moving marks a stall
+        self._out: list[bytes] = []
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        """Queue one command; everything queued in one event-loop tick leaves in one write."""
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.append(command)
+        self.pending.append(fut)
+        return fut
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if self.transport is not None and not self.lost:
+            self.transport.write(b"".join(out))
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while (reply := self.reader.gets()) is not False:
+            self.received += 1
+            fut = self.pending.popleft()
+            if fut.done():  # its caller gave up (deadline or cancel): the reply is dropped
+                continue
+            if isinstance(reply, hiredis.ReplyError):
+                fut.set_exception(_error(reply))
+            else:
+                fut.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        while self.pending:
+            fut = self.pending.popleft()
+            if not fut.done():
+                fut.set_exception(RedisConnectionError(f"Connection to {self.name} lost: {exc}"))
+
+    def abort(self) -> None:
+        self.lost = True  # at once: the next command must not queue behind the dead socket
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class Multiplexed:
+    """A Redis client for the order path: one pipelined connection shared by every request
+    of the process. Commands are written in order and their replies matched in order, so no
+    request waits for a pool lock or a free connection; the commands of one event-loop tick
+    leave in one write. Each command has a deadline; a connection whose replies stop coming
+    for a whole deadline is dropped and the next command reconnects. Nothing is retried.
+
+    Speaks `execute_command(*args)` like redis-py, with raw replies and redis-py's
+    exceptions, so scripts run on it unchanged.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "unix"):
+            raise ValueError(f"the multiplexed client speaks redis:// and unix://, not {url!r}")
+        self.url = url
+        self.timeout_s = timeout_s
+        self._parts = parts
+        self._wire: _Wire | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+
+    async def execute_command(self, *args: Any, **_options: Any) -> Any:
+        wire = self._wire
+        if wire is None or wire.lost:
+            wire = await self._connect()
+        return await self._roundtrip(wire, _encode(args))
+
+    async def _roundtrip(self, wire: _Wire, command: bytes) -> Any:
+        fut = wire.send(command)
+        loop = asyncio.get_running_loop()
+        seen = wire.received
+        timer = loop.call_later(self.timeout_s, self._expire, wire, fut, seen)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+
+    def _expire(self, wire: _Wire, fut: asyncio.Future[Any], seen: int) -> None:
+        if fut.done():
+            return
+        fut.set_exception(RedisTimeoutError(f"Timeout reading from {wire.name}"))
+        if wire.received == seen:  # not one reply for a whole deadline: a stalled connection
+            log.warning("redis connection %s stalled; reconnecting", wire.name)
+            wire.abort()
+
+    async def _connect(self) -> _Wire:
+        if self._closed:
+            raise NotSent("Error connecting to a closed client")
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._wire is not None and not self._wire.lost:
+                return self._wire  # another request connected meanwhile
+            p = self._parts
+            name = p.path if p.scheme == "unix" else f"{p.hostname}:{p.port or 6379}"
+            wire = _Wire(name)
+            loop = asyncio.get_running_loop()
+            try:
+                async with asyncio.timeout(self.timeout_s):
+                    if p.scheme == "unix":
+                        await loop.create_unix_connection(lambda: wire, p.path)
+                    else:
+                        host = p.hostname or "127.0.0.1"
+                        await loop.create_connection(lambda: wire, host, p.port or 6379)
+                    await self._handshake(wire)
+            except (OSError, TimeoutError, RedisError) as exc:
+                wire.abort()
+                raise NotSent(f"Error connecting to {name}: {exc}") from exc
+            self._wire = wire
+            return wire
+
+    async def _handshake(self, wire: _Wire) -> None:
+        p = self._parts
+        query = dict(parse_qsl(p.query))
+        if p.password:
+            user = unquote(p.username) if p.username else None
+            auth = ("AUTH", user, unquote(p.password)) if user else ("AUTH", unquote(p.password))
+            await wire.send(_encode(auth))
+        db = query.get("db") or (p.path.strip("/") if p.scheme == "redis" else "")
+        if db and db != "0":
+            await wire.send(_encode(("SELECT", db)))
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._wire is not None:
+            self._wire.abort()
+            self._wire = None

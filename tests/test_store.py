@@ -13,7 +13,7 @@ from gateway.errors import BackendUnavailable
 from gateway.inventory import CreateResult, Inventory
 from gateway.schemas import OrderRequest
 from gateway.scripts import ScriptRegistry
-from gateway.store import create_client
+from gateway.store import create_client, create_script_client
 from tests.conftest import ADMIN, MakeClient, create, put_sku
 from tests.faultproxy import FaultProxy
 
@@ -26,28 +26,41 @@ async def loaded(redis: Redis) -> AsyncIterator[ScriptRegistry]:
 
 
 REQ = OrderRequest(user_id="u", sku_id="s", quantity=1, promotion_id="p")
+KINDS = pytest.mark.parametrize("kind", ["mux", "pool"])
 
 
+def inventory_on(url: str, scripts: ScriptRegistry, settings: Settings, kind: str) -> Inventory:
+    """An Inventory whose scripts run on the `kind` client path to `url`."""
+    s = settings.replace(redis_client=kind)
+    return Inventory(create_client(s, url), scripts, s, fast=create_script_client(s, url))
+
+
+async def close(inv: Inventory) -> None:
+    if inv.fast is not None:
+        await inv.fast.aclose()  # type: ignore[attr-defined]
+    await inv.redis.aclose()
+
+
+@KINDS
 @pytest.mark.parametrize("mode", ["hang", "reset"])
 async def test_a_failing_script_call_is_sent_at_most_twice(
-    mode: str, loaded: ScriptRegistry, redis_url: str
+    mode: str, kind: str, loaded: ScriptRegistry, redis_url: str
 ) -> None:
-    """redis-py never retries by itself; the gateway resends once, with the same key."""
-    settings = Settings(redis_timeout_ms=300)
+    """The client never retries by itself; the gateway resends once, with the same key."""
     proxy = FaultProxy(redis_url, mode=mode)
     async with proxy as url:
-        client = create_client(settings, url)
-        inv = Inventory(client, loaded, settings)
+        inv = inventory_on(url, loaded, Settings(redis_timeout_ms=300), kind)
         with pytest.raises(BackendUnavailable):
             await inv.create_order(REQ, str(uuid.uuid4()))
-        await client.aclose()
-    # two sends on two connections: the gateway's one resend, none by redis-py
+        await close(inv)
+    # two sends on two connections: the gateway's one resend, none by the client
     assert proxy.count(b"EVALSHA") == 2, proxy.sent
     assert proxy.connections == 2
 
 
+@KINDS
 async def test_a_lost_answer_is_resolved_by_a_replay(
-    loaded: ScriptRegistry, redis: Redis, redis_url: str
+    kind: str, loaded: ScriptRegistry, redis: Redis, redis_url: str
 ) -> None:
     """The script ran but its answer came too late: the resend replays it, one hold only."""
     from gateway.schemas import SkuConfig
@@ -58,13 +71,12 @@ async def test_a_lost_answer_is_resolved_by_a_replay(
     )
     proxy = FaultProxy(redis_url)
     async with proxy as url:
-        client = create_client(settings, url)
-        inv = Inventory(client, loaded, settings)
-        await client.ping()  # connected: the delay below hits the script's answer
+        inv = inventory_on(url, loaded, settings, kind)
+        await (inv.fast or inv.redis).execute_command("PING")  # the delay hits the script
         proxy.delay_once_s = 0.6
         key = str(uuid.uuid4())
         result, body = await inv.create_order(REQ, key)
-        await client.aclose()
+        await close(inv)
     assert result is CreateResult.REPLAYED
     assert proxy.count(b"EVALSHA") == 2
     assert await redis.hget("fg:{s}:sku", "held") == b"1"
@@ -73,21 +85,23 @@ async def test_a_lost_answer_is_resolved_by_a_replay(
     assert stored == b"s|1|p\n" + body
 
 
+@KINDS
 async def test_http_answer_when_redis_is_gone(
-    make_client: MakeClient, redis: Redis, settings: Settings
+    kind: str, make_client: MakeClient, redis: Redis, settings: Settings
 ) -> None:
     c = await make_client()
     await put_sku(c)
     proxy = FaultProxy(settings.redis_url or "", mode="reset")
     async with proxy as url:
-        dead = create_client(settings.replace(redis_timeout_ms=300), url)
         from gateway.app import Gateway
 
         app = c._transport.app  # type: ignore[attr-defined]
         gw: Gateway = app.state.gateway
-        gw.inventory.redis = dead
+        live = gw.inventory
+        gw.inventory = inventory_on(url, live.scripts, settings, kind)
         r = await create(c)
-        await dead.aclose()
+        await close(gw.inventory)
+        gw.inventory = live
     assert (r.status_code, r.json()["error"]) == (503, "unavailable")
     assert r.json()["message"] == "活动火爆,请稍后再试"
     assert int(r.headers["retry-after"]) >= 1
@@ -152,13 +166,14 @@ async def test_readyz_turns_503_when_redis_stops_answering(settings: Settings) -
                 assert (await c.get("/readyz")).status_code == 200
 
 
-async def test_refused_connect_is_never_resent(loaded: ScriptRegistry) -> None:
+@KINDS
+async def test_refused_connect_is_never_resent(kind: str, loaded: ScriptRegistry) -> None:
     from gateway.embedded import free_port
     from gateway.inventory import _maybe_sent
 
-    settings = Settings(redis_timeout_ms=300)
-    client = create_client(settings, f"redis://127.0.0.1:{free_port()}/0")
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    inv = inventory_on(url, loaded, Settings(redis_timeout_ms=300), kind)
     with pytest.raises(BackendUnavailable) as info:
-        await Inventory(client, loaded, settings).create_order(REQ, str(uuid.uuid4()))
-    await client.aclose()
+        await inv.create_order(REQ, str(uuid.uuid4()))
+    await close(inv)
     assert not _maybe_sent(info.value.__cause__)
