@@ -9,9 +9,10 @@ import re
 from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import Receive, Scope
 
 from gateway import errors
 from gateway.inventory import ConfigureResult, CreateResult, PaymentResult, accepted_member
@@ -39,9 +40,9 @@ def _gateway(request: Request) -> Gateway:
     return gw
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 once it is larger than `limit` bytes."""
-    declared = request.headers.get("content-length")
+async def read_body(receive: Receive, declared: bytes | str | None, limit: int) -> bytes:
+    """The request body, refused with 413 once it is larger than `limit` bytes. `declared` is
+    the Content-Length header, checked first so an oversized body is not even read."""
     if declared is not None:
         try:
             too_large = int(declared) > limit
@@ -51,15 +52,24 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise errors.PayloadTooLarge(f"request body is larger than {limit} bytes")
     chunks: list[bytes] = []
     size = 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise errors.PayloadTooLarge(f"request body is larger than {limit} bytes")
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise errors.InvalidRequest("client disconnected before sending the body")
+        chunk: bytes = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise errors.PayloadTooLarge(f"request body is larger than {limit} bytes")
+        if not message.get("more_body", False):
+            if not chunks:
+                return chunk  # the usual case: the whole body in one message
             chunks.append(chunk)
-    except ClientDisconnect:
-        raise errors.InvalidRequest("client disconnected before sending the body") from None
-    return b"".join(chunks)
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+async def request_body(request: Request, limit: int) -> bytes:
+    return await read_body(request.receive, request.headers.get("content-length"), limit)
 
 
 def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
@@ -72,20 +82,28 @@ def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         raise errors.InvalidRequest("request body is not valid UTF-8") from None
 
 
-async def create_order(request: Request) -> Response:
-    gw = _gateway(request)
-    body = await read_body(request, gw.settings.max_body_bytes)
+def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """One request header from the ASGI scope (names arrive lower-case)."""
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+async def create_order(gw: Gateway, scope: Scope, receive: Receive) -> Response:
+    """POST /api/v1/order/create, served as a bare ASGI handler (see `app.GatewayApp`)."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    body = await read_body(receive, header(headers, b"content-length"), gw.settings.max_body_bytes)
     req = decode(order_request_decoder, body)
     if req.quantity > gw.settings.max_quantity:
         raise errors.InvalidRequest(
             f"quantity must be <= {gw.settings.max_quantity} - at `$.quantity`"
         )
-    headers = request.headers
-    raw_key = headers.get("x-idempotency-key")
+    raw_key = header(headers, b"x-idempotency-key")
     if raw_key is None:
-        raw_key = headers.get("idempotency-key")
+        raw_key = header(headers, b"idempotency-key")
     try:
-        key = parse_idempotency_key(raw_key)
+        key = parse_idempotency_key(None if raw_key is None else raw_key.decode("latin-1"))
     except msgspec.ValidationError as exc:
         raise errors.InvalidRequest(str(exc)) from None
 
@@ -147,7 +165,7 @@ async def confirm_payment(request: Request) -> Response:
     secret = gw.settings.payment_secret
     if not secret:
         raise errors.PaymentsDisabled()
-    body = await read_body(request, gw.settings.max_body_bytes)
+    body = await request_body(request, gw.settings.max_body_bytes)
     given = request.headers.get("x-signature", "").strip().lower()
     expected = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
     if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
@@ -187,7 +205,7 @@ async def put_sku(request: Request) -> Response:
     gw = _gateway(request)
     require_admin(request, gw)
     sku_id = _sku_id(request)
-    body = await read_body(request, gw.settings.max_body_bytes)
+    body = await request_body(request, gw.settings.max_body_bytes)
     cfg = decode(sku_config_decoder, body)
     if cfg.starts_at is not None and cfg.ends_at is not None and cfg.ends_at <= cfg.starts_at:
         raise errors.InvalidRequest("ends_at must be after starts_at")
@@ -239,7 +257,6 @@ async def post_switch(request: Request) -> Response:
 
 
 routes = [
-    Route("/api/v1/order/create", create_order, methods=["POST"]),
     Route("/api/v1/order/switch", post_switch, methods=["POST"]),
     Route("/api/v1/order/switch", get_switch, methods=["GET"]),
     Route("/api/v1/order/{order_id}", get_order, methods=["GET"]),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -154,3 +155,57 @@ async def test_body_limit_is_configurable(make_client: MakeClient) -> None:
         "/api/v1/order/create", content=GOOD, headers={"X-Idempotency-Key": str(uuid.uuid4())}
     )
     assert r.status_code == 413
+
+
+async def asgi_order(app: object, messages: list[dict[str, object]]) -> tuple[int, bytes]:
+    """Drive the order endpoint at the ASGI level with these receive messages."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/api/v1/order/create",
+        "raw_path": b"/api/v1/order/create",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"x-idempotency-key", str(uuid.uuid4()).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    sent: list[dict[str, object]] = []
+
+    async def receive() -> dict[str, object]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)  # type: ignore[operator]
+    status = sent[0]["status"]
+    assert isinstance(status, int)
+    return status, b"".join(m.get("body", b"") for m in sent[1:])  # type: ignore[misc]
+
+
+async def test_a_body_in_pieces_is_read_whole(make_client: MakeClient) -> None:
+    c = await make_client()
+    await put_sku(c)
+    pieces = [GOOD[:10], GOOD[10:40], GOOD[40:]]
+    messages: list[dict[str, object]] = [
+        {"type": "http.request", "body": p, "more_body": i < 2} for i, p in enumerate(pieces)
+    ]
+    status, _ = await asgi_order(c._transport.app, messages)  # type: ignore[attr-defined]
+    assert status == 202
+
+
+async def test_a_client_gone_mid_body_is_a_quiet_400(make_client: MakeClient, redis: Redis) -> None:
+    c = await make_client()
+    await put_sku(c)
+    before = await snapshot(redis)
+    messages: list[dict[str, object]] = [
+        {"type": "http.request", "body": GOOD[:20], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    status, body = await asgi_order(c._transport.app, messages)  # type: ignore[attr-defined]
+    assert (status, msgspec.json.decode(body)["error"]) == (400, "invalid_request")
+    assert await snapshot(redis) == before

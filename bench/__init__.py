@@ -1,0 +1,1 @@
+"""flashgate's benchmark: `python -m bench` (see bench/run.py)."""

@@ -1,0 +1,671 @@
+"""The benchmark: flashgate against the limits of its own stack, on one machine, in one run.
+
+    python -m bench                # about 6 minutes; --quick for a 1-minute smoke run
+
+Starts what it needs: the embedded server (same settings as `flashgate serve`) pinned with Redis
+and the load generators to the last core, and, pinned alone to the first core, the server under
+test: the bare Starlette endpoint, the gateway (one worker), the naive four-step service. Then:
+
+1. closed-loop maximums with wrk (`-t1 -c64`), the scenarios interleaved (A B C … A B C …),
+   `--rounds` times, medians reported with requests per CPU-second of the server process;
+2. open-loop latency (`bench.openloop`, fixed offered rate, latency from each intended start)
+   at 25/50/75 % of each scenario's median maximum, interleaved the same way;
+3. Redis round trips per accepted order (INFO commandstats) and Redis memory per held order
+   (used_memory over a batch of accepted orders, idempotency record included);
+4. the naive design against flashgate on one small stock under the same load: accepted orders
+   against stock (oversold).
+
+Writes `bench/results/<stamp>.json`, `bench/results/latest.json`, `bench/results/latency.png`,
+and prints the results table the README carries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis as redis_sync
+
+from bench.countproxy import CountingProxy
+from gateway.embedded import EmbeddedServer, free_port
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+ADMIN_TOKEN = "bench-admin-token"
+ORDER = "/api/v1/order/create"
+PROMO = "bench"
+
+
+@dataclass
+class Scenario:
+    name: str
+    title: str
+    server: str  # bare | gateway | naive | direct
+    sku: str = "bench-intake"
+    kind: str = "unique"
+    queue_only: bool = False
+    maxima: list[dict[str, Any]] = field(default_factory=list)
+    latency: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def median_rps(self) -> float:
+        return statistics.median(m["rps"] for m in self.maxima) if self.maxima else 0.0
+
+
+def scenarios() -> list[Scenario]:
+    return [
+        Scenario("bare", "(a) bare Starlette endpoint", "bare"),
+        Scenario("direct", "(b) hold script, called directly", "direct", sku="bench-direct"),
+        Scenario("intake", "(c) accepted-order intake", "gateway"),
+        Scenario("soldout", "(d) sold-out path", "gateway", sku="bench-soldout"),
+        Scenario("queue", "(e) QUEUE_ONLY intake", "gateway", queue_only=True),
+        Scenario("replay", "(f) replays", "gateway", sku="bench-replay", kind="replay"),
+        Scenario("naive", "(g) naive four steps", "naive", sku="bench-naive"),
+    ]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def pinned(cpu: int, argv: list[str]) -> list[str]:
+    return ["taskset", "-c", str(cpu), *argv]
+
+
+def wait_port(port: int, within_s: float = 30.0) -> None:
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Stack:
+    """Every process the benchmark starts; stopped together, whatever happens."""
+
+    def __init__(self, work: Path, server_cpu: int, load_cpu: int) -> None:
+        self.work = work
+        self.server_cpu = server_cpu
+        self.load_cpu = load_cpu
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.ports: dict[str, int] = {}
+        self.embedded = EmbeddedServer(work / "valkey")
+        self.redis_url = ""
+        self.proxy: CountingProxy | None = None
+
+    def start(self) -> None:
+        self.redis_url = self.embedded.start()
+        assert self.embedded.proc is not None
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", str(self.load_cpu), str(self.redis_pid())],
+            check=True,
+            capture_output=True,
+        )
+        uvicorn = [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "--factory",
+            "--loop",
+            "uvloop",
+            "--http",
+            "httptools",
+            "--no-access-log",
+            "--log-level",
+            "warning",
+        ]
+        env = {
+            **os.environ,
+            "REDIS_URL": self.redis_url,
+            "FLASHGATE_ADMIN_TOKEN": ADMIN_TOKEN,
+            "FLASHGATE_QPS": "1000000000",
+            "FLASHGATE_BURST": "1000000000",
+            "FLASHGATE_QUEUE_MAX": "1000000000",
+            "FLASHGATE_LOG_LEVEL": "warning",
+            "PYTHONPATH": str(HERE.parent),
+        }
+        self.proxy = CountingProxy(self.redis_url)
+        counted_url = self.proxy.start()
+        for name, argv in (
+            ("bare", [*uvicorn, "bench.apps:bare_app"]),
+            ("naive", [*uvicorn, "bench.apps:naive_app"]),
+            ("gateway", [sys.executable, "-m", "gateway", "gateway"]),
+            ("counted", [sys.executable, "-m", "gateway", "gateway"]),  # Redis via the proxy
+        ):
+            port = self.ports[name] = free_port()
+            extra = ["--port", str(port)]
+            proc_env = {**env, "FLASHGATE_PORT": str(port)}
+            if name == "counted":
+                proc_env["REDIS_URL"] = counted_url
+            self.procs[name] = subprocess.Popen(
+                pinned(self.server_cpu, argv + (extra if argv[2] == "uvicorn" else [])),
+                env=proc_env,
+                cwd=self.work,
+                start_new_session=True,
+            )
+        for port in self.ports.values():
+            wait_port(port)
+
+    def redis_pid(self) -> int:
+        assert self.embedded.proc is not None
+        return self.embedded.proc.pid
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.embedded.stop()
+        if self.proxy is not None:
+            self.proxy.stop()
+
+
+# --------------------------------------------------------------------------- HTTP helpers
+
+
+def http(
+    port: int,
+    method: str,
+    path: str,
+    body: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any]]:
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method)
+    req.add_header("Content-Type", "application/json")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, json.loads(resp.read() or b"{}")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def admin() -> dict[str, str]:
+    return {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def put_sku(port: int, sku: str, stock: int, per_user_limit: int = 1) -> None:
+    status, body = http(
+        port,
+        "PUT",
+        f"/api/v1/admin/skus/{sku}",
+        {"promotion_id": PROMO, "stock": stock, "per_user_limit": per_user_limit},
+        admin(),
+    )
+    if status not in (200, 201):
+        raise RuntimeError(f"PUT {sku}: {status} {body}")
+
+
+def order(port: int, sku: str, user: str, key: str) -> tuple[int, dict[str, Any]]:
+    return http(
+        port,
+        "POST",
+        ORDER,
+        {"user_id": user, "sku_id": sku, "quantity": 1, "promotion_id": PROMO},
+        {"X-Idempotency-Key": key},
+    )
+
+
+def switch(port: int, mode: str) -> None:
+    status, body = http(port, "POST", f"/api/v1/order/switch?mode={mode}", None, admin())
+    if status != 200:
+        raise RuntimeError(f"switch to {mode}: {status} {body}")
+    time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+class Bench:
+    def __init__(self, stack: Stack, args: argparse.Namespace) -> None:
+        self.stack = stack
+        self.args = args
+        self.redis = redis_sync.Redis.from_url(stack.redis_url, decode_responses=True)
+        self.pairs = stack.work / "replay-pairs.txt"
+        self.run_ids = (f"{i:08x}" for i in range(int(time.time()) & 0xFFFFFF << 8, 1 << 32))
+
+    def prepare(self) -> None:
+        gw = self.stack.ports["gateway"]
+        put_sku(gw, "bench-intake", 1_000_000_000)
+        put_sku(gw, "bench-direct", 1_000_000_000)
+        put_sku(gw, "bench-replay", 1_000_000_000)
+        put_sku(gw, "bench-soldout", 1)
+        assert order(gw, "bench-soldout", "first", str(uuid.uuid4()))[0] == 202
+        assert order(gw, "bench-soldout", "second", str(uuid.uuid4()))[0] == 409  # learnt
+        lines = []
+        for i in range(self.args.replay_keys):
+            user, key = f"r{i}", str(uuid.uuid4())
+            assert order(gw, "bench-replay", user, key)[0] == 202
+            lines.append(f"{user} {key}")
+        self.pairs.write_text("\n".join(lines) + "\n")
+        self.redis.set("naive:{bench-naive}:stock", 1_000_000_000)
+
+    def port_of(self, sc: Scenario) -> int:
+        return self.stack.ports[sc.server]
+
+    def server_pid(self, sc: Scenario) -> int | None:
+        proc = self.stack.procs.get(sc.server)
+        return proc.pid if proc is not None else None
+
+    @contextlib.contextmanager
+    def mode(self, sc: Scenario) -> Iterator[None]:
+        """QUEUE_ONLY for the scenario's run (the mode is shared by every gateway)."""
+        if sc.queue_only:
+            switch(self.stack.ports["gateway"], "QUEUE_ONLY")
+            time.sleep(0.6)  # every worker follows within the refresh interval
+        try:
+            yield
+        finally:
+            if sc.queue_only:
+                switch(self.stack.ports["gateway"], "NORMAL")
+                time.sleep(0.6)
+
+    def wrk(self, sc: Scenario, seconds: float, connections: int = 64) -> dict[str, Any]:
+        env = {
+            **os.environ,
+            "BENCH_SKU": sc.sku,
+            "BENCH_PROMO": PROMO,
+            "BENCH_KIND": sc.kind,
+            "BENCH_PAIRS": str(self.pairs),
+            "BENCH_RUN": next(self.run_ids),
+        }
+        argv = [
+            "wrk",
+            "-t1",
+            f"-c{connections}",
+            f"-d{max(1, round(seconds))}s",
+            "-s",
+            str(HERE / "wrk/order.lua"),
+            f"http://127.0.0.1:{self.port_of(sc)}{ORDER}",
+        ]
+        out = subprocess.run(
+            pinned(self.stack.load_cpu, argv), env=env, capture_output=True, text=True, check=True
+        ).stdout
+        line = [ln for ln in out.splitlines() if ln.startswith("{")][-1]
+        result: dict[str, Any] = json.loads(line)
+        result["rps"] = round(result["requests"] / result["seconds"], 1)
+        return result
+
+    def closed_max(self, sc: Scenario, seconds: float) -> dict[str, Any]:
+        evalsha = self.evalsha_calls()
+        if sc.server == "direct":
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.direct",
+                "closed",
+                "--url",
+                self.stack.redis_url,
+                "--duration",
+                str(seconds),
+            ]
+            out = subprocess.run(
+                pinned(self.stack.server_cpu, argv),
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=HERE.parent,
+            ).stdout
+            result: dict[str, Any] = json.loads(out)
+            result["rps_per_cpu_s"] = round(result["requests"] / result["cpu_seconds"], 1)
+        else:
+            pid = self.server_pid(sc)
+            assert pid is not None
+            cpu0 = cpu_seconds(pid)
+            with self.mode(sc):
+                result = self.wrk(sc, seconds)
+            cpu = cpu_seconds(pid) - cpu0
+            result["cpu_seconds"] = round(cpu, 3)
+            result["rps_per_cpu_s"] = round(result["requests"] / cpu, 1) if cpu else None
+        result["evalsha_per_request"] = round(
+            (self.evalsha_calls() - evalsha) / max(1, result["requests"]), 3
+        )
+        return result
+
+    def open_loop(self, sc: Scenario, rate: float, seconds: float) -> dict[str, Any]:
+        if sc.server == "direct":
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.direct",
+                "open",
+                "--url",
+                self.stack.redis_url,
+                "--rate",
+                str(rate),
+                "--duration",
+                str(seconds),
+            ]
+            cpu = self.stack.server_cpu
+        else:
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.openloop",
+                "--port",
+                str(self.port_of(sc)),
+                "--rate",
+                str(rate),
+                "--duration",
+                str(seconds),
+                "--sku",
+                sc.sku,
+                "--promo",
+                PROMO,
+                "--kind",
+                sc.kind,
+                "--pairs",
+                str(self.pairs),
+            ]
+            cpu = self.stack.load_cpu
+        with self.mode(sc):
+            out = subprocess.run(
+                pinned(cpu, argv), capture_output=True, text=True, check=True, cwd=HERE.parent
+            ).stdout
+        result: dict[str, Any] = json.loads(out)
+        return result
+
+    def evalsha_calls(self) -> int:
+        stats: dict[str, Any] = self.redis.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    def round_trips(self, requests: int) -> dict[str, float]:
+        """Commands sent to Redis per request, counted on the wire by a proxy in front of a
+        second gateway (its first sold-out answer, learning the SKU, included)."""
+        assert self.stack.proxy is not None
+        out: dict[str, float] = {}
+        for sc in scenarios():
+            if sc.server != "gateway":
+                continue
+            counted = Scenario(sc.name, sc.title, "counted", sc.sku, sc.kind, sc.queue_only)
+            before = self.stack.proxy.commands
+            result = self.open_loop(counted, rate=1000.0, seconds=requests / 1000)
+            sent = self.stack.proxy.commands - before
+            out[sc.name] = round(sent / max(1, int(result["answered"])), 4)
+        return out
+
+    def memory_per_order(self, orders: int) -> dict[str, Any]:
+        """Redis memory of held orders: every key an accepted order adds, stream entry and
+        idempotency record included, over a batch on a fresh SKU."""
+        gw = self.stack.ports["gateway"]
+        put_sku(gw, "bench-memory", 1_000_000_000)
+        self.redis.memory_purge()
+        before = int(self.redis.info("memory")["used_memory"])
+        sc = Scenario("memory", "memory", "gateway", sku="bench-memory")
+        result = self.open_loop(
+            sc, rate=min(4000.0, orders / 2), seconds=orders / min(4000.0, orders / 2)
+        )
+        held = int(self.redis.hget("fg:{bench-memory}:sku", "held") or 0)
+        self.redis.memory_purge()
+        after = int(self.redis.info("memory")["used_memory"])
+        return {
+            "orders_held": held,
+            "answers": result["statuses"],
+            "bytes_per_order": round((after - before) / max(1, held), 1),
+            "breakdown_bytes_per_order": self.memory_breakdown("bench-memory", held),
+        }
+
+    def memory_breakdown(self, sku: str, held: int, sample: int = 200) -> dict[str, float]:
+        """MEMORY USAGE per order of each structure an accepted order adds to (per-order keys
+        averaged over a sample; per-SKU structures divided by the orders held). The rest of
+        `bytes_per_order` is the keyspace's own cost: dict entries, expiry entries, rounding."""
+        tag = "{" + sku + "}"
+        per_key = {"order record": f"fg:{tag}:o:*", "idempotency record": f"fg:{tag}:idem:*"}
+        out: dict[str, float] = {}
+        for name, pattern in per_key.items():
+            sizes = []
+            for key in self.redis.scan_iter(match=pattern, count=1000):
+                sizes.append(int(self.redis.memory_usage(key, samples=0) or 0))
+                if len(sizes) >= sample:
+                    break
+            out[name] = round(statistics.mean(sizes), 1) if sizes else 0.0
+        guards = []
+        for key in self.redis.scan_iter(match="fg:{u:b*}:ik:*", count=1000):
+            guards.append(int(self.redis.memory_usage(key, samples=0) or 0))
+            if len(guards) >= sample:
+                break
+        out["idempotency guard (user slot)"] = round(statistics.mean(guards), 1) if guards else 0.0
+        for name in ("stream", "holds", "accepted", "users"):
+            total = int(self.redis.memory_usage(f"fg:{tag}:{name}", samples=0) or 0)
+            out[f"{name} (per order)"] = round(total / max(1, held), 1)
+        return out
+
+    def oversell(self, stock: int, seconds: float) -> dict[str, Any]:
+        """The naive design and flashgate, one small stock each, the same wrk load."""
+        gw = self.stack.ports["gateway"]
+        self.redis.set("naive:{bench-race}:stock", stock)
+        put_sku(gw, "bench-race", stock)
+        out: dict[str, Any] = {"stock": stock}
+        naive = Scenario("naive-race", "naive", "naive", sku="bench-race")
+        fg = Scenario("flashgate-race", "flashgate", "gateway", sku="bench-race")
+        self.wrk(naive, seconds)
+        accepted = int(self.redis.llen("naive:{bench-race}:orders"))
+        out["naive"] = {
+            "accepted": accepted,
+            "oversold": max(0, accepted - stock),
+            "stock_left": int(self.redis.get("naive:{bench-race}:stock") or 0),
+        }
+        self.wrk(fg, seconds)
+        raw: dict[Any, Any] = self.redis.hgetall("fg:{bench-race}:sku")
+        sku = {k: int(v) for k, v in raw.items() if k in ("stock", "available", "held", "sold")}
+        out["flashgate"] = {
+            "accepted": sku["held"] + sku["sold"],
+            "oversold": max(0, sku["held"] + sku["sold"] - stock),
+            "stock_left": sku["available"],
+            "invariant": sku["stock"] == sku["available"] + sku["held"] + sku["sold"],
+        }
+        return out
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if shutil.which("wrk") is None:
+        raise SystemExit("bench: wrk is needed for the closed-loop maximums (apt install wrk)")
+    cpus = sorted(os.sched_getaffinity(0))
+    server_cpu, load_cpu = cpus[0], cpus[-1]
+    with tempfile.TemporaryDirectory(prefix="flashgate-bench-") as tmp:
+        stack = Stack(Path(tmp), server_cpu, load_cpu)
+        try:
+            stack.start()
+            bench = Bench(stack, args)
+            bench.prepare()
+            scs = [sc for sc in scenarios() if not args.only or sc.name in args.only]
+            for sc in scs:  # warm-up: imports, caches, connections
+                bench.closed_max(sc, min(2.0, args.seconds))
+            for r in range(args.rounds):
+                order_ = scs[r % len(scs) :] + scs[: r % len(scs)]  # a new rotation each round
+                for sc in order_:
+                    sc.maxima.append(bench.closed_max(sc, args.seconds))
+                    print(f"max {sc.name}: {sc.maxima[-1]['rps']:,.0f}/s", file=sys.stderr)
+            for frac in (0.25, 0.5, 0.75) if "latency" in args.phases else ():
+                for sc in scs:
+                    rate = round(sc.median_rps() * frac, 1)
+                    sc.latency[f"{int(frac * 100)}%"] = bench.open_loop(
+                        sc, rate, args.latency_seconds
+                    )
+                    lat = sc.latency[f"{int(frac * 100)}%"]["latency_ms"]
+                    print(f"{sc.name} @ {frac:.0%}: p99 {lat.get('p99')} ms", file=sys.stderr)
+            trips = bench.round_trips(args.trip_requests) if "trips" in args.phases else {}
+            memory = bench.memory_per_order(args.memory_orders) if "memory" in args.phases else {}
+            race = (
+                bench.oversell(args.race_stock, min(3.0, args.seconds))
+                if "race" in args.phases
+                else {}
+            )
+        finally:
+            stack.stop()
+    bare = next((sc.median_rps() for sc in scs if sc.name == "bare"), 0.0)
+    return {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "machine": machine(),
+        "method": {
+            "server_cpu": server_cpu,
+            "load_and_redis_cpu": load_cpu,
+            "rounds": args.rounds,
+            "seconds_per_max_run": args.seconds,
+            "seconds_per_latency_run": args.latency_seconds,
+            "wrk": "wrk -t1 -c64, closed loop",
+            "open_loop": "bench.openloop, 256 connections, latency from the intended start",
+        },
+        "scenarios": [
+            {
+                "name": sc.name,
+                "title": sc.title,
+                "max_rps_median": sc.median_rps(),
+                "ratio_to_bare": round(sc.median_rps() / bare, 3) if bare else None,
+                "rps_per_cpu_s_median": statistics.median(
+                    m["rps_per_cpu_s"] for m in sc.maxima if m.get("rps_per_cpu_s")
+                ),
+                "round_trips_per_request": trips.get(sc.name),
+                "evalsha_per_request": statistics.median(
+                    m["evalsha_per_request"] for m in sc.maxima
+                ),
+                "maxima": sc.maxima,
+                "latency": sc.latency,
+            }
+            for sc in scs
+        ],
+        "round_trips_per_request": trips,
+        "memory": memory,
+        "oversell": race,
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": model,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "kernel": platform.release(),
+    }
+
+
+def table(result: dict[str, Any]) -> str:
+    rows = [
+        "| scenario | max req/s (median) | × bare | req per CPU-s "
+        "| p50 / p99 / p99.9 ms at 50 % | p99 ms at 25 / 75 % | Redis round trips per req |",
+        "|---|---:|---:|---:|---|---|---:|",
+    ]
+    for sc in result["scenarios"]:
+        lat = sc["latency"]
+        half = lat.get("50%", {}).get("latency_ms", {})
+        q = lat.get("25%", {}).get("latency_ms", {})
+        t = lat.get("75%", {}).get("latency_ms", {})
+        rows.append(
+            f"| {sc['title']} | {sc['max_rps_median']:,.0f} | {_num(sc['ratio_to_bare'])} | "
+            f"{sc['rps_per_cpu_s_median']:,.0f} | {half.get('p50')} / {half.get('p99')} / "
+            f"{half.get('p99.9')} | {q.get('p99')} / {t.get('p99')} | "
+            f"{_num(sc['round_trips_per_request'])} |"
+        )
+    return "\n".join(rows)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for sc in result["scenarios"]:
+        points = sorted(
+            (run["offered_rps"], run["latency_ms"]) for run in sc["latency"].values() if run
+        )
+        xs = [p[0] for p in points]
+        axes[0].plot(xs, [p[1].get("p50") for p in points], marker="o", label=sc["title"])
+        axes[1].plot(xs, [p[1].get("p99") for p in points], marker="o", label=sc["title"])
+    for ax, what in zip(axes, ("p50", "p99"), strict=True):
+        ax.set_xlabel("offered load (requests/s, open loop)")
+        ax.set_ylabel(f"{what} latency (ms, from the intended start)")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].axhline(10, color="red", linestyle="--", linewidth=1, label="target p99 10 ms")
+    axes[1].legend(fontsize=7)
+    fig.suptitle(f"flashgate bench, {result['when']}, {result['machine']['cpu']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rounds", type=int, default=3, help="closed-loop runs per scenario")
+    p.add_argument("--seconds", type=float, default=5.0, help="length of one closed-loop run")
+    p.add_argument("--latency-seconds", type=float, default=5.0, help="one open-loop run")
+    p.add_argument("--replay-keys", type=int, default=500)
+    p.add_argument("--memory-orders", type=int, default=20_000)
+    p.add_argument("--race-stock", type=int, default=1000)
+    p.add_argument("--trip-requests", type=int, default=2000)
+    p.add_argument(
+        "--only",
+        type=lambda v: v.split(","),
+        help="comma-separated scenarios (bare,direct,intake,soldout,queue,replay,naive)",
+    )
+    p.add_argument(
+        "--phases",
+        type=lambda v: v.split(","),
+        default=["max", "latency", "trips", "memory", "race"],
+        help="comma-separated: max,latency,trips,memory,race (max always runs)",
+    )
+    p.add_argument("--quick", action="store_true", help="short runs: a smoke test of the bench")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.seconds, args.latency_seconds = 1, 2.0, 2.0
+        args.replay_keys, args.memory_orders = 100, 4000
+    result = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    text = json.dumps(result, indent=2)
+    (args.out / f"{stamp}.json").write_text(text)
+    (args.out / "latest.json").write_text(text)
+    if "latency" in args.phases:
+        plot(result, args.out / "latency.png")
+    print(table(result))
+    if mem := result["memory"]:
+        print(f"\nRedis memory per held order: {mem['bytes_per_order']:.0f} bytes", end=" ")
+        print(f"({mem['orders_held']} orders)")
+    if race := result["oversell"]:
+        naive, fg = race["naive"], race["flashgate"]
+        print(f"Oversell on stock {race['stock']}: naive accepted {naive['accepted']}", end=" ")
+        print(f"(oversold {naive['oversold']}), flashgate accepted {fg['accepted']}", end=" ")
+        print(f"(oversold {fg['oversold']})")
+    print(f"\nwrote {args.out / 'latest.json'}")
+    return 0
