@@ -12,7 +12,7 @@ so they can never open or close a hash tag, add a separator or form a glob.
 | `fg:{S}:holds` | zset | order_id -> hold deadline (epoch ms), the sweeper's index |
 | `fg:{S}:stream` | stream | orders of S for the finalizers |
 | `fg:{S}:o:<rand>` | hash | the order record |
-| `fg:{S}:idem:<user>:<key>` | string | request fingerprint, newline, first answer (24 h) |
+| `fg:{S}:idem:<user>:<key>` | string | request fingerprint, order id, hold deadline (24 h) |
 | `fg:{S}:events` | stream | outbound: every final state with the order record (ERP/WMS) |
 | `fg:{S}:dead` | stream | dead letters: order-stream entries that failed repeatedly, with reason |
 | `fg:{S}:pay:<payment_id>` | hash | order_id, at, applied: one payment confirmation |

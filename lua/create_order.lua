@@ -8,7 +8,8 @@
   KEYS[3] fg:{S}:holds    (zset)   order_id -> hold deadline ms
   KEYS[4] fg:{S}:stream   (stream) order stream
   KEYS[5] fg:{S}:o:<rand> (hash)   the new order record
-  KEYS[6] fg:{S}:idem:<user>:<key> (string) fingerprint .. "\n" .. first answer
+  KEYS[6] fg:{S}:idem:<user>:<key> (string) fingerprint "\n" order_id "\n" hold deadline ms
+                                   (empty when QUEUED): the first answer, rebuilt on replay
   KEYS[7] fg:{S}:accepted (zset)   "<key>:<user>" of every 202 -> replay deadline ms
   KEYS[8] optional fg:{u:<user>}:ik:<key> (string) sku_id (cross-SKU key reuse guard)
 
@@ -31,11 +32,23 @@
 ]]
 local rcall = redis.call
 
+-- The 202 body. A replay has the first request's fingerprint, so the same sku and quantity,
+-- and rebuilds the same bytes from the stored order id and deadline.
+local function answer(order_id, deadline_s)
+  if deadline_s ~= '' then
+    return '{"order_id":"' .. order_id .. '","status":"HELD","sku_id":"' .. ARGV[3] ..
+      '","quantity":' .. ARGV[4] .. ',"hold_expires_at":' .. deadline_s .. '}'
+  end
+  return '{"order_id":"' .. order_id .. '","status":"QUEUED","sku_id":"' .. ARGV[3] ..
+    '","quantity":' .. ARGV[4] .. '}'
+end
+
 local stored = rcall('GET', KEYS[6])
 if stored then
   local nl = string.find(stored, '\n', 1, true)
   if string.sub(stored, 1, nl - 1) == ARGV[6] then
-    return {2, string.sub(stored, nl + 1)}
+    local nl2 = string.find(stored, '\n', nl + 1, true)
+    return {2, answer(string.sub(stored, nl + 1, nl2 - 1), string.sub(stored, nl2 + 1))}
   end
   return {-5, ''}
 end
@@ -85,33 +98,27 @@ end
 
 -- all checks passed: write
 local now_s = string.format('%d', now)
-local status, body
+local status, deadline_s = 'QUEUED', ''
 if hold then
   local deadline = now + tonumber(ARGV[7])
-  local deadline_s = string.format('%d', deadline)
+  deadline_s = string.format('%d', deadline)
   status = 'HELD'
-  body = '{"order_id":"' .. ARGV[1] .. '","status":"HELD","sku_id":"' .. ARGV[3] ..
-    '","quantity":' .. ARGV[4] .. ',"hold_expires_at":' .. deadline_s .. '}'
   rcall('HINCRBY', KEYS[1], 'available', -qty)
   rcall('HINCRBY', KEYS[1], 'held', qty)
   rcall('HINCRBY', KEYS[2], ARGV[2], qty)
   rcall('ZADD', KEYS[3], deadline, ARGV[1])
   rcall('HSET', KEYS[5], 'hold_expires_at', deadline_s)
-else
-  status = 'QUEUED'
-  body = '{"order_id":"' .. ARGV[1] .. '","status":"QUEUED","sku_id":"' .. ARGV[3] ..
-    '","quantity":' .. ARGV[4] .. '}'
 end
 rcall('HINCRBY', KEYS[1], 'backlog', 1)
 rcall('HSET', KEYS[5], 'status', status, 'user_id', ARGV[2], 'sku_id', ARGV[3],
   'quantity', ARGV[4], 'promotion_id', ARGV[5], 'created_at', now_s,
   'history', '[{"from":null,"to":"' .. status .. '","at":' .. now_s .. '}]')
 local replay_until = now + tonumber(ARGV[8])
-rcall('SET', KEYS[6], ARGV[6] .. '\n' .. body, 'PX', ARGV[8])
+rcall('SET', KEYS[6], ARGV[6] .. '\n' .. ARGV[1] .. '\n' .. deadline_s, 'PX', ARGV[8])
 rcall('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
 rcall('ZADD', KEYS[7], replay_until, ARGV[12])
 if KEYS[8] then
   rcall('SET', KEYS[8], ARGV[3], 'PX', ARGV[8])
 end
 rcall('XADD', KEYS[4], '*', 'order_id', ARGV[1], 'event', 'created')
-return {1, body}
+return {1, answer(ARGV[1], deadline_s)}

@@ -82,7 +82,12 @@ async def test_a_lost_answer_is_resolved_by_a_replay(
     assert await redis.hget("fg:{s}:sku", "held") == b"1"
     assert await redis.xlen("fg:{s}:stream") == 1
     stored = await redis.get(f"fg:{{s}}:idem:u:{key}")
-    assert stored == b"s|1|p\n" + body
+    fingerprint, order_id, deadline = stored.split(b"\n")
+    assert fingerprint == b"s|1|p"
+    assert body == (
+        b'{"order_id":"%s","status":"HELD","sku_id":"s","quantity":1,"hold_expires_at":%s}'
+        % (order_id, deadline)
+    )
 
 
 @KINDS
