@@ -111,27 +111,39 @@ def _error(reply: hiredis.ReplyError) -> ResponseError:
 
 
 class _Wire(asyncio.Protocol):
-    """One connection: commands go out in order, replies come back in the same order."""
+    """One connection: commands go out in order, replies come back in the same order.
 
-    def __init__(self, name: str) -> None:
+    Every command has the same deadline, so the oldest one in flight is always the next to
+    expire: one timer per connection, armed for it, replaces a timer per command.
+    """
+
+    def __init__(self, name: str, timeout_s: float) -> None:
         self.name = name
+        self.timeout_s = timeout_s
         self.reader = hiredis.Reader()
-        self.pending: deque[asyncio.Future[Any]] = deque()
+        # in flight, oldest first: (future, deadline, replies received when it was sent)
+        self.pending: deque[tuple[asyncio.Future[Any], float, int]] = deque()
         self.transport: asyncio.Transport | None = None
         self.lost = False
         self.received = 0  # replies so far: a reply count that stops moving marks a stall
         self._out: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def send(self, command: bytes) -> asyncio.Future[Any]:
         """Queue one command; everything queued in one event-loop tick leaves in one write."""
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        loop = self._loop
+        fut: asyncio.Future[Any] = loop.create_future()
         if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop.call_soon(self._flush)
         self._out.append(command)
-        self.pending.append(fut)
+        deadline = loop.time() + self.timeout_s
+        self.pending.append((fut, deadline, self.received))
+        if self._timer is None:
+            self._timer = loop.call_at(deadline, self._expire)
         return fut
 
     def _flush(self) -> None:
@@ -139,11 +151,29 @@ class _Wire(asyncio.Protocol):
         if self.transport is not None and not self.lost:
             self.transport.write(b"".join(out))
 
+    def _expire(self) -> None:
+        """Fail every command past its deadline (its reply, if it comes, is dropped); drop
+        the connection if not one reply came since such a command was sent."""
+        self._timer = None
+        now = self._loop.time()
+        stalled = False
+        for fut, deadline, seen in self.pending:
+            if deadline > now:
+                self._timer = self._loop.call_at(deadline, self._expire)
+                break
+            if not fut.done():
+                fut.set_exception(RedisTimeoutError(f"Timeout reading from {self.name}"))
+                stalled = stalled or self.received == seen
+        if stalled and not self.lost:
+            log.warning("redis connection %s stalled; reconnecting", self.name)
+            self.abort()
+
     def data_received(self, data: bytes) -> None:
         self.reader.feed(data)
+        pending = self.pending
         while (reply := self.reader.gets()) is not False:
             self.received += 1
-            fut = self.pending.popleft()
+            fut = pending.popleft()[0]
             if fut.done():  # its caller gave up (deadline or cancel): the reply is dropped
                 continue
             if isinstance(reply, hiredis.ReplyError):
@@ -153,8 +183,11 @@ class _Wire(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         while self.pending:
-            fut = self.pending.popleft()
+            fut = self.pending.popleft()[0]
             if not fut.done():
                 fut.set_exception(RedisConnectionError(f"Connection to {self.name} lost: {exc}"))
 
@@ -190,25 +223,7 @@ class Multiplexed:
         wire = self._wire
         if wire is None or wire.lost:
             wire = await self._connect()
-        return await self._roundtrip(wire, _encode(args))
-
-    async def _roundtrip(self, wire: _Wire, command: bytes) -> Any:
-        fut = wire.send(command)
-        loop = asyncio.get_running_loop()
-        seen = wire.received
-        timer = loop.call_later(self.timeout_s, self._expire, wire, fut, seen)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-
-    def _expire(self, wire: _Wire, fut: asyncio.Future[Any], seen: int) -> None:
-        if fut.done():
-            return
-        fut.set_exception(RedisTimeoutError(f"Timeout reading from {wire.name}"))
-        if wire.received == seen:  # not one reply for a whole deadline: a stalled connection
-            log.warning("redis connection %s stalled; reconnecting", wire.name)
-            wire.abort()
+        return await wire.send(_encode(args))
 
     async def _connect(self) -> _Wire:
         if self._closed:
@@ -220,7 +235,7 @@ class Multiplexed:
                 return self._wire  # another request connected meanwhile
             p = self._parts
             name = p.path if p.scheme == "unix" else f"{p.hostname}:{p.port or 6379}"
-            wire = _Wire(name)
+            wire = _Wire(name, self.timeout_s)
             loop = asyncio.get_running_loop()
             try:
                 async with asyncio.timeout(self.timeout_s):

@@ -64,11 +64,11 @@ async def test_a_late_answer_times_out_and_the_next_command_is_in_step(redis_url
     async with proxy as url:
         mux = Multiplexed(url, timeout_s=0.2)
         assert await mux.execute_command("PING") == b"PONG"
-        proxy.delay_once_s = 0.5
+        proxy.delay_once_s = 3.0
         start = time.monotonic()
         with pytest.raises(RedisTimeoutError):
             await mux.execute_command("ECHO", "late")
-        assert time.monotonic() - start < 0.45  # the deadline, not the answer, ended it
+        assert time.monotonic() - start < 2.0  # the deadline, not the answer, ended it
         assert await mux.execute_command("ECHO", "next") == b"next"  # never "late"
         assert proxy.connections == 2  # the stalled connection was replaced
         await mux.aclose()
@@ -82,7 +82,7 @@ async def test_a_hang_ends_every_caller_at_the_deadline(redis_url: str) -> None:
         done = await asyncio.gather(
             *(mux.execute_command("ECHO", str(i)) for i in range(50)), return_exceptions=True
         )
-        assert time.monotonic() - start < 1.0
+        assert time.monotonic() - start < 2.0  # the deadline (0.2 s), never a hang
         assert all(isinstance(d, RedisTimeoutError) for d in done)
         proxy.mode = "pass"
         assert await mux.execute_command("ECHO", "back") == b"back"
