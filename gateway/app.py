@@ -67,7 +67,7 @@ class Gateway:
             headers={"RateLimit-Policy": self._policy, "RateLimit": f'"intake";r=0;t={retry}'},
         )
 
-    async def learn_sold_out(self, sku_id: str) -> None:
+    async def learn_sold_out(self, sku_id: str, promotion_id: str) -> None:
         """Remember a sold-out SKU, with the accepted shoppers whose replays must still pass."""
         try:
             accepted, until_ms = await self.inventory.accepted_since(
@@ -75,7 +75,7 @@ class Gateway:
             )
         except errors.BackendUnavailable:
             return  # not remembered: the next request asks Redis again
-        self.memo.sold_out(sku_id, accepted, until_ms)
+        self.memo.sold_out(sku_id, promotion_id, accepted, until_ms)
 
     def close(self) -> None:
         self.limiter.close()

@@ -109,7 +109,7 @@ async def create_order(gw: Gateway, scope: Scope, receive: Receive) -> Response:
 
     queue_only = gw.watcher.mode is Mode.QUEUE_ONLY
     member = accepted_member(req.user_id, key)
-    if not queue_only and gw.memo.refuses(req.sku_id, member):
+    if not queue_only and gw.memo.refuses(req.sku_id, req.promotion_id, member):
         raise errors.SoldOut(available=0)
     wait_s = gw.limiter.take()
     if wait_s > 0:
@@ -132,7 +132,7 @@ async def create_order(gw: Gateway, scope: Scope, receive: Receive) -> Response:
     if result is CreateResult.SOLD_OUT:
         available = int(payload)
         if available == 0 and not queue_only:
-            await gw.learn_sold_out(req.sku_id)
+            await gw.learn_sold_out(req.sku_id, req.promotion_id)
         raise errors.SoldOut(available=available)
     raise _refusal(result, payload)
 

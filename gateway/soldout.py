@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 @dataclass(slots=True)
 class _Entry:
     recheck_at: float
+    promotion_id: str
     accepted_until_ms: float = 0.0  # latest replay deadline read: re-reads start here
     accepted: set[str] = field(default_factory=set)
 
@@ -33,11 +34,12 @@ class SoldOutMemo:
         self.clock = clock
         self._entries: dict[str, _Entry] = {}
 
-    def refuses(self, sku_id: str, member: str) -> bool:
-        """True: answer `sold_out` from memory. False: ask Redis (not known sold out, an
-        accepted shopper's replay, or this request is the SKU's re-check)."""
+    def refuses(self, sku_id: str, promotion_id: str, member: str) -> bool:
+        """True: answer `sold_out` from memory. False: ask Redis (not known sold out, another
+        promotion, which the script answers `unknown_sku`, an accepted shopper's replay, or
+        this request is the SKU's re-check)."""
         entry = self._entries.get(sku_id)
-        if entry is None or member in entry.accepted:
+        if entry is None or entry.promotion_id != promotion_id or member in entry.accepted:
             return False
         now = self.clock()
         if now >= entry.recheck_at:
@@ -50,11 +52,14 @@ class SoldOutMemo:
         entry = self._entries.get(sku_id)
         return entry.accepted_until_ms if entry is not None else 0.0
 
-    def sold_out(self, sku_id: str, accepted: Iterable[str], accepted_until_ms: float) -> None:
-        """Redis said the SKU has nothing available: refuse it for `recheck_s`."""
+    def sold_out(
+        self, sku_id: str, promotion_id: str, accepted: Iterable[str], accepted_until_ms: float
+    ) -> None:
+        """Redis said the SKU, in this promotion, has nothing available: refuse it for
+        `recheck_s`."""
         entry = self._entries.get(sku_id)
-        if entry is None:
-            entry = self._entries[sku_id] = _Entry(recheck_at=0.0)
+        if entry is None or entry.promotion_id != promotion_id:
+            entry = self._entries[sku_id] = _Entry(recheck_at=0.0, promotion_id=promotion_id)
         entry.recheck_at = self.clock() + self.recheck_s
         entry.accepted.update(accepted)
         entry.accepted_until_ms = max(entry.accepted_until_ms, accepted_until_ms)

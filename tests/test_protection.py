@@ -93,6 +93,9 @@ class TestSoldOutMemo:
         again = await create(c, first_key, user_id="winner")
         assert again.status_code == 202 and again.content == first.content
         assert again.headers["idempotent-replayed"] == "true"
+        # Another promotion is not this sold-out SKU: the script answers it, as before.
+        wrong = await create(c, user_id="late0", promotion_id="promo-other")
+        assert (wrong.status_code, wrong.json()["error"]) == (404, "unknown_sku")
 
     async def test_more_stock_is_sold_again_on_the_notice(self, make_client: MakeClient) -> None:
         c = await make_client(soldout_recheck_ms=60_000)
@@ -142,13 +145,13 @@ class TestSoldOutMemo:
         await watcher.start()
         try:
             assert watcher.connected  # listening before the first request is served
-            memo.sold_out("A", (), 0)
+            memo.sold_out("A", "p", (), 0)
             await asyncio.sleep(0.2)  # nothing the start-up does later may forget it
-            assert memo.refuses("A", "k:u")
+            assert memo.refuses("A", "p", "k:u")
             await redis.client_kill_filter(_type="pubsub")  # notices may be missed meanwhile
 
             async def forgotten() -> bool:
-                return watcher.connected and not memo.refuses("A", "k:u")
+                return watcher.connected and not memo.refuses("A", "p", "k:u")
 
             await until(forgotten, within_s=5)
         finally:

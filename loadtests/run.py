@@ -1,0 +1,362 @@
+"""`python -m loadtests.run`: one headless load test from nothing, checked.
+
+Starts `flashgate serve` (embedded server, fresh data directory, free port), configures the
+SKUs through the admin API, runs Locust headless with the spike shape (`locustfile.py`), lets
+the finalizers drain, runs `flashgate audit`, reads the figures from Redis and prints the
+oversold, duplicate, lost and unsettled counts. Exit code 0 only when all of them are 0, the
+audit passes and Locust saw no unexpected answer. Whatever happens (Ctrl-C, SIGTERM, an error)
+everything it started is stopped, and it checks that no process of the run is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, NoReturn
+
+import httpx
+import redis
+
+from gateway.embedded import free_port
+from loadtests.procs import Locust, Serve, Tracker
+from loadtests.report import LocustStats, read_locust, report_files
+from loadtests.verify import Findings, check_records, check_skus, drain, read_records
+
+LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+REPORTS = Path(__file__).with_name("reports")  # in .gitignore
+PROMOTION = "promo-load"
+HOT = "hot"
+OUTPUTS = ("accepted.jsonl", "serve.log", "locust.log", "audit.txt", "summary.json")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtests.run", description=__doc__.split("\n\n")[0] if __doc__ else ""
+    )
+    p.add_argument("--users", type=int, default=300, help="peak users (default 300)")
+    p.add_argument("--spawn-seconds", type=float, default=2, help="0 to peak in (default 2)")
+    p.add_argument("--hold-seconds", type=float, default=30, help="peak held for (default 30)")
+    p.add_argument("--tail-seconds", type=float, default=10, help="tail after it (default 10)")
+    p.add_argument("--tail-users", type=int, help="users in the tail (default users/10)")
+    p.add_argument("--out", default=str(REPORTS), help="reports and data (%(default)s)")
+    p.add_argument("--workers", type=int, default=1, help="gateway worker processes (default 1)")
+    p.add_argument("--processes", type=int, default=1, help="Locust processes (default 1)")
+    p.add_argument("--stock", type=int, default=100, help="stock of the hot SKU (default 100)")
+    p.add_argument("--hot-limit", type=int, default=1, help="per-user limit, hot SKU (default 1)")
+    p.add_argument("--skus", type=int, default=3, help="ordinary SKUs (default 3)")
+    p.add_argument("--sku-stock", type=int, default=2000, help="stock of each (default 2000)")
+    p.add_argument("--sku-limit", type=int, default=2, help="their per-user limit (default 2)")
+    p.add_argument("--pay-share", type=float, default=0.3, help="share of orders paid (0.3)")
+    p.add_argument("--think-seconds", type=float, default=0.5, help="shoppers' pause (0.5)")
+    p.add_argument("--switch-every", type=float, default=4, help="QUEUE_ONLY flip period (4 s)")
+    p.add_argument("--queue-only-seconds", type=float, default=1.5, help="QUEUE_ONLY for (1.5)")
+    p.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
+    p.add_argument("--admin-token", default=os.environ.get("FLASHGATE_ADMIN_TOKEN"))
+    p.add_argument("--payment-secret", default=os.environ.get("FLASHGATE_PAYMENT_SECRET"))
+    p.add_argument(
+        "--serve-opt",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra `flashgate serve` flag, e.g. --serve-opt=--qps=2000 (repeatable)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="a sold-out memo answering 409 before 404/422 is a failure (README)",
+    )
+    p.add_argument("--drain-timeout", type=float, default=120, help="seconds (default 120)")
+    p.add_argument("--verbose", action="store_true", help="show Locust's output as it runs")
+    return p.parse_args(argv)
+
+
+def _interrupted(signum: int, frame: Any) -> NoReturn:
+    raise KeyboardInterrupt
+
+
+def prepare(out: Path) -> None:
+    """A fresh data directory and no report of an earlier run."""
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(out / "data", ignore_errors=True)
+    for name in OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+    for path in report_files(out / "locust", out / "report.html"):
+        path.unlink(missing_ok=True)
+
+
+def configure(base: str, token: str, skus: dict[str, tuple[int, int]]) -> None:
+    headers = {"Authorization": f"Bearer {token}"}
+    for sku, (stock, limit) in skus.items():
+        body = {"promotion_id": PROMOTION, "stock": stock, "per_user_limit": limit}
+        r = httpx.put(f"{base}/api/v1/admin/skus/{sku}", json=body, headers=headers, timeout=10)
+        if r.status_code != 201:
+            raise RuntimeError(f"PUT SKU {sku}: {r.status_code} {r.text}")
+
+
+def locust_argv(args: argparse.Namespace, host: str, out: Path) -> list[str]:
+    argv = [
+        *(sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless"),
+        *("--host", host, "--csv", str(out / "locust"), "--html", str(out / "report.html")),
+        *("--only-summary", "--stop-timeout", "5", "--exit-code-on-error", "1"),
+    ]
+    if args.processes > 1:
+        argv += ["--processes", str(args.processes)]
+    return argv
+
+
+def locust_env(args: argparse.Namespace, env: dict[str, str], out: Path, skus: list[str]) -> dict:
+    tail_users = args.tail_users if args.tail_users is not None else max(1, args.users // 10)
+    return {
+        **env,
+        "FLASHGATE_LT_HOT_SKU": HOT,
+        "FLASHGATE_LT_SKUS": ",".join(skus),
+        "FLASHGATE_LT_PROMOTION": PROMOTION,
+        "FLASHGATE_LT_ACCEPTED": str(out / "accepted.jsonl"),
+        "FLASHGATE_LT_USERS": str(args.users),
+        "FLASHGATE_LT_SPAWN_S": str(args.spawn_seconds),
+        "FLASHGATE_LT_HOLD_S": str(args.hold_seconds),
+        "FLASHGATE_LT_TAIL_S": str(args.tail_seconds),
+        "FLASHGATE_LT_TAIL_USERS": str(tail_users),
+        "FLASHGATE_LT_PAY_SHARE": str(args.pay_share),
+        "FLASHGATE_LT_SWITCH_EVERY_S": str(args.switch_every),
+        "FLASHGATE_LT_QUEUE_ONLY_S": str(args.queue_only_seconds),
+        "FLASHGATE_LT_THINK_S": str(args.think_seconds),
+        "FLASHGATE_LT_STRICT": "1" if args.strict else "0",
+    }
+
+
+def print_locust(stats: LocustStats, seconds: float) -> None:
+    print(
+        f"requests: {stats.requests} in {seconds:.1f} s, {stats.rps:.0f} requests/s; "
+        f"median {stats.median_ms:.0f} ms, p95 {stats.p95_ms:.0f} ms, p99 {stats.p99_ms:.0f} ms"
+    )
+    print("by status: " + ", ".join(f"{k}: {n}" for k, n in sorted(stats.by_status.items())))
+    print("by answer:")
+    for answer, n in sorted(stats.by_answer.items()):
+        print(f"  {answer:<32} {n:>9}")
+    print(f"unexpected answers (Locust failures): {stats.failures}")
+    for name, error, n in stats.failure_rows[:15]:
+        print(f"  {n:>6} x {name}: {error[:160]}")
+    print(f"errors in the locustfile (Locust exceptions): {stats.exceptions}")
+    for message, n in stats.exception_rows[:5]:
+        print(f"  {n:>6} x {message[:160]}")
+
+
+def print_findings(f: Findings) -> None:
+    print("SKU figures after the drain:")
+    print(f"  {'sku':<8} {'stock':>7} {'available':>9} {'held':>7} {'sold':>7} {'backlog':>7}")
+    for sku, fig in f.skus.items():
+        print(
+            f"  {sku:<8} {fig['stock']:>7} {fig['available']:>9} {fig['held']:>7} "
+            f"{fig['sold']:>7} {fig['backlog']:>7}"
+        )
+    statuses = ", ".join(f"{k}: {n}" for k, n in sorted(f.statuses.items()))
+    print(f"order records in Redis: {f.records} ({statuses})")
+    print(
+        f"recorded 202 answers: {f.recorded} ({f.orders} orders, {f.replays} replays), "
+        f"recorded payments: {f.payments}"
+    )
+    for name, items in (
+        ("oversold", f.oversold),
+        ("duplicate", f.duplicate),
+        ("lost", f.lost),
+        ("unsettled", f.unsettled),
+    ):
+        print(f"{name}: {len(items)}")
+        for subject, reasons in list(items.items())[:10]:
+            print(f"  {subject}: {'; '.join(reasons)[:200]}")
+
+
+class LoadRun:
+    """One run: what it starts, in order, and how it stops it all."""
+
+    def __init__(self, args: argparse.Namespace, out: Path) -> None:
+        self.args = args
+        self.out = out
+        self.token = args.admin_token or secrets.token_urlsafe(18)
+        self.env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+        self.env.update(
+            FLASHGATE_ADMIN_TOKEN=self.token,
+            FLASHGATE_PAYMENT_SECRET=args.payment_secret or secrets.token_urlsafe(18),
+        )
+        self.skus = [f"std-{i}" for i in range(1, args.skus + 1)]
+        self.catalogue = {
+            HOT: (args.stock, args.hot_limit),
+            **{s: (args.sku_stock, args.sku_limit) for s in self.skus},
+        }
+        port = args.port or free_port()
+        self.serve = Serve(
+            out, port=port, workers=args.workers, env=self.env, options=args.serve_opt
+        )
+        self.locust = Locust(
+            locust_argv(args, self.serve.base, out),
+            locust_env(args, self.env, out, self.skus),
+            out / "locust.log",
+            args.verbose,
+        )
+        self.tracker = Tracker()
+        self.summary: dict[str, Any] = {"ok": False}
+
+    def scan(self) -> None:
+        for proc in (self.serve.proc, self.locust.proc):
+            self.tracker.scan(proc.pid if proc else None)
+
+    def execute(self) -> int:
+        args, out, serve = self.args, self.out, self.serve
+        span = args.spawn_seconds + args.hold_seconds + args.tail_seconds
+        print(
+            f"load: 0 -> {args.users} users in {args.spawn_seconds:g} s, held "
+            f"{args.hold_seconds:g} s, tail {args.tail_seconds:g} s; gateway workers "
+            f"{args.workers}, Locust processes {args.processes}"
+        )
+        serve.start(self.scan)
+        self.scan()
+        configure(serve.base, self.token, self.catalogue)
+        print(f"serve: {serve.base}, data in {serve.data_dir}, log {serve.log_path}")
+        print(
+            f"SKUs: {HOT} stock {args.stock} limit {args.hot_limit}; {', '.join(self.skus)} "
+            f"stock {args.sku_stock} limit {args.sku_limit}; promotion {PROMOTION}"
+        )
+        started = time.monotonic()
+        self.locust.start()
+        locust_rc = self.locust.wait(span + 120, self.scan)
+        seconds = time.monotonic() - started
+        self.scan()
+        print(f"locust: exit code {locust_rc} after {seconds:.1f} s, log {out / 'locust.log'}")
+        if serve.proc is not None and serve.proc.poll() is not None:
+            raise RuntimeError(
+                f"flashgate serve exited during the run (code {serve.proc.returncode}); "
+                f"the end of {serve.log_path}:\n{serve.log_tail()}"
+            )
+        r = httpx.post(  # the operator may have been stopped in QUEUE_ONLY
+            f"{serve.base}/api/v1/order/switch?mode=NORMAL",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10,
+        )
+        if r.status_code != 200:
+            raise RuntimeError(f"switch back to NORMAL: {r.status_code} {r.text}")
+        findings = Findings()
+        client = redis.Redis.from_url(serve.redis_url(), decode_responses=True)
+        try:
+            waited = drain(client, self.catalogue, args.drain_timeout)
+            if waited is None:
+                print(f"drain: NOT done after {args.drain_timeout:g} s")
+            else:
+                print(f"drain: done in {waited:.1f} s")
+            audit_rc = self.audit()
+            check_skus(client, self.catalogue, findings)
+            orders, payments = read_records(out / "accepted.jsonl", findings)
+            check_records(client, serve.base, orders, payments, findings)
+        finally:
+            client.close()
+
+        stats = read_locust(out / "locust")
+        print_locust(stats, seconds)
+        print_findings(findings)
+        counts = findings.counts()
+        ok = (
+            not any(counts.values())
+            and (audit_rc, locust_rc, stats.failures, stats.exceptions) == (0, 0, 0, 0)
+            and waited is not None
+            and stats.requests > 0
+        )
+        reports = report_files(out / "locust", out / "report.html")
+        self.summary.update(
+            counts,
+            ok=ok,
+            requests=stats.requests,
+            requests_per_s=round(stats.rps, 1),
+            failures=stats.failures,
+            by_status=dict(stats.by_status),
+            by_answer=dict(stats.by_answer),
+            failure_rows=stats.failure_rows[:50],
+            exceptions=stats.exceptions,
+            locust_exit_code=locust_rc,
+            audit_exit_code=audit_rc,
+            drained_s=waited,
+            recorded=findings.recorded,
+            orders=findings.orders,
+            replays=findings.replays,
+            payments=findings.payments,
+            statuses=dict(findings.statuses),
+            skus=findings.skus,
+            reports=[str(p) for p in reports],
+        )
+        print("reports: " + ", ".join(str(p) for p in reports))
+        return 0 if ok else 1
+
+    def audit(self) -> int:
+        argv = [sys.executable, "-m", "gateway", "audit", "--data-dir", str(self.serve.data_dir)]
+        audit = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=300)
+        text = audit.stdout + audit.stderr
+        (self.out / "audit.txt").write_text(text, encoding="utf-8")
+        print(f"flashgate audit: exit code {audit.returncode}")
+        for line in text.splitlines():
+            print(f"  {line}")
+        return audit.returncode
+
+    def stop(self) -> int:
+        """Locust, then serve (it stops its children in order); then every process seen in
+        their trees must be gone. The number left (killed now)."""
+        self.scan()
+        self.locust.stop()
+        serve_rc = self.serve.stop()
+        left = self.tracker.wait_gone(15)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        print(
+            f"stopped: serve exit code {serve_rc}; {len(self.tracker.seen)} processes were "
+            f"started, {len(left)} left" + (f": {left}" if left else "")
+        )
+        self.summary.update(
+            serve_exit_code=serve_rc,
+            processes=len(self.tracker.seen),
+            processes_left=len(left),
+        )
+        return len(left)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
+    out = Path(args.out).resolve()
+    prepare(out)
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)  # also when started with SIGINT ignored (`&`)
+    load = LoadRun(args, out)
+    code = 1
+    try:
+        code = load.execute()
+    except KeyboardInterrupt:
+        print("interrupted: stopping everything", file=sys.stderr)
+        code = 130
+    except Exception as exc:  # report it, then stop everything all the same
+        if not isinstance(exc, RuntimeError):
+            traceback.print_exc()
+        print(f"load test failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        code = 2
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the stop
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        if load.stop() and code == 0:
+            code = 1
+        (out / "summary.json").write_text(json.dumps(load.summary, indent=2), encoding="utf-8")
+        print("result: " + ("OK" if code == 0 else f"FAILED (exit code {code})"))
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

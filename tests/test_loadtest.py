@@ -1,0 +1,147 @@
+"""The short load test of CI: `python -m loadtests.run`, the real command over real sockets
+(`flashgate serve` on its embedded server, Locust headless with a small spike), checked."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import redis
+
+from gateway import keys
+from gateway.embedded import free_port
+from loadtests.procs import Serve
+from loadtests.verify import Findings, check_records, check_skus
+from tests.conftest import ADMIN, ADMIN_TOKEN
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def processes_of(run_dir: Path) -> list[str]:
+    """Live processes that belong to the run: its directory in their command line (serve,
+    valkey-server, Locust) or environment (the gateway, finalizer, sweeper and workers)."""
+    mark = str(run_dir)
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
+            continue
+        try:
+            text = " ".join(p.info["cmdline"] or []) + " " + " ".join(p.environ().values())
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if mark in text:
+            found.append(f"{p.pid} {' '.join(p.info['cmdline'] or [])[:120]}")
+    return found
+
+
+@pytest.mark.timeout(150)
+def test_short_spike_nothing_oversold_duplicated_or_lost(tmp_path: Path) -> None:
+    out = tmp_path / "load"
+    argv = [
+        *(sys.executable, "-m", "loadtests.run", "--out", str(out)),
+        *("--users", "30", "--spawn-seconds", "2", "--hold-seconds", "8"),
+        *("--tail-seconds", "2", "--tail-users", "5", "--think-seconds", "0.3"),
+        *("--stock", "10", "--switch-every", "2", "--queue-only-seconds", "1"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=140)
+    log = f"stdout:\n{run.stdout[-6000:]}\nstderr:\n{run.stderr[-3000:]}"
+
+    assert processes_of(out) == [], log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["processes"] > 0 and summary["processes_left"] == 0, log
+    counts = {k: summary.get(k) for k in ("oversold", "duplicate", "lost", "unsettled")}
+    assert counts == {"oversold": 0, "duplicate": 0, "lost": 0, "unsettled": 0}, log
+    assert summary["audit_exit_code"] == 0, log
+    assert summary["locust_exit_code"] == 0, log
+    assert summary["failures"] == 0 and summary["exceptions"] == 0, log
+    assert run.returncode == 0, log
+    assert "oversold: 0" in run.stdout and "duplicate: 0" in run.stdout
+    assert "lost: 0" in run.stdout and "result: OK" in run.stdout
+
+    assert (out / "report.html").stat().st_size > 0
+    with open(out / "locust_stats.csv", newline="") as f:
+        rows = {row["Name"]: row for row in csv.DictReader(f)}
+    assert int(rows["Aggregated"]["Request Count"]) > 0
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+    with open(out / "locust_failures.csv", newline="") as f:
+        assert list(csv.DictReader(f)) == []
+    # What the run is for happened: orders held, queued and replayed, malformed ones refused,
+    # the mode flipped; every accepted order was recorded and found again.
+    answers = summary["by_answer"]
+    for seen in ("202 HELD", "202 QUEUED", "202 replay", "400 invalid_request", "200 QUEUE_ONLY"):
+        assert answers.get(seen, 0) > 0, (seen, answers)
+    assert summary["orders"] > 0 and summary["recorded"] >= summary["orders"]
+
+
+def test_the_checks_count_what_they_are_for(tmp_path: Path) -> None:
+    """The runner's checks against a real server: a clean record passes, and each planted
+    fault is counted once: a key with two orders, a user over the limit, an order and a
+    payment nobody has, a paid order still HELD, a SKU with more sold than stock."""
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env.update(FLASHGATE_ADMIN_TOKEN=ADMIN_TOKEN, FLASHGATE_PAYMENT_SECRET="s")
+    serve = Serve(tmp_path, port=free_port(), workers=1, env=env, options=[])
+    try:
+        serve.start(lambda: None)
+        r = httpx.put(
+            f"{serve.base}/api/v1/admin/skus/k",
+            headers=ADMIN,
+            json={"promotion_id": "p", "stock": 5, "per_user_limit": 1},
+        )
+        assert r.status_code == 201
+
+        def order(user: str, key: str) -> dict[str, object]:
+            body = {"user_id": user, "sku_id": "k", "quantity": 1, "promotion_id": "p"}
+            r = httpx.post(
+                f"{serve.base}/api/v1/order/create", json=body, headers={"X-Idempotency-Key": key}
+            )
+            assert r.status_code == 202, r.text
+            return {"order_id": r.json()["order_id"], "user_id": user, "key": key, "sku_id": "k"}
+
+        first, second = order("u1", str(uuid.uuid4())), order("u2", str(uuid.uuid4()))
+        client = redis.Redis.from_url(serve.redis_url(), decode_responses=True)
+        try:
+            clean = Findings()
+            check_skus(client, ["k"], clean)
+            check_records(client, serve.base, [first, {**first, "replayed": True}], [], clean)
+            assert clean.counts() == {"oversold": 0, "duplicate": 0, "lost": 0, "unsettled": 0}
+            assert (clean.recorded, clean.orders, clean.replays) == (2, 1, 1)
+
+            never = {**second, "order_id": "a" * 26 + ".k"}  # u2's key, an order nobody has
+            client.hset(keys.SkuKeys("k").order("b" * 26 + ".k"), mapping=FAKE_HOLD)  # u1 again
+            client.hincrby(keys.SkuKeys("k").sku, "sold", 10)  # more sold than stock
+            payment = {"order_id": second["order_id"], "payment_id": "pay-never-made"}
+            found = Findings()
+            check_skus(client, ["k"], found)
+            check_records(client, serve.base, [first, second, never], [payment], found)
+        finally:
+            client.close()
+        assert list(found.oversold) == ["k"]
+        assert sorted(found.duplicate) == ["k/u1", f"u2/{second['key']}"]
+        assert sorted(found.lost) == sorted([never["order_id"], "payment pay-never-made"])
+        assert list(found.unsettled) == [second["order_id"]]
+    finally:
+        stopped = serve.stop()
+    assert stopped == 0
+    assert processes_of(tmp_path) == []
+
+
+FAKE_HOLD = {
+    "status": "HELD",
+    "user_id": "u1",
+    "sku_id": "k",
+    "quantity": "1",
+    "promotion_id": "p",
+    "created_at": "1",
+    "history": '[{"from": null, "to": "HELD", "at": 1}]',
+}
