@@ -135,6 +135,8 @@ class Stack:
             "--no-access-log",
             "--log-level",
             "warning",
+            "--no-proxy-headers",  # the settings `flashgate gateway` runs uvicorn with
+            "--no-server-header",
         ]
         env = {
             **os.environ,
@@ -253,6 +255,16 @@ class Bench:
         self.pairs = stack.work / "replay-pairs.txt"
         self.run_ids = (f"{i:08x}" for i in range(int(time.time()) & 0xFFFFFF << 8, 1 << 32))
 
+    def reset(self) -> None:
+        """Every run starts from the same state: an empty database, the SKUs configured again.
+        Without it the data of earlier runs grows the dataset, and the server's AOF rewrite
+        (a fork, on the load core) lands inside later runs."""
+        self.redis.flushall()
+        self.redis.bgrewriteaof()  # a small AOF again: no automatic rewrite inside the run
+        while int(self.redis.info("persistence").get("aof_rewrite_in_progress", 0)):
+            time.sleep(0.05)
+        self.prepare()
+
     def prepare(self) -> None:
         gw = self.stack.ports["gateway"]
         put_sku(gw, "bench-intake", 1_000_000_000)
@@ -289,7 +301,8 @@ class Bench:
                 switch(self.stack.ports["gateway"], "NORMAL")
                 time.sleep(0.6)
 
-    def wrk(self, sc: Scenario, seconds: float, connections: int = 64) -> dict[str, Any]:
+    def wrk(self, sc: Scenario, seconds: float) -> dict[str, Any]:
+        connections = self.args.connections
         env = {
             **os.environ,
             "BENCH_SKU": sc.sku,
@@ -496,24 +509,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             stack.start()
             bench = Bench(stack, args)
-            bench.prepare()
             scs = [sc for sc in scenarios() if not args.only or sc.name in args.only]
             for sc in scs:  # warm-up: imports, caches, connections
+                bench.reset()
                 bench.closed_max(sc, min(2.0, args.seconds))
             for r in range(args.rounds):
                 order_ = scs[r % len(scs) :] + scs[: r % len(scs)]  # a new rotation each round
                 for sc in order_:
+                    bench.reset()
                     sc.maxima.append(bench.closed_max(sc, args.seconds))
                     print(f"max {sc.name}: {sc.maxima[-1]['rps']:,.0f}/s", file=sys.stderr)
             for frac in (0.25, 0.5, 0.75) if "latency" in args.phases else ():
                 for sc in scs:
                     rate = round(sc.median_rps() * frac, 1)
+                    bench.reset()
                     sc.latency[f"{int(frac * 100)}%"] = bench.open_loop(
                         sc, rate, args.latency_seconds
                     )
                     lat = sc.latency[f"{int(frac * 100)}%"]["latency_ms"]
                     print(f"{sc.name} @ {frac:.0%}: p99 {lat.get('p99')} ms", file=sys.stderr)
+            bench.reset()
             trips = bench.round_trips(args.trip_requests) if "trips" in args.phases else {}
+            bench.reset()
             memory = bench.memory_per_order(args.memory_orders) if "memory" in args.phases else {}
             race = (
                 bench.oversell(args.race_stock, min(3.0, args.seconds))
@@ -522,6 +539,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         finally:
             stack.stop()
+        server_log = (Path(tmp) / "valkey" / "valkey.log").read_text(errors="replace")
+    warnings = [ln for ln in server_log.splitlines() if "fsync" in ln or "rewrit" in ln.lower()]
     bare = next((sc.median_rps() for sc in scs if sc.name == "bare"), 0.0)
     return {
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
@@ -532,7 +551,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "rounds": args.rounds,
             "seconds_per_max_run": args.seconds,
             "seconds_per_latency_run": args.latency_seconds,
-            "wrk": "wrk -t1 -c64, closed loop",
+            "wrk": f"wrk -t1 -c{args.connections}, closed loop",
             "open_loop": "bench.openloop, 256 connections, latency from the intended start",
         },
         "scenarios": [
@@ -555,6 +574,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ],
         "round_trips_per_request": trips,
         "memory": memory,
+        "server_log_fsync_and_rewrite": warnings[-20:],
         "oversell": race,
     }
 
@@ -629,6 +649,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="closed-loop runs per scenario")
     p.add_argument("--seconds", type=float, default=5.0, help="length of one closed-loop run")
     p.add_argument("--latency-seconds", type=float, default=5.0, help="one open-loop run")
+    p.add_argument("--connections", type=int, default=256, help="wrk connections")
     p.add_argument("--replay-keys", type=int, default=500)
     p.add_argument("--memory-orders", type=int, default=20_000)
     p.add_argument("--race-stock", type=int, default=1000)

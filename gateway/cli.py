@@ -112,6 +112,10 @@ def run_gateway(settings: Settings) -> int:
         access_log=settings.access_log,
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
+        # Nothing reads the client address, so X-Forwarded-* is not parsed on every request;
+        # no `server:` header (it names the software and version to every caller).
+        proxy_headers=False,
+        server_header=False,
     )
     return 0
 
