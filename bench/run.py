@@ -33,9 +33,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,6 +413,36 @@ class Bench:
         stats: dict[str, Any] = self.redis.info("commandstats")
         return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
+    def profile(self, sc: Scenario, seconds: float) -> dict[str, Any]:
+        """Where the server process spends its CPU under a closed-loop wrk run: py-spy samples
+        grouped by the file of the innermost frame (the code that was running)."""
+        pid = self.server_pid(sc)
+        spy = shutil.which("py-spy")
+        if pid is None or spy is None:
+            return {"skipped": "py-spy is not installed (pip install '.[bench]')"}
+        raw = self.stack.work / f"profile-{sc.name}.txt"
+        with self.mode(sc):
+            load = threading.Thread(target=self.wrk, args=(sc, seconds + 2))
+            load.start()
+            time.sleep(1)
+            subprocess.run(
+                [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "250", "-f",
+                 "raw", "-o", str(raw), "--nonblocking"],
+                capture_output=True, check=True,
+            )  # fmt: skip
+            load.join()
+        shares: Counter[str] = Counter()
+        total = 0
+        for line in raw.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            leaf = stack.rsplit(";", 1)[-1]
+            shares[_component(leaf)] += int(count)
+            total += int(count)
+        return {
+            "samples": total,
+            "share_by_component": {k: round(v / total, 3) for k, v in shares.most_common()},
+        }
+
     def round_trips(self, requests: int) -> dict[str, float]:
         """Commands sent to Redis per request, counted on the wire by a proxy in front of a
         second gateway (its first sold-out answer, learning the SKU, included)."""
@@ -528,6 +560,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                     lat = sc.latency[f"{int(frac * 100)}%"]["latency_ms"]
                     print(f"{sc.name} @ {frac:.0%}: p99 {lat.get('p99')} ms", file=sys.stderr)
+            profiles: dict[str, Any] = {}
+            for sc in scs if "profile" in args.phases else ():
+                if sc.name in ("bare", "intake", "soldout"):
+                    bench.reset()
+                    profiles[sc.name] = bench.profile(sc, args.seconds)
             bench.reset()
             trips = bench.round_trips(args.trip_requests) if "trips" in args.phases else {}
             bench.reset()
@@ -573,10 +610,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             for sc in scs
         ],
         "round_trips_per_request": trips,
+        "profiles": profiles,
         "memory": memory,
         "server_log_fsync_and_rewrite": warnings[-20:],
         "oversell": race,
     }
+
+
+def _component(frame: str) -> str:
+    """The part of the stack a py-spy frame (`function (path:line)`) belongs to."""
+    where = frame.rpartition("(")[2]
+    for part, name in (
+        ("gateway/store.py", "flashgate: Redis client"),
+        ("gateway/", "flashgate: handler, checks, scripts' arguments"),
+        ("uvicorn/", "uvicorn: HTTP parsing and writing"),
+        ("starlette/", "starlette: response objects"),
+        ("msgspec", "msgspec"),
+        ("asyncio/", "asyncio and uvloop: the event loop"),
+        ("bench/", "bench app"),
+    ):
+        if part in where:
+            return name
+    return "other (the event loop in C, interpreter)"
 
 
 def machine() -> dict[str, Any]:
@@ -662,8 +717,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--phases",
         type=lambda v: v.split(","),
-        default=["max", "latency", "trips", "memory", "race"],
-        help="comma-separated: max,latency,trips,memory,race (max always runs)",
+        default=["max", "latency", "profile", "trips", "memory", "race"],
+        help="comma-separated: max,latency,profile,trips,memory,race (max always runs)",
     )
     p.add_argument("--quick", action="store_true", help="short runs: a smoke test of the bench")
     p.add_argument("--out", type=Path, default=RESULTS)
