@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 from collections.abc import AsyncIterator
@@ -182,4 +183,16 @@ class GatewayApp(Starlette):
 
 def app_from_env() -> Starlette:
     """uvicorn factory for worker processes: settings come from the environment."""
-    return create_app(Settings.from_env())
+    app = create_app(Settings.from_env())
+    settle_heap()
+    return app
+
+
+def settle_heap() -> None:
+    """Take what the process holds after start-up (modules, classes, the app) out of the
+    cyclic garbage collector's sight. Requests in flight survive young collections and are
+    promoted, so full collections come every fraction of a second under load; each scanned the
+    whole start-up heap (15-50 ms measured, every one a latency spike for the requests waiting
+    behind it). Frozen, a full collection scans only what was made since (`bench/`)."""
+    gc.collect()
+    gc.freeze()
