@@ -377,12 +377,13 @@ class Inventory:
         idempotency key (or payment_id) is safe: if the first ran, this one replays its answer;
         if not, this one decides. Either way one effect, and the caller learns which.
         """
+        client = self.fast or self.redis  # the hot path: no wrapper coroutines in between
         try:
-            return await self._call(script, ks, args)
-        except BackendUnavailable as exc:
-            if not _maybe_sent(exc.__cause__):
-                raise
-            return await self._call(script, ks, args)
+            return await script(client, ks, args)
+        except (RedisError, OSError) as exc:  # what `store.call` turns into BackendUnavailable
+            if not _maybe_sent(exc):
+                raise BackendUnavailable() from exc
+        return await self._call(script, ks, args)
 
 
 def accepted_member(user_id: str, idempotency_key: str) -> str:
