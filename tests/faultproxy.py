@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from urllib.parse import urlparse
 
 
 class FaultProxy:
-    def __init__(self, upstream_url: str, *, mode: str = "pass", marker: bytes = b"EVALSHA"):
+    def __init__(
+        self,
+        upstream_url: str,
+        *,
+        mode: str = "pass",
+        marker: bytes = b"EVALSHA",
+        tls: ssl.SSLContext | None = None,  # clients speak TLS to the proxy (rediss://)
+    ):
         parsed = urlparse(upstream_url)
+        self.tls = tls
         self.upstream = (parsed.hostname or "127.0.0.1", parsed.port or 6379)
         self.mode = mode
         self.marker = marker
@@ -76,9 +85,9 @@ class FaultProxy:
                     await w.wait_closed()
 
     async def __aenter__(self) -> str:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.tls)
         port = self._server.sockets[0].getsockname()[1]
-        return f"redis://127.0.0.1:{port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{port}/0"
 
     async def __aexit__(self, *exc: object) -> None:
         assert self._server is not None

@@ -5,8 +5,11 @@ a dead or stalled connection is replaced."""
 from __future__ import annotations
 
 import asyncio
+import ssl
+import subprocess
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -145,3 +148,47 @@ def test_encoding_is_resp() -> None:
     assert _encode(("ECHO", "é")) == b"*2\r\n$4\r\nECHO\r\n$2\r\n\xc3\xa9\r\n"
     with pytest.raises(TypeError):
         _encode(("SET", None))
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key (the openssl command line)."""
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_tls_with_the_servers_ca_verified(
+    redis_url: str, tls_files: tuple[Path, Path]
+) -> None:
+    """rediss:// through a TLS endpoint in front of the real server: verified against the
+    given CA; an unknown certificate is refused before any command leaves."""
+    cert, key = tls_files
+    server_side = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_side.load_cert_chain(cert, key)
+    async with FaultProxy(redis_url, tls=server_side) as url:
+        assert url.startswith("rediss://")
+        mux = Multiplexed(f"{url}?ssl_ca_certs={cert}", timeout_s=5)
+        assert await mux.execute_command("ECHO", "over tls") == b"over tls"
+        await mux.aclose()
+        strict = Multiplexed(url, timeout_s=5)  # the system's CAs do not know this one
+        with pytest.raises(NotSent, match="CERTIFICATE_VERIFY_FAILED"):
+            await strict.execute_command("PING")
+        await strict.aclose()
+        unchecked = Multiplexed(f"{url}?ssl_cert_reqs=none", timeout_s=5)
+        assert await unchecked.execute_command("PING") == b"PONG"
+        await unchecked.aclose()
+
+
+def test_a_refused_url_is_never_echoed() -> None:
+    """The URL may carry the password: the error names the scheme only."""
+    with pytest.raises(ValueError) as info:
+        Multiplexed("http://user:s3cret@example.test:6379/0", timeout_s=1)
+    assert "s3cret" not in str(info.value)
+    assert "http://" in str(info.value)
