@@ -21,7 +21,7 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from gateway import __version__
-from gateway.config import ConfigError, Settings, env_name
+from gateway.config import LOG_FORMAT, ConfigError, Settings, env_name
 from gateway.embedded import (
     EmbeddedError,
     EmbeddedServer,
@@ -107,12 +107,13 @@ def run_gateway(settings: Settings) -> int:
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="httptools",
+        http="gateway.http:GatewayHttpProtocol",  # httptools, parser errors as JSON
         lifespan="on",
         access_log=settings.access_log,
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
-        # Nothing reads the client address, so X-Forwarded-* is not parsed on every request;
+        # X-Forwarded-* is deliberately not parsed: the client address the operator audit
+        # records is the peer's (a proxy's, behind one), never a header anyone can write;
         # no `server:` header (it names the software and version to every caller).
         proxy_headers=False,
         server_header=False,
@@ -397,7 +398,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ):
         _add_settings_flags(sub.add_parser(name, help=text, description=text))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s flashgate %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         settings = _settings(args)
         if args.command == "serve":

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -176,6 +178,66 @@ def test_client_gone_mid_body_is_quiet(serve: Serve) -> None:
     time.sleep(0.5)
     log = serve.log.read_text()
     assert "Traceback" not in log and "unhandled error" not in log, log
+
+
+def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes, read until the server closes: status, headers, body."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(request)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /api/v1/order/create HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03",  # a TLS hello on the plain port
+    ],
+    ids=["content-length", "header-line", "tls-hello"],
+)
+def test_malformed_http_gets_the_json_error(serve: Serve, request_bytes: bytes) -> None:
+    """Requests the HTTP parser refuses are answered like every other bad request: 400 with
+    the contract's JSON error body, and the connection closed."""
+    status, headers, body = raw_exchange(serve.port, request_bytes)
+    assert status == 400
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    assert json.loads(body) == {"error": "invalid_request", "message": "malformed HTTP request"}
+    assert httpx.get(f"{serve.base}/healthz").status_code == 200
+
+
+def test_a_huge_head_is_refused_and_a_large_one_served(serve: Serve) -> None:
+    """A request head past 32 KiB is 431 with the JSON error, whether it comes in one write
+    or trickles in; a head just under the bound is served."""
+    import socket
+
+    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n"
+    status, headers, body = raw_exchange(serve.port, big)
+    assert (status, json.loads(body)["error"]) == (431, "headers_too_large")
+    assert headers["content-type"] == "application/json"
+    with socket.create_connection(("127.0.0.1", serve.port), timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        answer = b""
+        with contextlib.suppress(OSError):  # refused mid-send: the server closed
+            for _ in range(100):
+                sock.sendall(b"X-Slow: " + b"b" * 1000 + b"\r\n")
+                time.sleep(0.002)
+        while chunk := sock.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    near = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Near: " + b"c" * 30_000 + b"\r\n"
+    near += b"Connection: close\r\n\r\n"
+    status, _, body = raw_exchange(serve.port, near)
+    assert (status, json.loads(body)) == (200, {"status": "ok"})
 
 
 def test_accepted_orders_survive_a_restart(data_dir: Path) -> None:

@@ -1,0 +1,91 @@
+"""The HTTP protocol the gateway runs under uvicorn: uvicorn's httptools protocol with two
+changes. A request its parser refuses (a malformed request line, header or Content-Length) is
+answered with the contract's JSON error body instead of uvicorn's plain text. And a request
+head (request line plus headers) is bounded: httptools buffers a head of any size, so one
+client could make a worker hold megabytes of headers; past `MAX_HEAD_BYTES` the answer is
+`431 headers_too_large` and the connection closes.
+
+After either answer the connection lingers: the answer and an end-of-file are sent, whatever the
+client still sends is read and dropped, and the socket closes when the client does or after
+`LINGER_S`. Closing at once with unread input would reset the connection and the client would
+lose the answer it is owed.
+
+The head is counted per read while a head is open: at most one read (uvloop reads up to
+256 KiB) beyond the bound is ever buffered. A read that ends inside a head counts whole, so a
+pipelining client that sends more than the bound of requests in one read, ending mid-head, is
+refused too; browsers and load generators do not pipeline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+MAX_HEAD_BYTES = 32 * 1024
+LINGER_S = 2.0
+MALFORMED = (400, b'{"error":"invalid_request","message":"malformed HTTP request"}')
+HEAD_TOO_LARGE = (
+    431,
+    b'{"error":"headers_too_large","message":"request line and headers exceed %d bytes"}'
+    % MAX_HEAD_BYTES,
+)
+_REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
+
+
+class GatewayHttpProtocol(HttpToolsProtocol):
+    _head_open = False
+    _head_bytes = 0
+    _refused = False
+    _linger: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # answered and closing: input is dropped
+        was_open = self._head_open
+        if was_open:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(*HEAD_TOO_LARGE)
+                return
+        super().data_received(data)
+        if not was_open and self._head_open and not self.transport.is_closing():
+            self._head_bytes += len(data)  # this read began a head still open: count it all
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse(*HEAD_TOO_LARGE)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._head_open = True
+        self._head_bytes = 0
+
+    def on_headers_complete(self) -> None:
+        self._head_open = False
+        self._head_bytes = 0
+        super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's `send_400_response`: same status and `connection: close`, JSON body."""
+        self._refuse(*MALFORMED)
+
+    def _refuse(self, status: int, body: bytes) -> None:
+        head = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS[status])]
+        for name, value in self.server_state.default_headers:
+            head.extend([name, b": ", value, b"\r\n"])
+        head.append(
+            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+            % len(body)
+        )
+        self._head_open = False
+        self._refused = True
+        self.transport.write(b"".join(head) + body)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self._linger = self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+        super().connection_lost(exc)
