@@ -18,7 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import errors
 from gateway.breaker import CircuitBreaker, State
-from gateway.config import Settings
+from gateway.config import LOG_FORMAT, Settings
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.inventory import Inventory
 from gateway.limiter import TokenBucket
@@ -183,6 +183,9 @@ class GatewayApp(Starlette):
 
 def app_from_env() -> Starlette:
     """uvicorn factory for worker processes: settings come from the environment."""
+    # A worker spawned by uvicorn (--workers > 1) starts with an unconfigured root logger: the
+    # INFO lines of operator changes would be lost. No-op when the root has a handler already.
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     app = create_app(Settings.from_env())
     settle_heap()
     return app

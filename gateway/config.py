@@ -11,6 +11,7 @@ from typing import Any
 
 PREFIX = "FLASHGATE_"
 DEFAULT_BUSY_MESSAGE = "活动火爆,请稍后再试"
+LOG_FORMAT = "%(asctime)s flashgate %(message)s"  # every process: serve, its children, workers
 
 # Settings whose environment name is not PREFIX + upper-case field name.
 _ENV_NAMES = {"redis_url": "REDIS_URL"}
