@@ -23,6 +23,7 @@ from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.inventory import Inventory
 from gateway.limiter import TokenBucket
 from gateway.mode import ModeStore, NoticeWatcher
+from gateway.operators import RefusalLog
 from gateway.responses import MsgspecResponse
 from gateway.routes import create_order, routes
 from gateway.scripts import ScriptRegistry
@@ -59,6 +60,9 @@ class Gateway:
             redis, self.modes, self.memo, refresh_s=settings.mode_refresh_ms / 1000
         )
         self._policy = f'"intake";q={max(1, round(settings.qps))};w=1'
+        # Refused credentials, logged at most once per 10 s per kind (operators.RefusalLog).
+        self.admin_refusals = RefusalLog("admin calls (401 unauthorized)")
+        self.signature_refusals = RefusalLog("payment signatures (401 bad_signature)")
 
     def rate_limited(self, wait_s: float) -> errors.RateLimited:
         """429 with Retry-After from the refill and the IETF RateLimit headers."""
@@ -79,6 +83,8 @@ class Gateway:
         self.memo.sold_out(sku_id, promotion_id, accepted, until_ms)
 
     def close(self) -> None:
+        self.admin_refusals.flush()
+        self.signature_refusals.flush()
         self.limiter.close()
 
 

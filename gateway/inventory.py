@@ -17,9 +17,19 @@ from redis.exceptions import (
 from gateway import keys
 from gateway.config import Settings
 from gateway.errors import BackendUnavailable
-from gateway.schemas import OrderRequest, OrderView, SkuConfig, SkuView
+from gateway.operators import DEFAULT_OPERATOR
+from gateway.schemas import (
+    OrderRequest,
+    OrderView,
+    SkuChange,
+    SkuConfig,
+    SkuSettings,
+    SkuView,
+)
 from gateway.scripts import Executor, ScriptRegistry
 from gateway.store import NotSent, call
+
+CHANGES_KEPT = 1000  # about this many entries of each SKU's change log are kept (XADD MAXLEN ~)
 
 
 class CreateResult(IntEnum):
@@ -219,7 +229,12 @@ class Inventory:
         latest = max((score for _, score in raw), default=since_ms)
         return {m.decode() for m, _ in raw}, latest
 
-    async def configure_sku(self, sku_id: str, cfg: SkuConfig) -> tuple[ConfigureResult, int]:
+    async def configure_sku(
+        self, sku_id: str, cfg: SkuConfig, *, by: str = DEFAULT_OPERATOR, client: str = ""
+    ) -> tuple[ConfigureResult, int]:
+        """Create or change a SKU and append the change (who, from where, before and after) to
+        its audit log `fg:{S}:changes`, atomically; a refused change records nothing. Returns
+        (result, units held plus sold when refused, else 0)."""
         sk = keys.SkuKeys(sku_id)
         args = (
             cfg.promotion_id,
@@ -227,11 +242,14 @@ class Inventory:
             cfg.per_user_limit,
             "" if cfg.starts_at is None else cfg.starts_at,
             "" if cfg.ends_at is None else cfg.ends_at,
+            by,
+            client,
+            CHANGES_KEPT,
         )
         # Registry first: a SKU in the registry without config is harmless, the reverse
         # would hide a SKU from the audit.
         await self._run(self.redis.sadd(keys.SKU_REGISTRY, sku_id))
-        code, detail = await self._call(self._configure, [sk.sku], args)
+        code, detail = await self._call(self._configure, [sk.sku, sk.changes], args)
         if code > 0:
             # More may be available now: gateways that remember the SKU as sold out forget it.
             await self._run(self.redis.publish(keys.NOTICES, keys.stock_notice(sku_id)))
@@ -253,6 +271,23 @@ class Inventory:
             starts_at=int(h["starts_at"]) if "starts_at" in h else None,
             ends_at=int(h["ends_at"]) if "ends_at" in h else None,
         )
+
+    async def sku_changes(self, sku_id: str, limit: int = 20) -> list[SkuChange] | None:
+        """The SKU's latest configuration changes, newest first; None for a SKU never
+        configured."""
+        sk = keys.SkuKeys(sku_id)
+
+        async def read() -> list[Any]:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.exists(sk.sku)
+                pipe.xrevrange(sk.changes, count=limit)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        exists, entries = await self._run(read())
+        if not exists:
+            return None
+        return [sku_change(entry_id, fields) for entry_id, fields in entries]
 
     async def get_order(self, order_id: str) -> OrderView | None:
         key = keys.order_key(order_id)
@@ -384,6 +419,34 @@ class Inventory:
             if not _maybe_sent(exc):
                 raise BackendUnavailable() from exc
         return await self._call(script, ks, args)
+
+
+def sku_change(entry_id: bytes, fields: dict[bytes, bytes]) -> SkuChange:
+    """One entry of `fg:{S}:changes` as the API shows it (see lua/configure_sku.lua)."""
+    f = {k.decode(): v.decode() for k, v in fields.items()}
+    return SkuChange(
+        id=entry_id.decode(),
+        at=int(f["at"]),
+        by=f["by"],
+        client=f["client"] or None,
+        action=f["action"],
+        before=_sku_settings(f, "before:") if "before:stock" in f else None,  # None: created
+        after=_sku_settings(f, "after:"),
+    )
+
+
+def _sku_settings(f: dict[str, str], prefix: str) -> SkuSettings:
+    def opt(name: str) -> int | None:
+        value = f.get(prefix + name, "")
+        return int(value) if value else None
+
+    return SkuSettings(
+        promotion_id=f[prefix + "promotion_id"],
+        stock=int(f[prefix + "stock"]),
+        per_user_limit=int(f[prefix + "per_user_limit"]),
+        starts_at=opt("starts_at"),
+        ends_at=opt("ends_at"),
+    )
 
 
 def accepted_member(user_id: str, idempotency_key: str) -> str:

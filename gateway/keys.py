@@ -17,8 +17,9 @@ so they can never open or close a hash tag, add a separator or form a glob.
 | `fg:{S}:dead` | stream | dead letters: order-stream entries that failed repeatedly, with reason |
 | `fg:{S}:pay:<payment_id>` | hash | order_id, at, applied: one payment confirmation |
 | `fg:{S}:accepted` | zset | `<key>:<user>` of every 202 -> replay deadline (sold-out memo) |
+| `fg:{S}:changes` | stream | operator audit log of the SKU's configuration (~ last 1000) |
 | `fg:{mode}` | hash | mode, changed_at: the intake mode shared by every gateway |
-| `fg:{mode}:history` | list | the latest mode changes, newest first (JSON) |
+| `fg:{mode}:history` | list | the latest mode changes (who, from where), newest first (JSON) |
 | `fg:{u:<user>}:ik:<key>` | string | sku_id the key was first used for (24 h), standalone |
 | `fg:{p:<payment_id>}` | string | order_id the payment confirmed, across SKUs, standalone |
 """
@@ -92,6 +93,7 @@ class SkuKeys:
 
     __slots__ = (
         "accepted",
+        "changes",
         "dead",
         "events",
         "holds",
@@ -113,6 +115,7 @@ class SkuKeys:
         self.accepted = f"{self.tag}:accepted"
         self.events = f"{self.tag}:events"
         self.dead = f"{self.tag}:dead"
+        self.changes = f"{self.tag}:changes"
         self.orders_prefix = f"{self.tag}:o:"
 
     def order(self, order_id: str) -> str:

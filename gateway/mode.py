@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway import keys
+from gateway.operators import DEFAULT_OPERATOR
 from gateway.soldout import SoldOutMemo
 
 log = logging.getLogger("flashgate")
@@ -36,7 +37,7 @@ class Mode(enum.StrEnum):
 class ModeView(msgspec.Struct, frozen=True, kw_only=True):
     mode: Mode
     changed_at: int | None  # epoch ms of the last switch, None: never switched
-    history: msgspec.Raw  # [{"from", "to", "at"}, ...] newest first
+    history: msgspec.Raw  # [{"from", "to", "at", "by", "client"}, ...] newest first
 
 
 class ModeStore:
@@ -59,10 +60,13 @@ class ModeStore:
             history=msgspec.Raw(b"[" + b",".join(history) + b"]"),
         )
 
-    async def switch(self, mode: Mode) -> bool:
-        """Set the mode; True when it changed. Every gateway applies it within `refresh_s`."""
+    async def switch(self, mode: Mode, *, by: str = DEFAULT_OPERATOR, client: str = "") -> bool:
+        """Set the mode; True when it changed. Every gateway applies it within `refresh_s`.
+        A change is recorded with who made it (`by`) and from where (`client`, "" unknown)."""
         changed, _, _ = await self._switch(
-            self.redis, [keys.MODE, keys.MODE_HISTORY], (mode.value, keys.NOTICES, HISTORY_KEPT)
+            self.redis,
+            [keys.MODE, keys.MODE_HISTORY],
+            (mode.value, keys.NOTICES, HISTORY_KEPT, by, client),
         )
         return bool(changed)
 

@@ -18,8 +18,10 @@ from gateway import errors
 from gateway.inventory import ConfigureResult, CreateResult, PaymentResult, accepted_member
 from gateway.keys import ID_PATTERN
 from gateway.mode import Mode
+from gateway.operators import Operator, client_address, log_change, operator_of
 from gateway.responses import MsgspecResponse, RawJSONResponse
 from gateway.schemas import (
+    SkuChanges,
     order_request_decoder,
     parse_idempotency_key,
     payment_decoder,
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 _ID = re.compile(ID_PATTERN)
 _REPLAYED = {"Idempotent-Replayed": "true"}
+CHANGES_SHOWN_MAX = 100  # most change-log entries one GET returns
 
 
 def _gateway(request: Request) -> Gateway:
@@ -169,6 +172,7 @@ async def confirm_payment(request: Request) -> Response:
     given = request.headers.get("x-signature", "").strip().lower()
     expected = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
     if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode()):
+        gw.signature_refusals.refused(client_address(request.scope))
         raise errors.BadSignature()
     pay = decode(payment_decoder, body)
     result = await gw.inventory.confirm_payment(pay.order_id, pay.payment_id)
@@ -181,8 +185,10 @@ async def confirm_payment(request: Request) -> Response:
     return MsgspecResponse(answer, status_code=202, headers=headers)
 
 
-def require_admin(request: Request, gw: Gateway) -> None:
-    """Bearer token check in constant time; admin is off (503) when no token is set."""
+def require_admin(request: Request, gw: Gateway) -> Operator:
+    """Bearer token check in constant time; admin is off (503) when no token is set. Returns
+    who is calling (`X-Operator`, self-declared, and the peer address); a malformed
+    `X-Operator` is `400`, after the token check."""
     token = gw.settings.admin_token
     if not token:
         raise errors.AdminDisabled()
@@ -191,7 +197,9 @@ def require_admin(request: Request, gw: Gateway) -> None:
         given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
     )
     if not ok:
+        gw.admin_refusals.refused(client_address(request.scope))
         raise errors.Unauthorized(headers={"WWW-Authenticate": 'Bearer realm="flashgate"'})
+    return operator_of(request)
 
 
 def _sku_id(request: Request) -> str:
@@ -203,18 +211,27 @@ def _sku_id(request: Request) -> str:
 
 async def put_sku(request: Request) -> Response:
     gw = _gateway(request)
-    require_admin(request, gw)
+    op = require_admin(request, gw)
     sku_id = _sku_id(request)
     body = await request_body(request, gw.settings.max_body_bytes)
     cfg = decode(sku_config_decoder, body)
     if cfg.starts_at is not None and cfg.ends_at is not None and cfg.ends_at <= cfg.starts_at:
         raise errors.InvalidRequest("ends_at must be after starts_at")
-    result, committed = await gw.inventory.configure_sku(sku_id, cfg)
+    result, committed = await gw.inventory.configure_sku(sku_id, cfg, by=op.name, client=op.client)
     if result is ConfigureResult.STOCK_BELOW_COMMITTED:
         raise errors.StockBelowCommitted(committed=committed)
+    created = result is ConfigureResult.CREATED
+    log_change(
+        op,
+        f"sku {sku_id} {'created' if created else 'updated'}:",
+        promotion_id=cfg.promotion_id,
+        stock=cfg.stock,
+        per_user_limit=cfg.per_user_limit,
+        starts_at=cfg.starts_at,
+        ends_at=cfg.ends_at,
+    )
     view = await gw.inventory.get_sku(sku_id)
-    status = 201 if result is ConfigureResult.CREATED else 200
-    return MsgspecResponse(view, status_code=status)
+    return MsgspecResponse(view, status_code=201 if created else 200)
 
 
 async def get_sku(request: Request) -> Response:
@@ -224,6 +241,23 @@ async def get_sku(request: Request) -> Response:
     if view is None:
         raise errors.UnknownSku("no such SKU")
     return MsgspecResponse(view)
+
+
+_LIMIT = re.compile(r"^[0-9]{1,3}\Z")
+
+
+async def get_sku_changes(request: Request) -> Response:
+    """The SKU's configuration changes, newest first: `?limit=` 1-100, default 20."""
+    gw = _gateway(request)
+    require_admin(request, gw)
+    sku_id = _sku_id(request)
+    raw = request.query_params.get("limit", "20")
+    if not _LIMIT.match(raw) or not 1 <= int(raw) <= CHANGES_SHOWN_MAX:
+        raise errors.InvalidRequest(f"limit must be an integer from 1 to {CHANGES_SHOWN_MAX}")
+    changes = await gw.inventory.sku_changes(sku_id, int(raw))
+    if changes is None:
+        raise errors.UnknownSku("no such SKU")
+    return MsgspecResponse(SkuChanges(sku_id=sku_id, changes=changes))
 
 
 async def healthz(request: Request) -> Response:
@@ -245,13 +279,18 @@ async def get_switch(request: Request) -> Response:
 
 async def post_switch(request: Request) -> Response:
     gw = _gateway(request)
-    require_admin(request, gw)
+    op = require_admin(request, gw)
     raw = request.query_params.get("mode", "")
     try:
         mode = Mode(raw.strip().upper())
     except ValueError:
         raise errors.InvalidRequest("mode must be QUEUE_ONLY or NORMAL - at `?mode`") from None
-    await call(gw.modes.switch(mode))
+    changed = await call(gw.modes.switch(mode, by=op.name, client=op.client))
+    if changed:  # two modes: a change comes from the other one
+        other = Mode.NORMAL if mode is Mode.QUEUE_ONLY else Mode.QUEUE_ONLY
+        log_change(op, "mode switched:", previous=other.value, mode=mode.value)
+    else:
+        log_change(op, "mode switch (already in force, nothing changed):", mode=mode.value)
     gw.watcher.mode = mode  # this process at once; the others on the published notice
     return MsgspecResponse(await call(gw.modes.view()))
 
@@ -263,6 +302,7 @@ routes = [
     Route("/api/v1/payment/confirm", confirm_payment, methods=["POST"]),
     Route("/api/v1/admin/skus/{sku_id}", put_sku, methods=["PUT"]),
     Route("/api/v1/admin/skus/{sku_id}", get_sku, methods=["GET"]),
+    Route("/api/v1/admin/skus/{sku_id}/changes", get_sku_changes, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
 ]

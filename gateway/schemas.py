@@ -52,6 +52,33 @@ class SkuView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     ends_at: int | None = None
 
 
+class SkuSettings(Struct, frozen=True, kw_only=True):
+    """A SKU's configuration as an operator sets it (one side of a change)."""
+
+    promotion_id: str
+    stock: int
+    per_user_limit: int
+    starts_at: int | None
+    ends_at: int | None
+
+
+class SkuChange(Struct, frozen=True, kw_only=True):
+    """One entry of a SKU's change log (`fg:{S}:changes`)."""
+
+    id: str  # the stream entry id
+    at: int  # epoch ms, server clock
+    by: str  # X-Operator (self-declared)
+    client: str | None  # the peer's address; None: unknown
+    action: str  # "created" | "updated"
+    before: SkuSettings | None  # None for "created"
+    after: SkuSettings
+
+
+class SkuChanges(Struct, frozen=True, kw_only=True):
+    sku_id: str
+    changes: list[SkuChange]
+
+
 class OrderView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     order_id: str
     status: str

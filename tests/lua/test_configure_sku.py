@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from redis.asyncio import Redis
 
@@ -81,3 +83,54 @@ async def test_audit_after_script_flush(inv: Inventory, redis: Redis) -> None:
     row = await inv.audit_sku("s")
     assert row is not None and row.breaches() == []
     assert await inv.audit_sku("missing") is None
+
+
+async def test_each_change_is_logged_in_the_same_step(inv: Inventory, redis: Redis) -> None:
+    changes = keys.SkuKeys("s").changes
+    await inv.configure_sku("s", cfg(10, starts_at=100), by="alice", client="10.0.0.1")
+    await inv.configure_sku("s", cfg(4, limit=2), by="bob")
+    entries: Any = await redis.xrevrange(changes)
+    (_, updated), (_, created) = entries
+    assert created.pop(b"at").isdigit() and updated.pop(b"at").isdigit()
+    assert created == {
+        b"by": b"alice",
+        b"client": b"10.0.0.1",
+        b"action": b"created",
+        b"after:promotion_id": b"p",
+        b"after:stock": b"10",
+        b"after:per_user_limit": b"5",
+        b"after:starts_at": b"100",
+        b"after:ends_at": b"",
+    }
+    assert updated == {
+        b"by": b"bob",
+        b"client": b"",
+        b"action": b"updated",
+        b"before:promotion_id": b"p",
+        b"before:stock": b"10",
+        b"before:per_user_limit": b"5",
+        b"before:starts_at": b"100",
+        b"before:ends_at": b"",
+        b"after:promotion_id": b"p",
+        b"after:stock": b"4",
+        b"after:per_user_limit": b"2",
+        b"after:starts_at": b"",
+        b"after:ends_at": b"",
+    }
+    await hold(inv, 3)
+    refused = await inv.configure_sku("s", cfg(2), by="eve")
+    assert refused == (ConfigureResult.STOCK_BELOW_COMMITTED, 3)
+    assert await redis.xlen(changes) == 2  # refused: nothing recorded
+
+
+async def test_the_change_log_is_trimmed(inv: Inventory, redis: Redis) -> None:
+    script = inv.scripts["configure_sku"]
+    sk = keys.SkuKeys("s")
+    await redis.sadd(keys.SKU_REGISTRY, "s")
+    for stock in range(300):
+        args = ("p", stock, 1, "", "", "ops", "", 10)
+        assert (await script(redis, [sk.sku, sk.changes], args))[0] > 0
+    # MAXLEN ~: whole stream nodes (100 entries by default) are dropped, never the newest 10.
+    assert 10 <= await redis.xlen(sk.changes) < 300
+    changes = await inv.sku_changes("s", 1)
+    assert changes is not None and [c.after.stock for c in changes] == [299]

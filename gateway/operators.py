@@ -1,0 +1,110 @@
+"""Who made an operator change, the log line of each change, and the rate-limited log of
+refused credentials.
+
+With one shared admin token, the operator's name (`X-Operator`, default "operator") is
+self-declared: it tells honest operators apart, it proves nothing. The client address is the
+ASGI scope's peer; proxy headers are deliberately not parsed, so behind a proxy it is the
+proxy's address. Neither the token nor any header other than `X-Operator` is ever logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.types import Scope
+
+from gateway import errors
+from gateway.keys import ID_PATTERN
+
+log = logging.getLogger("flashgate")
+
+DEFAULT_OPERATOR = "operator"
+OPERATOR_HEADER = "x-operator"
+_ID = re.compile(ID_PATTERN)
+# A peer address as ASGI servers give it: IPv4, IPv6 (with a zone), a host name. Nothing that
+# could break the JSON of the mode history or a log line; anything else is recorded as unknown.
+_ADDRESS = re.compile(r"^[0-9A-Za-z.:%_\-]{1,64}\Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    name: str  # X-Operator, an id; self-declared
+    client: str  # the peer's address, "" = unknown
+
+
+def client_address(scope: Scope) -> str:
+    """The peer's host from the ASGI scope ("" when absent or not address-like)."""
+    client = scope.get("client")
+    host = client[0] if client else ""
+    return host if isinstance(host, str) and _ADDRESS.match(host) else ""
+
+
+def operator_of(request: Request) -> Operator:
+    """The operator of an admin request: `400 invalid_request` for a malformed or repeated
+    `X-Operator` (one value, 1-64 characters of `[A-Za-z0-9_.:-]`)."""
+    values = request.headers.getlist(OPERATOR_HEADER)
+    if len(values) > 1:
+        raise errors.InvalidRequest("send at most one X-Operator header")
+    name = values[0] if values else DEFAULT_OPERATOR
+    if not _ID.match(name):
+        raise errors.InvalidRequest("X-Operator must be 1-64 characters of [A-Za-z0-9_.:-]")
+    return Operator(name, client_address(request.scope))
+
+
+def log_change(op: Operator, what: str, **values: object) -> None:
+    """One INFO line per successful operator change: who, from where, what, the values."""
+    shown = " ".join(f"{k}={'none' if v is None else v}" for k, v in values.items())
+    log.info("operator %s from %s: %s %s", op.name, op.client or "unknown", what, shown)
+
+
+class RefusalLog:
+    """Refused credentials of one kind, logged at WARNING at most once per `interval_s` (per
+    process): the first at once, those within the interval counted and reported, with the last
+    client address, by the first refusal after it (or by `flush`). `clock` is monotonic seconds.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        *,
+        interval_s: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+        logger: logging.Logger = log,
+    ) -> None:
+        self.kind = kind
+        self.interval_s = interval_s
+        self.clock = clock
+        self.logger = logger
+        self.count = 0  # refused since the last line
+        self.last_client = ""
+        self._last_line: float | None = None
+
+    def refused(self, client: str) -> bool:
+        """Count one refusal; True when it was logged now."""
+        self.count += 1
+        self.last_client = client
+        now = self.clock()
+        if self._last_line is not None and now - self._last_line < self.interval_s:
+            return False
+        self._emit(now)
+        return True
+
+    def flush(self) -> None:
+        """Log what was counted since the last line, if anything (at shutdown)."""
+        if self.count:
+            self._emit(self.clock())
+
+    def _emit(self, now: float) -> None:
+        self.logger.warning(
+            "refused %s: %d since the last report, the last from %s",
+            self.kind,
+            self.count,
+            self.last_client or "unknown",
+        )
+        self.count = 0
+        self._last_line = now
