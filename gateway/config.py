@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -30,8 +31,8 @@ class Settings:
     redis_timeout_ms: int = 1000
     redis_max_connections: int = 64
     redis_client: str = "mux"  # the order path's client: "mux" (one pipelined connection) or "pool"
-    admin_token: str | None = None
-    payment_secret: str | None = None
+    admin_token: str | None = dataclasses.field(default=None, repr=False)  # never in a repr, nor a log
+    payment_secret: str | None = dataclasses.field(default=None, repr=False)
     hold_ttl_s: int = 900
     idempotency_ttl_s: int = 86_400
     qps: float = 5000.0

@@ -484,3 +484,11 @@ def test_worker_factory_freezes_the_start_up_heap() -> None:
     before, after = int(out[0]), int(out[1])
     assert before == 0
     assert after > 10_000  # the modules, classes and the app itself
+
+
+def test_secrets_stay_out_of_the_settings_repr() -> None:
+    settings = Settings(admin_token="adm-s3cret", payment_secret="pay-s3cret", port=9)
+    shown = f"{settings!r} {settings}"
+    assert "s3cret" not in shown
+    assert "port=9" in shown
+    assert settings.replace(port=10).admin_token == "adm-s3cret"  # still there, just not shown
