@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-import dataclasses
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,8 @@ class Settings:
     redis_timeout_ms: int = 1000
     redis_max_connections: int = 64
     redis_client: str = "mux"  # the order path's client: "mux" (one pipelined connection) or "pool"
-    admin_token: str | None = dataclasses.field(default=None, repr=False)  # never in a repr, nor a log
+    # the secrets: never in a repr, so never in a log line or a traceback
+    admin_token: str | None = dataclasses.field(default=None, repr=False)
     payment_secret: str | None = dataclasses.field(default=None, repr=False)
     hold_ttl_s: int = 900
     idempotency_ttl_s: int = 86_400
