@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -18,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from gateway import errors
 from gateway.breaker import CircuitBreaker, State
-from gateway.config import LOG_FORMAT, Settings
+from gateway.config import LOG_FORMAT, ConfigError, Settings
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.inventory import Inventory
 from gateway.limiter import TokenBucket
@@ -120,6 +121,7 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> Starlette:
         fast = create_script_client(settings)
         try:
             await scripts.load_all(client)
+            await check_waitaof(client, settings)
             gateway = app.state.gateway = Gateway(settings, client, scripts, fast)
             await gateway.watcher.start()
             try:
@@ -185,6 +187,20 @@ class GatewayApp(Starlette):
             await response(scope, receive, send)
             return
         await super().__call__(scope, receive, send)
+
+
+async def check_waitaof(client: Redis, settings: Settings) -> None:
+    """Refuse to start when WAITAOF is asked for and the server cannot give it (older than
+    7.2, or no AOF for a local wait): every order would be held, then answered 503."""
+    if not (settings.waitaof_local or settings.waitaof_replicas):
+        return
+    try:
+        await client.execute_command("WAITAOF", settings.waitaof_local, 0, 1)  # type: ignore[no-untyped-call]
+    except ResponseError as exc:
+        raise ConfigError(
+            "FLASHGATE_WAITAOF_LOCAL/REPLICAS need Redis or Valkey >= 7.2 with appendonly "
+            f"yes: the server answered {exc}"
+        ) from None
 
 
 def app_from_env() -> Starlette:

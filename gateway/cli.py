@@ -196,7 +196,7 @@ class Supervisor:
             return 1
         try:
             if not settings.redis_url:
-                self.server = EmbeddedServer(data_dir)
+                self.server = EmbeddedServer(data_dir, appendfsync=settings.appendfsync)
                 url = self.server.start()
                 log.info("embedded server %s, data in %s", url, data_dir)
                 settings = settings.replace(redis_url=url)

@@ -21,6 +21,13 @@ class ConfigError(ValueError):
     """A setting has a value that cannot be used; the message names the variable."""
 
 
+_CHOICES: dict[str, tuple[object, ...]] = {
+    "redis_client": ("mux", "pool"),
+    "appendfsync": ("everysec", "always"),
+    "waitaof_local": (0, 1),
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the gateway, finalizer, sweeper and CLI read. Times carry their unit."""
@@ -30,6 +37,10 @@ class Settings:
     redis_timeout_ms: int = 1000
     redis_max_connections: int = 64
     redis_client: str = "mux"  # the order path's client: "mux" (one pipelined connection) or "pool"
+    # durability of an accepted order or payment before its 202 (README "Durability")
+    appendfsync: str = "everysec"  # the embedded server's: "everysec" or "always"
+    waitaof_local: int = 0  # 1: WAITAOF for the local AOF on disk
+    waitaof_replicas: int = 0  # N: WAITAOF for the AOF of N replicas
     # the secrets: never in a repr, so never in a log line or a traceback
     admin_token: str | None = dataclasses.field(default=None, repr=False)
     payment_secret: str | None = dataclasses.field(default=None, repr=False)
@@ -90,8 +101,9 @@ class Settings:
         if self.mode_refresh_ms > 1000:
             # The contract: every worker applies a switch within one second, notice or not.
             raise ConfigError(f"{env_name('mode_refresh_ms')} must be <= 1000")
-        if self.finalizer_claim_idle_ms < 0:
-            raise ConfigError(f"{env_name('finalizer_claim_idle_ms')} must be >= 0")
+        for name in ("finalizer_claim_idle_ms", "waitaof_replicas"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{env_name(name)} must be >= 0")
         if self.qps <= 0:
             raise ConfigError(f"{env_name('qps')} must be > 0, got {self.qps}")
         if not 0.0 <= self.breaker_slow_ratio <= 1.0:
@@ -105,8 +117,9 @@ class Settings:
                 f"{env_name('redis_cluster')}=1: Redis Cluster mode is not available yet; "
                 "use a single Redis/Valkey server"
             )
-        if self.redis_client not in ("mux", "pool"):
-            raise ConfigError(f"{env_name('redis_client')} must be mux or pool")
+        for name, allowed in _CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{env_name(name)} must be {' or '.join(map(str, allowed))}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{env_name('port')} must be a TCP port, got {self.port}")
 

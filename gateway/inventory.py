@@ -27,7 +27,7 @@ from gateway.schemas import (
     SkuView,
 )
 from gateway.scripts import Executor, ScriptRegistry
-from gateway.store import NotSent, call
+from gateway.store import AckedWrites, NotSent, call
 
 CHANGES_KEPT = 1000  # about this many entries of each SKU's change log are kept (XADD MAXLEN ~)
 
@@ -157,6 +157,16 @@ class Inventory:
         self._confirm = scripts["confirm_payment"]
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._idem_ttl_ms = settings.idempotency_ttl_s * 1000
+        # what a 202 promises (orders, payments) runs on this: with WAITAOF when asked
+        self._acked: Executor = fast or redis
+        if settings.waitaof_local or settings.waitaof_replicas:
+            self._acked = AckedWrites(
+                fast or redis,
+                local=settings.waitaof_local,
+                replicas=settings.waitaof_replicas,
+                # answered by the server before the client's deadline gives up on it
+                timeout_ms=settings.redis_timeout_ms // 2,
+            )
 
     async def create_order(
         self,
@@ -412,13 +422,13 @@ class Inventory:
         idempotency key (or payment_id) is safe: if the first ran, this one replays its answer;
         if not, this one decides. Either way one effect, and the caller learns which.
         """
-        client = self.fast or self.redis  # the hot path: no wrapper coroutines in between
+        client = self._acked  # the hot path: no wrapper coroutines in between
         try:
             return await script(client, ks, args)
         except (RedisError, OSError) as exc:  # what `store.call` turns into BackendUnavailable
             if not _maybe_sent(exc):
                 raise BackendUnavailable() from exc
-        return await self._call(script, ks, args)
+        return await self._run(script(client, ks, args))
 
 
 def sku_change(entry_id: bytes, fields: dict[bytes, bytes]) -> SkuChange:

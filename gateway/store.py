@@ -91,6 +91,55 @@ def _encode(args: tuple[Any, ...]) -> bytes:
     return packed
 
 
+class NotDurable(RedisError):
+    """The write was applied, but the server did not confirm it on disk (or on enough
+    replicas) within the deadline: it may be lost on a power failure."""
+
+
+class AckedWrites:
+    """Runs commands as `execute_command` like the client it wraps, each followed in the same
+    round trip by `WAITAOF <local> <replicas> <timeout>` (Redis/Valkey >= 7.2): the reply comes
+    back only once the write is in the local AOF on disk (`local` 1) and/or in the AOF of
+    `replicas` replicas. On the multiplexed client one WAITAOF closes each write, shared by
+    every command of the event-loop tick (a group commit); on the pool the two go in one
+    pipeline. Fewer acknowledgements than asked raise NotDurable.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        local: int,
+        replicas: int,
+        timeout_ms: int,  # Multiplexed | Redis
+    ) -> None:
+        self.client = client
+        self.local = local
+        self.replicas = replicas
+        self.barrier = ("WAITAOF", local, replicas, max(1, timeout_ms))
+
+    async def execute_command(self, *args: Any, **_options: Any) -> Any:
+        if isinstance(self.client, Multiplexed):
+            reply, acks = await self.client.execute_with_barrier(self.barrier, *args)
+        else:
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.execute_command(*args)
+                pipe.execute_command(*self.barrier)
+                reply, acks = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, Exception):
+                raise reply
+            if isinstance(acks, Exception):
+                raise acks
+        if isinstance(acks, Exception):
+            raise acks
+        if int(acks[0]) < self.local or int(acks[1]) < self.replicas:
+            raise NotDurable(
+                f"WAITAOF: fsynced on {int(acks[0])} local and {int(acks[1])} replica(s), "
+                f"{self.local} and {self.replicas} required"
+            )
+        return reply
+
+
 def tls_context(query: str) -> ssl.SSLContext:
     """TLS for `rediss://`, with redis-py's URL options: the system's CAs and the host name
     checked by default; `ssl_ca_certs=<file>` for a private CA; `ssl_certfile` and
@@ -133,6 +182,8 @@ class _Wire(asyncio.Protocol):
         self._out: list[bytes] = []
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
+        # one barrier command (WAITAOF) closing this tick's write, and its reply's future
+        self._barrier: tuple[bytes, asyncio.Future[Any]] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -150,7 +201,26 @@ class _Wire(asyncio.Protocol):
             self._timer = loop.call_at(deadline, self._expire)
         return fut
 
+    def send_with_barrier(
+        self, command: bytes, barrier: bytes
+    ) -> tuple[asyncio.Future[Any], asyncio.Future[Any]]:
+        """Queue one command followed, at the end of this tick's write, by `barrier`: one
+        barrier for every command of the tick that asks for it (a group commit). Returns
+        the command's future and the barrier's."""
+        fut = self.send(command)
+        if self._barrier is None:
+            done: asyncio.Future[Any] = self._loop.create_future()
+            # callers that fail first never await it: its failure must not go unretrieved
+            done.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+            self._barrier = (barrier, done)
+        return fut, self._barrier[1]
+
     def _flush(self) -> None:
+        if self._barrier is not None:
+            command, done = self._barrier
+            self._barrier = None
+            self._out.append(command)
+            self.pending.append((done, self._loop.time() + self.timeout_s, self.received))
         out, self._out = self._out, []
         if self.transport is not None and not self.lost:
             self.transport.write(b"".join(out))
@@ -236,6 +306,16 @@ class Multiplexed:
         if wire is None or wire.lost:
             wire = await self._connect()
         return await wire.send(_encode(args))
+
+    async def execute_with_barrier(self, barrier: tuple[Any, ...], *args: Any) -> Any:
+        """One command, then `barrier` (sent once after every command of this event-loop
+        tick that asks for it, in the same write): (the command's reply, the barrier's)."""
+        wire = self._wire
+        if wire is None or wire.lost:
+            wire = await self._connect()
+        fut, done = wire.send_with_barrier(_encode(args), _encode(barrier))
+        reply = await fut
+        return reply, await done
 
     async def _connect(self) -> _Wire:
         if self._closed:

@@ -492,3 +492,23 @@ def test_secrets_stay_out_of_the_settings_repr() -> None:
     assert "s3cret" not in shown
     assert "port=9" in shown
     assert settings.replace(port=10).admin_token == "adm-s3cret"  # still there, just not shown
+
+
+def test_serve_with_fsync_always_and_a_local_wait(data_dir: Path) -> None:
+    """`--appendfsync always` reaches the embedded server, and with `--waitaof-local 1` the
+    gateway starts on it and accepts orders (each confirmed on disk before its 202)."""
+    serve = Serve(data_dir, "--appendfsync", "always", "--waitaof-local", "1")
+    try:
+        url = (data_dir / "server.url").read_text().strip()
+        r = redis.Redis.from_url(url)
+        assert r.config_get("appendfsync") == {"appendfsync": "always"}
+        r.close()
+        put = httpx.put(
+            f"{serve.base}/api/v1/admin/skus/hot",
+            headers=ADMIN,
+            json={"promotion_id": "promo-1", "stock": 5, "per_user_limit": 1},
+        )
+        assert put.status_code == 201
+        assert asyncio.run(stampede(serve.base, 20, "hot")) == {202: 5, 409: 15}
+    finally:
+        assert serve.stop() == 0
