@@ -152,7 +152,7 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> Starlette:
     async def on_unexpected(request: Request, exc: Exception) -> Response:
         return internal_error(request.method, request.url.path)
 
-    return GatewayApp(
+    app = GatewayApp(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={
@@ -161,6 +161,10 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> Starlette:
             Exception: on_unexpected,
         },
     )
+    # A path with a trailing slash is a 404, not a redirect: API clients do not follow one,
+    # and its Location is built from the request's Host header (a redirect anywhere).
+    app.router.redirect_slashes = False
+    return app
 
 
 ORDER_PATH = "/api/v1/order/create"

@@ -227,6 +227,10 @@ async def test_unknown_route_and_method_are_json(client: Client) -> None:
     assert r.status_code in (404, 405)
     r = await client.delete("/api/v1/admin/skus/x")
     assert (r.status_code, r.json()["error"]) == (405, "method_not_allowed")
+    for path in ("/healthz/", "/api/v1/order/switch/", "/api/v1/order/x%2F"):
+        r = await client.get(path, headers={"Host": "evil.example"})
+        assert (r.status_code, r.json()["error"]) == (404, "not_found"), path  # no redirect
+        assert "location" not in r.headers
 
 
 async def test_quantity_limit_is_configurable(make_client: MakeClient) -> None:
