@@ -55,6 +55,7 @@ class Settings:
     breaker_open_s: float = 10.0
     max_quantity: int = 100
     max_body_bytes: int = 4096
+    client_timeout_s: float = 10.0  # a request's head and body must arrive within it (408)
     queue_max: int = 50_000
     mode_refresh_ms: int = 500
     soldout_recheck_ms: int = 1000
@@ -104,12 +105,11 @@ class Settings:
         for name in ("finalizer_claim_idle_ms", "waitaof_replicas"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{env_name(name)} must be >= 0")
-        if self.qps <= 0:
-            raise ConfigError(f"{env_name('qps')} must be > 0, got {self.qps}")
+        for name in ("qps", "client_timeout_s", "breaker_open_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{env_name(name)} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.breaker_slow_ratio <= 1.0:
             raise ConfigError(f"{env_name('breaker_slow_ratio')} must be within 0..1")
-        if self.breaker_open_s <= 0:
-            raise ConfigError(f"{env_name('breaker_open_s')} must be > 0")
         if self.redis_cluster:
             # Refused rather than half-supported: cluster mode needs a cluster client and a
             # two-phase idempotency record to keep the contract (issue #8).

@@ -10,6 +10,12 @@ client still sends is read and dropped, and the socket closes when the client do
 `LINGER_S`. Closing at once with unread input would reset the connection and the client would
 lose the answer it is owed.
 
+A request must also arrive in time: from the connection's start, or the start of the next
+request on it, to the last byte of its body, at most `FLASHGATE_CLIENT_TIMEOUT_S` (default
+10 s). A client that trickles a request (slowloris) gets `408 request_timeout` and the
+connection closes; one that opened a connection and sent nothing is closed quietly. uvicorn
+alone holds such connections forever (its keep-alive timeout runs only between requests).
+
 The head is counted per read while a head is open: at most one read (uvloop reads up to
 256 KiB) beyond the bound is ever buffered. A read that ends inside a head counts whole, so a
 pipelining client that sends more than the bound of requests in one read, ending mid-head, is
@@ -19,6 +25,8 @@ refused too; browsers and load generators do not pipeline.
 from __future__ import annotations
 
 import asyncio
+import functools
+import os
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -30,7 +38,14 @@ HEAD_TOO_LARGE = (
     b'{"error":"headers_too_large","message":"request line and headers exceed %d bytes"}'
     % MAX_HEAD_BYTES,
 )
-_REASONS = {400: b"Bad Request", 431: b"Request Header Fields Too Large"}
+TOO_SLOW = (408, b'{"error":"request_timeout","message":"the request did not arrive in time"}')
+_REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+@functools.cache
+def read_timeout_s() -> float:
+    """FLASHGATE_CLIENT_TIMEOUT_S of this worker (set in its environment by `run_gateway`)."""
+    return float(os.environ.get("FLASHGATE_CLIENT_TIMEOUT_S", "10"))
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -38,10 +53,39 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _head_bytes = 0
     _refused = False
     _linger: asyncio.TimerHandle | None = None
+    _deadline: asyncio.TimerHandle | None = None
+    _got_bytes = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        self._deadline = self.loop.call_later(read_timeout_s(), self._too_slow)
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        if self._refused or self.transport.is_closing():
+            return
+        if self.cycle is not None and self.cycle.response_started:
+            self.transport.close()  # answered early (a 413): the rest never came
+        elif self._got_bytes:
+            self._refuse(*TOO_SLOW)
+        else:
+            self.transport.close()  # opened and silent
+
+    def on_message_complete(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+        super().on_message_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return  # answered and closing: input is dropped
+        self._got_bytes = True
         was_open = self._head_open
         if was_open:
             self._head_bytes += len(data)
@@ -58,6 +102,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_open = True
         self._head_bytes = 0
+        if self._deadline is None:  # the next request on a kept-alive connection
+            self._arm()
 
     def on_headers_complete(self) -> None:
         self._head_open = False
@@ -86,6 +132,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._linger is not None:
-            self._linger.cancel()
+        for timer in (self._linger, self._deadline):
+            if timer is not None:
+                timer.cancel()
         super().connection_lost(exc)

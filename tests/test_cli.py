@@ -512,3 +512,44 @@ def test_serve_with_fsync_always_and_a_local_wait(data_dir: Path) -> None:
         assert asyncio.run(stampede(serve.base, 20, "hot")) == {202: 5, 409: 15}
     finally:
         assert serve.stop() == 0
+
+
+def test_slow_and_silent_clients_are_cut_off(data_dir: Path) -> None:
+    """With a 1 s client timeout: a head trickled in, and a body that stops halfway, get
+    408 with the JSON error within about the timeout; a silent connection is closed; a
+    prompt request on the same server is served; nothing was written for the slow order."""
+    import socket
+
+    serve = Serve(data_dir, "--client-timeout-s", "1")
+    try:
+
+        def exchange_slowly(first: bytes) -> tuple[bytes, float]:
+            with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as sock:
+                start = time.monotonic()
+                sock.sendall(first)
+                answer = b""
+                with contextlib.suppress(OSError):
+                    while chunk := sock.recv(65536):
+                        answer += chunk
+                return answer, time.monotonic() - start
+
+        head, took = exchange_slowly(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1")
+        assert head.startswith(b"HTTP/1.1 408 "), head
+        assert json.loads(head.partition(b"\r\n\r\n")[2])["error"] == "request_timeout"
+        assert 0.9 < took < 5
+        body, took = exchange_slowly(
+            b"POST /api/v1/order/create HTTP/1.1\r\nHost: x\r\n"
+            b"X-Idempotency-Key: 0b5a3f6e-8d7c-4e1f-9a2b-3c4d5e6f7a8b\r\n"
+            b'Content-Length: 80\r\n\r\n{"user_id": "u1", '
+        )
+        assert body.startswith(b"HTTP/1.1 408 "), body
+        assert 0.9 < took < 5
+        silent, took = exchange_slowly(b"")
+        assert silent == b"" and 0.9 < took < 5
+        assert httpx.get(f"{serve.base}/healthz").status_code == 200
+        url = (data_dir / "server.url").read_text().strip()
+        r = redis.Redis.from_url(url)
+        assert r.exists("fg:{u:u1}:ik:0b5a3f6e-8d7c-4e1f-9a2b-3c4d5e6f7a8b") == 0
+        r.close()
+    finally:
+        assert serve.stop() == 0
