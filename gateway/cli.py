@@ -385,6 +385,19 @@ async def _audit(settings: Settings) -> int:
         await client.aclose()
 
 
+async def _status(settings: Settings, watch_s: float, count: int | None) -> int:
+    from gateway import status
+    from gateway.store import create_client
+
+    client = create_client(settings)
+    try:
+        return await status.run(client, watch_s=watch_s, count=count, out=sys.stdout)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        await client.aclose()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flashgate", description="Flash-sale intake gateway.")
     parser.add_argument("--version", action="version", version=f"flashgate {__version__}")
@@ -395,8 +408,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("finalizer", "only a finalizer (several share one consumer group)"),
         ("sweeper", "only the expired-hold sweeper (safe to run more than one)"),
         ("audit", "check the inventory invariants of every SKU"),
+        ("status", "mode, stock, backlog and rates of every SKU, in the terminal"),
     ):
-        _add_settings_flags(sub.add_parser(name, help=text, description=text))
+        command = sub.add_parser(name, help=text, description=text)
+        if name == "status":
+            command.add_argument(
+                "--watch", type=float, default=0.0, metavar="S",
+                help="print the table every S seconds until interrupted (default: once)",
+            )  # fmt: skip
+            command.add_argument("--count", type=int, default=None, help="stop after N tables")
+        _add_settings_flags(command)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
@@ -407,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_gateway(settings)
         if args.command in ("finalizer", "sweeper"):
             return asyncio.run(_run_role(_resolve_redis(settings), args.command))
+        if args.command == "status":
+            return asyncio.run(_status(_resolve_redis(settings), args.watch, args.count))
         return asyncio.run(_audit(_resolve_redis(settings)))
     except (ConfigError, EmbeddedError) as exc:
         print(f"flashgate: {exc}", file=sys.stderr)

@@ -553,3 +553,30 @@ def test_slow_and_silent_clients_are_cut_off(data_dir: Path) -> None:
         r.close()
     finally:
         assert serve.stop() == 0
+
+
+def test_status_shows_mode_stock_and_rates(serve: Serve, data_dir: Path) -> None:
+    put = httpx.put(
+        f"{serve.base}/api/v1/admin/skus/hot",
+        headers=ADMIN,
+        json={"promotion_id": "promo-1", "stock": 30, "per_user_limit": 1},
+    )
+    assert put.status_code == 201
+    assert asyncio.run(stampede(serve.base, 50, "hot")) == {202: 30, 409: 20}
+    switch = httpx.post(
+        f"{serve.base}/api/v1/order/switch?mode=QUEUE_ONLY",
+        headers={**ADMIN, "X-Operator": "alice"},
+    )
+    assert switch.status_code == 200
+    shown = flashgate("status", "--data-dir", str(data_dir))
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[1].startswith("mode QUEUE_ONLY (switched NORMAL -> QUEUE_ONLY at ")
+    assert "by alice from 127.0.0.1" in lines[1]
+    row = next(line.split() for line in lines if line.startswith("hot "))
+    stock, available, held, sold = (int(x) for x in row[1:5])
+    assert (stock, available, held + sold) == (30, 0, 30)
+    assert row[7] == "0"  # no dead letters
+    watched = flashgate("status", "--data-dir", str(data_dir), "--watch", "0.2", "--count", "2")
+    assert watched.returncode == 0, watched.stderr
+    assert watched.stdout.count("mode QUEUE_ONLY") == 2

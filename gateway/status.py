@@ -1,0 +1,148 @@
+"""`flashgate status`: what the gateway is doing, in the terminal, read from Redis.
+
+The intake mode (with the last switch: when, who, from where) and, per SKU: stock, available,
+held, sold; the backlog of orders not yet decided by a finalizer; entries delivered to a
+finalizer and not yet acknowledged; dead letters; and two rates over the sampling interval:
+entries into the SKU's stream per second (orders and payment confirmations) and final states
+out per second (the outbound events). Each sample is one pipeline per SKU; nothing is written.
+
+    flashgate status                 # one table, rates over 1 s
+    flashgate status --watch 2       # a table every 2 s until Ctrl-C
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from redis.asyncio import Redis
+
+from gateway import keys
+
+
+@dataclass(frozen=True, slots=True)
+class SkuSample:
+    sku_id: str
+    stock: int
+    available: int
+    held: int
+    sold: int
+    backlog: int
+    pending: int
+    dead: int
+    entries_in: int  # entries ever added to the SKU's stream
+    entries_out: int  # entries ever added to its events stream
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    at: float  # monotonic seconds
+    mode: str
+    last_switch: dict[str, Any] | None
+    skus: list[SkuSample]
+
+
+def _added(info: Any) -> int:
+    """`entries-added` of an XINFO STREAM reply (0 for a stream that does not exist yet)."""
+    if isinstance(info, Exception) or not info:
+        return 0
+    return int(info.get("entries-added", info.get(b"entries-added", 0)) or 0)
+
+
+async def sample(redis: Redis) -> Sample:
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hget(keys.MODE, "mode")
+        pipe.lindex(keys.MODE_HISTORY, 0)
+        pipe.smembers(keys.SKU_REGISTRY)
+        mode, last, members = await pipe.execute()
+    sku_ids = sorted(m.decode() for m in members)
+    skus: list[SkuSample] = []
+    for sku_id in sku_ids:
+        sk = keys.SkuKeys(sku_id)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.hmget(sk.sku, "stock", "available", "held", "sold", "backlog")
+            pipe.xinfo_stream(sk.stream)
+            pipe.xinfo_stream(sk.events)
+            pipe.xlen(sk.dead)
+            pipe.xpending(sk.stream, keys.FINALIZER_GROUP)
+            figures, stream, events, dead, pending = await pipe.execute(raise_on_error=False)
+        if isinstance(figures, Exception) or figures[0] is None:
+            continue  # registered, not configured: `flashgate audit` reports it
+        stock, available, held, sold, backlog = (int(v or 0) for v in figures)
+        skus.append(
+            SkuSample(
+                sku_id,
+                stock,
+                available,
+                held,
+                sold,
+                backlog,
+                0 if isinstance(pending, Exception) else int(pending["pending"]),
+                0 if isinstance(dead, Exception) else int(dead),
+                _added(stream),
+                _added(events),
+            )
+        )
+    return Sample(
+        at=time.monotonic(),
+        mode=mode.decode() if mode else "NORMAL",
+        last_switch=json.loads(last) if last else None,
+        skus=skus,
+    )
+
+
+def render(before: Sample, now: Sample) -> list[str]:
+    """The table for `now`, with rates against `before`."""
+    seconds = max(now.at - before.at, 1e-9)
+    earlier = {s.sku_id: s for s in before.skus}
+    switch = ""
+    if now.last_switch:
+        sw = now.last_switch
+        at = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(sw["at"] / 1000))
+        switch = f" (switched {sw['from']} -> {sw['to']} at {at}"
+        switch += f" by {sw.get('by', '?')} from {sw.get('client') or 'unknown'})"
+    lines = [f"mode {now.mode}{switch}"]
+    header = ("sku_id", "stock", "available", "held", "sold", "backlog", "pending", "dead",
+              "in/s", "out/s")  # fmt: skip
+    rows: list[tuple[str, ...]] = [header]
+    totals = [0] * 7
+    for s in now.skus:
+        prev = earlier.get(s.sku_id, s)
+        rate_in = (s.entries_in - prev.entries_in) / seconds
+        rate_out = (s.entries_out - prev.entries_out) / seconds
+        figures = (s.stock, s.available, s.held, s.sold, s.backlog, s.pending, s.dead)
+        totals = [t + f for t, f in zip(totals, figures, strict=True)]
+        rows.append((s.sku_id, *map(str, figures), f"{rate_in:.1f}", f"{rate_out:.1f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines += [
+        "  ".join(
+            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    ]
+    lines.append(
+        f"{len(now.skus)} SKU(s): stock {totals[0]}, available {totals[1]}, held {totals[2]}, "
+        f"sold {totals[3]}, backlog {totals[4]}, pending {totals[5]}, dead letters {totals[6]}"
+    )
+    return lines
+
+
+async def run(redis: Redis, *, watch_s: float, count: int | None, out: TextIO) -> int:
+    """Print the table once (rates over 1 s) or every `watch_s` seconds, `count` times."""
+    interval = watch_s if watch_s > 0 else 1.0
+    before = await sample(redis)
+    shown = 0
+    while True:
+        await asyncio.sleep(interval)
+        now = await sample(redis)
+        if shown:
+            print(file=out)
+        print(f"-- {time.strftime('%H:%M:%S')}", file=out)
+        print("\n".join(render(before, now)), file=out, flush=True)
+        shown += 1
+        if watch_s <= 0 or (count is not None and shown >= count):
+            return 0
+        before = now
