@@ -24,6 +24,7 @@ from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.inventory import Inventory
 from gateway.limiter import TokenBucket
 from gateway.mode import ModeStore, NoticeWatcher
+from gateway.openapi import render as render_openapi
 from gateway.operators import RefusalLog
 from gateway.responses import MsgspecResponse
 from gateway.routes import create_order, routes
@@ -64,6 +65,13 @@ class Gateway:
         # Refused credentials, logged at most once per 10 s per kind (operators.RefusalLog).
         self.admin_refusals = RefusalLog("admin calls (401 unauthorized)")
         self.signature_refusals = RefusalLog("payment signatures (401 bad_signature)")
+        self._openapi: bytes | None = None
+
+    def openapi(self) -> bytes:
+        """The OpenAPI document, built on first use, then the same bytes."""
+        if self._openapi is None:
+            self._openapi = render_openapi(self.settings)
+        return self._openapi
 
     def rate_limited(self, wait_s: float) -> errors.RateLimited:
         """429 with Retry-After from the refill and the IETF RateLimit headers."""

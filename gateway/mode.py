@@ -34,10 +34,21 @@ class Mode(enum.StrEnum):
     QUEUE_ONLY = "QUEUE_ONLY"
 
 
+class ModeSwitch(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of the mode history (kept as JSON in Redis by `switch_mode.lua`, sent as is)."""
+
+    from_: Mode = msgspec.field(name="from")
+    to: Mode
+    at: int  # epoch ms
+    # Who and from where; absent in entries recorded before the operator audit.
+    by: str | msgspec.UnsetType = msgspec.UNSET
+    client: str | None | msgspec.UnsetType = msgspec.UNSET  # None: unknown
+
+
 class ModeView(msgspec.Struct, frozen=True, kw_only=True):
     mode: Mode
     changed_at: int | None  # epoch ms of the last switch, None: never switched
-    history: msgspec.Raw  # [{"from", "to", "at", "by", "client"}, ...] newest first
+    history: msgspec.Raw  # [ModeSwitch, ...] newest first
 
 
 class ModeStore:

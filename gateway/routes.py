@@ -21,6 +21,9 @@ from gateway.mode import Mode
 from gateway.operators import Operator, client_address, log_change, operator_of
 from gateway.responses import MsgspecResponse, RawJSONResponse
 from gateway.schemas import (
+    Health,
+    PaymentAccepted,
+    Readiness,
     SkuChanges,
     order_request_decoder,
     parse_idempotency_key,
@@ -180,7 +183,7 @@ async def confirm_payment(request: Request) -> Response:
         raise errors.UnknownOrder()
     if result is PaymentResult.PAYMENT_REUSED:
         raise errors.PaymentReused()
-    answer = {"order_id": pay.order_id, "payment_id": pay.payment_id, "accepted": True}
+    answer = PaymentAccepted(order_id=pay.order_id, payment_id=pay.payment_id, accepted=True)
     headers = _REPLAYED if result is PaymentResult.REPLAYED else None
     return MsgspecResponse(answer, status_code=202, headers=headers)
 
@@ -260,14 +263,17 @@ async def get_sku_changes(request: Request) -> Response:
     return MsgspecResponse(SkuChanges(sku_id=sku_id, changes=changes))
 
 
+_HEALTHY = Health(status="ok")
+
+
 async def healthz(request: Request) -> Response:
-    return MsgspecResponse({"status": "ok"})
+    return MsgspecResponse(_HEALTHY)
 
 
 async def readyz(request: Request) -> Response:
     gw = _gateway(request)
     if await gw.inventory.ping():
-        return MsgspecResponse({"status": "ready", "mode": gw.watcher.mode, "pid": os.getpid()})
+        return MsgspecResponse(Readiness(status="ready", mode=gw.watcher.mode, pid=os.getpid()))
     raise errors.BackendUnavailable(reason="Redis is not answering or scripts are not loaded")
 
 
@@ -295,6 +301,11 @@ async def post_switch(request: Request) -> Response:
     return MsgspecResponse(await call(gw.modes.view()))
 
 
+async def openapi_document(request: Request) -> Response:
+    """The OpenAPI 3.1 document (`gateway/openapi.py`), built once; no auth."""
+    return RawJSONResponse(_gateway(request).openapi())
+
+
 routes = [
     Route("/api/v1/order/switch", post_switch, methods=["POST"]),
     Route("/api/v1/order/switch", get_switch, methods=["GET"]),
@@ -305,4 +316,5 @@ routes = [
     Route("/api/v1/admin/skus/{sku_id}/changes", get_sku_changes, methods=["GET"]),
     Route("/healthz", healthz, methods=["GET"]),
     Route("/readyz", readyz, methods=["GET"]),
+    Route("/openapi.json", openapi_document, methods=["GET"]),
 ]

@@ -1,4 +1,7 @@
-"""msgspec schemas for every body the gateway reads or writes; one Encoder/Decoder per type."""
+"""msgspec schemas for every body the gateway reads or writes; one Encoder/Decoder per type.
+
+They are also the source of the OpenAPI document (`gateway/openapi.py`): a field changed here is
+changed there."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from gateway.keys import ID_PATTERN
+from gateway.mode import Mode
 
 Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=ID_PATTERN)]
 EpochSeconds = Annotated[int, Meta(ge=0, le=253_402_300_799)]
@@ -40,6 +44,22 @@ class SkuConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     ends_at: EpochSeconds | None = None
 
 
+class OrderAccepted(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """The `202` of an order (built by `create_order.lua`; described here for the document)."""
+
+    order_id: str
+    status: Annotated[str, Meta(extra_json_schema={"enum": ["HELD", "QUEUED"]})]
+    sku_id: str
+    quantity: int
+    hold_expires_at: int | None = None  # epoch ms; absent when QUEUED
+
+
+class PaymentAccepted(Struct, frozen=True, kw_only=True):
+    order_id: str
+    payment_id: str
+    accepted: bool
+
+
 class SkuView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     sku_id: str
     promotion_id: str
@@ -69,7 +89,7 @@ class SkuChange(Struct, frozen=True, kw_only=True):
     at: int  # epoch ms, server clock
     by: str  # X-Operator (self-declared)
     client: str | None  # the peer's address; None: unknown
-    action: str  # "created" | "updated"
+    action: Annotated[str, Meta(extra_json_schema={"enum": ["created", "updated"]})]
     before: SkuSettings | None  # None for "created"
     after: SkuSettings
 
@@ -79,16 +99,49 @@ class SkuChanges(Struct, frozen=True, kw_only=True):
     changes: list[SkuChange]
 
 
+ORDER_STATUSES = ("QUEUED", "HELD", "CONFIRMED", "EXPIRED", "REJECTED", "PAID_AFTER_EXPIRY")
+OrderStatus = Annotated[str, Meta(extra_json_schema={"enum": list(ORDER_STATUSES)})]
+
+
+class OrderTransition(Struct, frozen=True, kw_only=True):
+    """One entry of an order's `history` (kept as JSON in Redis, sent as is)."""
+
+    from_: OrderStatus | None = msgspec.field(name="from")  # None: the creation entry
+    to: OrderStatus
+    at: int  # epoch ms
+
+
 class OrderView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     order_id: str
-    status: str
+    status: OrderStatus
     user_id: str
     sku_id: str
     quantity: int
     promotion_id: str
     created_at: int
-    history: msgspec.Raw
+    history: msgspec.Raw  # [OrderTransition, ...] oldest first
     hold_expires_at: int | None = None
+
+
+class Health(Struct, frozen=True, kw_only=True):
+    status: Annotated[str, Meta(extra_json_schema={"enum": ["ok"]})]
+
+
+class Readiness(Struct, frozen=True, kw_only=True):
+    status: Annotated[str, Meta(extra_json_schema={"enum": ["ready"]})]
+    mode: Mode
+    pid: int
+
+
+class ErrorBody(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """Every non-2xx answer (`app.error_response`); more fields may come (the contract)."""
+
+    error: str  # a stable code (`errors.py`)
+    message: str  # for people; the shopper's busy message on overload answers
+    available: int | None = None  # sold_out: units still available
+    backlog: int | None = None  # queue_full: unprocessed orders in the SKU's stream
+    committed: int | None = None  # stock_below_committed: units held plus sold
+    reason: str | None = None  # sale_not_active: not_started | ended; unavailable (readyz)
 
 
 order_request_decoder = msgspec.json.Decoder(OrderRequest)
