@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import os
 import re
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
@@ -306,15 +307,30 @@ async def openapi_document(request: Request) -> Response:
     return RawJSONResponse(_gateway(request).openapi())
 
 
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+def resource(path: str, **handlers: Endpoint) -> Route:
+    """One route per path whatever its methods, so that a 405 lists all of them in `Allow`:
+    Starlette answers with the methods of the first route whose path matched."""
+    if len(handlers) == 1:
+        ((method, endpoint),) = handlers.items()
+        return Route(path, endpoint, methods=[method])
+
+    async def by_method(request: Request) -> Response:
+        method = "GET" if request.method == "HEAD" else request.method
+        return await handlers[method](request)
+
+    return Route(path, by_method, methods=list(handlers))
+
+
 routes = [
-    Route("/api/v1/order/switch", post_switch, methods=["POST"]),
-    Route("/api/v1/order/switch", get_switch, methods=["GET"]),
-    Route("/api/v1/order/{order_id}", get_order, methods=["GET"]),
-    Route("/api/v1/payment/confirm", confirm_payment, methods=["POST"]),
-    Route("/api/v1/admin/skus/{sku_id}", put_sku, methods=["PUT"]),
-    Route("/api/v1/admin/skus/{sku_id}", get_sku, methods=["GET"]),
-    Route("/api/v1/admin/skus/{sku_id}/changes", get_sku_changes, methods=["GET"]),
-    Route("/healthz", healthz, methods=["GET"]),
-    Route("/readyz", readyz, methods=["GET"]),
-    Route("/openapi.json", openapi_document, methods=["GET"]),
+    resource("/api/v1/order/switch", GET=get_switch, POST=post_switch),
+    resource("/api/v1/order/{order_id}", GET=get_order),
+    resource("/api/v1/payment/confirm", POST=confirm_payment),
+    resource("/api/v1/admin/skus/{sku_id}", GET=get_sku, PUT=put_sku),
+    resource("/api/v1/admin/skus/{sku_id}/changes", GET=get_sku_changes),
+    resource("/healthz", GET=healthz),
+    resource("/readyz", GET=readyz),
+    resource("/openapi.json", GET=openapi_document),
 ]

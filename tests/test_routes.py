@@ -224,13 +224,34 @@ async def test_unknown_route_and_method_are_json(client: Client) -> None:
     r = await client.get("/nope")
     assert (r.status_code, r.json()["error"]) == (404, "not_found")
     r = await client.get("/api/v1/order/create")
-    assert r.status_code in (404, 405)
+    assert (r.status_code, r.json()["error"]) == (405, "method_not_allowed")
     r = await client.delete("/api/v1/admin/skus/x")
     assert (r.status_code, r.json()["error"]) == (405, "method_not_allowed")
     for path in ("/healthz/", "/api/v1/order/switch/", "/api/v1/order/x%2F"):
         r = await client.get(path, headers={"Host": "evil.example"})
         assert (r.status_code, r.json()["error"]) == (404, "not_found"), path  # no redirect
         assert "location" not in r.headers
+
+
+async def test_405_lists_every_method_of_the_path(client: Client) -> None:
+    """Found by schemathesis: a path served by two routes answered a 405 with the methods of
+    one (`Allow: POST` for the switch), and `/api/v1/order/create` matched the order lookup
+    (`GET` was `404 unknown_order`, `PUT` a 405 with `Allow: GET, HEAD`)."""
+    cases = {
+        "/api/v1/order/switch": {"GET", "HEAD", "POST"},
+        "/api/v1/admin/skus/x": {"GET", "HEAD", "PUT"},
+        "/api/v1/admin/skus/x/changes": {"GET", "HEAD"},
+        "/api/v1/order/create": {"POST"},
+        "/api/v1/order/x": {"GET", "HEAD"},
+        "/healthz": {"GET", "HEAD"},
+    }
+    for path, allowed in cases.items():
+        for method in ("OPTIONS", "DELETE", "PATCH", "GET", "PUT", "POST"):
+            if method in allowed:
+                continue
+            r = await client.request(method, path, headers=ADMIN)
+            assert (r.status_code, r.json()["error"]) == (405, "method_not_allowed"), (method, path)
+            assert set(r.headers["allow"].replace(" ", "").split(",")) == allowed, (method, path)
 
 
 async def test_quantity_limit_is_configurable(make_client: MakeClient) -> None:
