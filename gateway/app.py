@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
 import math
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway import errors
+from gateway import errors, metrics
 from gateway.breaker import CircuitBreaker, State
 from gateway.config import LOG_FORMAT, ConfigError, Settings
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
@@ -56,6 +58,7 @@ class Gateway:
             open_s=settings.breaker_open_s,
             on_transition=_log_transition,
         )
+        metrics.BREAKER_STATE.set(0)  # this worker's series exists from the start
         self.memo = SoldOutMemo(settings.soldout_recheck_ms / 1000)
         self.modes = ModeStore(redis, scripts)
         self.watcher = NoticeWatcher(
@@ -99,6 +102,8 @@ class Gateway:
 
 def _log_transition(old: State, new: State) -> None:
     log.warning("circuit breaker %s -> %s", old.value, new.value)
+    metrics.BREAKER_STATE.set(metrics.BREAKER_CODES[new.value])
+    metrics.BREAKER_TRANSITIONS.labels(new.value).inc()
 
 
 def error_response(exc: GatewayError, settings: Settings) -> Response:
@@ -132,9 +137,13 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> Starlette:
             await check_waitaof(client, settings)
             gateway = app.state.gateway = Gateway(settings, client, scripts, fast)
             await gateway.watcher.start()
+            flushing = asyncio.create_task(metrics.flush_every(METRICS_FLUSH_S))
             try:
                 yield
             finally:
+                flushing.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await flushing
                 await gateway.watcher.stop()
                 gateway.close()
         finally:
@@ -145,19 +154,23 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> Starlette:
 
     async def on_gateway_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, GatewayError)
+        request.scope[ANSWER_CODE] = exc.code
         return error_response(exc, settings)
 
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
+            request.scope[ANSWER_CODE] = NotFound.code
             return error_response(NotFound(), settings)
         if exc.status_code == 405:
+            request.scope[ANSWER_CODE] = MethodNotAllowed.code
             err = MethodNotAllowed(headers=dict(exc.headers or {}))
             return error_response(err, settings)
         body = {"error": "http_error", "message": str(exc.detail)}
         return MsgspecResponse(body, status_code=exc.status_code)
 
     async def on_unexpected(request: Request, exc: Exception) -> Response:
+        request.scope[ANSWER_CODE] = "internal_error"
         return internal_error(request.method, request.url.path)
 
     app = GatewayApp(
@@ -169,6 +182,7 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> Starlette:
             Exception: on_unexpected,
         },
     )
+    app.route_names = {route.endpoint: route.path for route in routes}
     # A path with a trailing slash is a 404, not a redirect: API clients do not follow one,
     # and its Location is built from the request's Host header (a redirect anywhere).
     app.router.redirect_slashes = False
@@ -176,6 +190,8 @@ def create_app(settings: Settings, *, redis: Redis | None = None) -> Starlette:
 
 
 ORDER_PATH = "/api/v1/order/create"
+ANSWER_CODE = "flashgate.answer_code"  # set in the scope by the error handlers
+METRICS_FLUSH_S = 1.0  # how often a worker writes its counts for the others' scrapes
 
 
 class GatewayApp(Starlette):
@@ -188,21 +204,47 @@ class GatewayApp(Starlette):
     Starlette, the path matched the order lookup `/api/v1/order/{order_id}`).
     """
 
+    route_names: dict[Any, str]  # endpoint -> its path template, the metrics' route label
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == ORDER_PATH:
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        started = time.perf_counter()
+        if scope["path"] == ORDER_PATH:
             scope["app"] = self
             gateway: Gateway = self.state.gateway
             try:
                 if scope["method"] != "POST":
                     raise MethodNotAllowed(headers={"Allow": "POST"})
                 response = await create_order(gateway, scope, receive)
+                code = "created"
+                for name, _ in response.raw_headers:
+                    if name == b"idempotent-replayed":
+                        code = "replayed"
             except GatewayError as exc:
                 response = error_response(exc, gateway.settings)
+                code = exc.code
             except Exception:
                 response = internal_error("POST", ORDER_PATH)
+                code = "internal_error"
             await response(scope, receive, send)
+            metrics.answered(ORDER_PATH, response.status_code, code, time.perf_counter() - started)
             return
-        await super().__call__(scope, receive, send)
+        status = 500
+
+        async def sending(message: Any) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await super().__call__(scope, receive, sending)
+        finally:
+            route = self.route_names.get(scope.get("endpoint"), "unmatched")
+            code = scope.get(ANSWER_CODE, "ok" if status < 400 else "error")
+            metrics.answered(route, status, code, time.perf_counter() - started)
 
 
 async def check_waitaof(client: Redis, settings: Settings) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import fcntl
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -92,6 +93,18 @@ def bucket_path(port: int) -> Path:
     return base / f"flashgate-{os.getuid()}-{port}.bucket"
 
 
+def prepare_multiprocess(directory: Path) -> None:
+    """Before uvicorn starts: an empty directory for every worker's metrics files, named in
+    the environment the workers inherit (gateway/metrics.py). Totals start again with the
+    instance. Here, not in gateway.metrics: prometheus-client must not be imported before
+    the variable is set, or this process would count in memory only."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return  # the operator chose one
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
 def run_gateway(settings: Settings) -> int:
     """The HTTP gateway alone, in this process (uvicorn with uvloop and httptools)."""
     import uvicorn
@@ -100,6 +113,8 @@ def run_gateway(settings: Settings) -> int:
     if settings.workers > 1 and not settings.bucket_file:
         settings = settings.replace(bucket_file=str(bucket_path(settings.port)))
     os.environ.update(settings.to_env())
+    # every worker's metrics files, added up by whichever worker answers GET /metrics
+    prepare_multiprocess(bucket_path(settings.port).with_suffix(".metrics"))
     uvicorn.run(
         "gateway.app:app_from_env",
         factory=True,

@@ -19,7 +19,7 @@ import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gateway import keys
+from gateway import keys, metrics
 from gateway.operators import DEFAULT_OPERATOR
 from gateway.soldout import SoldOutMemo
 
@@ -92,10 +92,20 @@ class NoticeWatcher:
         self.store = store
         self.memo = memo
         self.refresh_s = refresh_s
-        self.mode = Mode.NORMAL
+        self._mode = Mode.NORMAL
         self.connected = False
         self._heard = asyncio.Event()  # the first subscription was confirmed
         self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def mode(self) -> Mode:
+        """The mode this process applies."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: Mode) -> None:
+        self._mode = value
+        metrics.WORKER_MODE.set(1 if value is Mode.QUEUE_ONLY else 0)
 
     async def start(self, listen_timeout_s: float = 2.0) -> None:
         """Read the mode once (start-up fails fast without Redis), then watch in the background:

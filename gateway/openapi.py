@@ -389,6 +389,18 @@ def _paths(settings: Settings) -> Json:
             **errs(errors.BackendUnavailable),
         },
     }
+    prometheus = {
+        "tags": [HEALTH],
+        "operationId": "metrics",
+        "summary": "Prometheus text: every worker's counts and what Redis holds now",
+        "responses": {
+            "200": {
+                "description": "Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            **errs(),
+        },
+    }
     document = {
         "tags": [HEALTH],
         "operationId": "openapi",
@@ -421,6 +433,7 @@ def _paths(settings: Settings) -> Json:
         "/healthz": {"get": health},
         "/readyz": {"get": ready},
         "/openapi.json": {"get": document},
+        "/metrics": {"get": prometheus},
     }
 
 

@@ -15,7 +15,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope
 
-from gateway import errors
+from gateway import errors, metrics
 from gateway.inventory import ConfigureResult, CreateResult, PaymentResult, accepted_member
 from gateway.keys import ID_PATTERN
 from gateway.mode import Mode
@@ -120,6 +120,7 @@ async def create_order(gw: Gateway, scope: Scope, receive: Receive) -> Response:
         raise errors.SoldOut(available=0)
     wait_s = gw.limiter.take()
     if wait_s > 0:
+        metrics.BUCKET_REFUSALS.inc()
         raise gw.rate_limited(wait_s)
     breaker = gw.breaker
     if not breaker.allow():
@@ -130,7 +131,9 @@ async def create_order(gw: Gateway, scope: Scope, receive: Receive) -> Response:
         result, payload = await gw.inventory.create_order(req, key, queue_only=queue_only)
         failed = False
     finally:
-        breaker.record(breaker.clock() - started, failed=failed)
+        elapsed = breaker.clock() - started
+        breaker.record(elapsed, failed=failed)
+        metrics.observe(metrics.SCRIPT_LATENCY, "create_order", elapsed)
     if result is CreateResult.CREATED:
         gw.memo.forget(req.sku_id)  # if this was a re-check: stock came back
         return RawJSONResponse(payload, status_code=202)
@@ -324,6 +327,13 @@ def resource(path: str, **handlers: Endpoint) -> Route:
     return Route(path, by_method, methods=list(handlers))
 
 
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text: every worker's counts and what Redis holds (gateway/metrics.py)."""
+    gw = _gateway(request)
+    body = await metrics.render(gw.inventory.redis)
+    return Response(body, media_type=metrics.CONTENT_TYPE)
+
+
 routes = [
     resource("/api/v1/order/switch", GET=get_switch, POST=post_switch),
     resource("/api/v1/order/{order_id}", GET=get_order),
@@ -333,4 +343,5 @@ routes = [
     resource("/healthz", GET=healthz),
     resource("/readyz", GET=readyz),
     resource("/openapi.json", GET=openapi_document),
+    resource("/metrics", GET=metrics_endpoint),
 ]

@@ -30,6 +30,7 @@ class SkuSample:
     available: int
     held: int
     sold: int
+    holds: int  # active holds (orders holding units)
     backlog: int
     pending: int
     dead: int
@@ -68,7 +69,8 @@ async def sample(redis: Redis) -> Sample:
             pipe.xinfo_stream(sk.events)
             pipe.xlen(sk.dead)
             pipe.xpending(sk.stream, keys.FINALIZER_GROUP)
-            figures, stream, events, dead, pending = await pipe.execute(raise_on_error=False)
+            pipe.zcard(sk.holds)
+            figures, stream, events, dead, pending, holds = await pipe.execute(raise_on_error=False)
         if isinstance(figures, Exception) or figures[0] is None:
             continue  # registered, not configured: `flashgate audit` reports it
         stock, available, held, sold, backlog = (int(v or 0) for v in figures)
@@ -79,6 +81,7 @@ async def sample(redis: Redis) -> Sample:
                 available,
                 held,
                 sold,
+                0 if isinstance(holds, Exception) else int(holds),
                 backlog,
                 0 if isinstance(pending, Exception) else int(pending["pending"]),
                 0 if isinstance(dead, Exception) else int(dead),
