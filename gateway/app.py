@@ -7,10 +7,13 @@ import contextlib
 import gc
 import logging
 import math
+import re
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from starlette.applications import Starlette
@@ -19,9 +22,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway import errors, metrics
+from gateway import errors, logs, metrics
 from gateway.breaker import CircuitBreaker, State
-from gateway.config import LOG_FORMAT, ConfigError, Settings
+from gateway.config import ConfigError, Settings
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.inventory import Inventory
 from gateway.limiter import TokenBucket
@@ -229,7 +232,11 @@ class GatewayApp(Starlette):
                 response = internal_error("POST", ORDER_PATH)
                 code = "internal_error"
             await response(scope, receive, send)
-            metrics.answered(ORDER_PATH, response.status_code, code, time.perf_counter() - started)
+            took = time.perf_counter() - started
+            metrics.answered(ORDER_PATH, response.status_code, code, took)
+            if gateway.settings.access_log:
+                order_id = _order_id_of(response) if response.status_code == 202 else None
+                access(scope, ORDER_PATH, response.status_code, code, took, order_id)
             return
         status = 500
 
@@ -244,7 +251,46 @@ class GatewayApp(Starlette):
         finally:
             route = self.route_names.get(scope.get("endpoint"), "unmatched")
             code = scope.get(ANSWER_CODE, "ok" if status < 400 else "error")
-            metrics.answered(route, status, code, time.perf_counter() - started)
+            took = time.perf_counter() - started
+            metrics.answered(route, status, code, took)
+            gw: Gateway | None = getattr(self.state, "gateway", None)
+            if gw is not None and gw.settings.access_log:
+                order_id = scope.get("path_params", {}).get("order_id")
+                access(scope, route, status, code, took, order_id)
+
+
+_access_log = logging.getLogger("flashgate.access")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}\Z")
+
+
+def access(
+    scope: Scope, route: str, status: int, code: str, seconds: float, order_id: str | None
+) -> None:
+    """One access-log line (gateway/logs.py): the client's X-Request-Id when it is an id,
+    else a new one; never another header, never a body."""
+    given = next((v for k, v in scope["headers"] if k == b"x-request-id"), b"")
+    text = given.decode("latin-1")
+    request_id = text if _REQUEST_ID.match(text) else uuid.uuid4().hex
+    fields = {
+        "request_id": request_id,
+        "method": scope["method"],
+        "route": route,
+        "status": status,
+        "code": code,
+        "duration_ms": round(seconds * 1000, 3),
+    }
+    if order_id:
+        fields["order_id"] = order_id
+    _access_log.info("%s %s %d %s", scope["method"], route, status, code, extra=fields)
+
+
+def _order_id_of(response: Response) -> str | None:
+    """The order id of a 202 order answer (a replay's too)."""
+    try:
+        order_id = msgspec.json.decode(response.body).get("order_id")
+    except (msgspec.DecodeError, AttributeError):
+        return None
+    return order_id if isinstance(order_id, str) else None
 
 
 async def check_waitaof(client: Redis, settings: Settings) -> None:
@@ -265,8 +311,9 @@ def app_from_env() -> Starlette:
     """uvicorn factory for worker processes: settings come from the environment."""
     # A worker spawned by uvicorn (--workers > 1) starts with an unconfigured root logger: the
     # INFO lines of operator changes would be lost. No-op when the root has a handler already.
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    app = create_app(Settings.from_env())
+    settings = Settings.from_env()
+    logs.configure(settings.log_format, force=False)
+    app = create_app(settings)
     settle_heap()
     return app
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from gateway import __version__
-from gateway.config import LOG_FORMAT, ConfigError, Settings, env_name
+from gateway import __version__, logs
+from gateway.config import ConfigError, Settings, env_name
 from gateway.embedded import (
     EmbeddedError,
     EmbeddedServer,
@@ -42,7 +42,7 @@ _HELP = {
     "idempotency_ttl_s": "how long an accepted answer is replayed (s)",
     "workers": "HTTP worker processes",
     "data_dir": "directory of the embedded server's data",
-    "access_log": "log every request (halves throughput)",
+    "access_log": "one log line per request (request id, route, status, order id); costly",
     "qps": "token bucket refill per second, per gateway instance",
     "burst": "token bucket capacity",
     "queue_max": "most unprocessed orders one SKU's stream may hold",
@@ -124,7 +124,8 @@ def run_gateway(settings: Settings) -> int:
         loop="uvloop",
         http="gateway.http:GatewayHttpProtocol",  # httptools, parser errors as JSON
         lifespan="on",
-        access_log=settings.access_log,
+        access_log=False,  # the gateway's own access log, when asked for (gateway/logs.py)
+        log_config=logs.uvicorn_config(settings.log_format, settings.log_level),
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
         # X-Forwarded-* is deliberately not parsed: the client address the operator audit
@@ -434,9 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.add_argument("--count", type=int, default=None, help="stop after N tables")
         _add_settings_flags(command)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logs.configure("text")  # until the settings say which
     try:
         settings = _settings(args)
+        logs.configure(settings.log_format)
         if args.command == "serve":
             return Supervisor(settings).run()
         if args.command == "gateway":

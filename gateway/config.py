@@ -11,7 +11,6 @@ from typing import Any
 
 PREFIX = "FLASHGATE_"
 DEFAULT_BUSY_MESSAGE = "活动火爆,请稍后再试"
-LOG_FORMAT = "%(asctime)s flashgate %(message)s"  # every process: serve, its children, workers
 
 # Settings whose environment name is not PREFIX + upper-case field name.
 _ENV_NAMES = {"redis_url": "REDIS_URL"}
@@ -25,6 +24,7 @@ _CHOICES: dict[str, tuple[object, ...]] = {
     "redis_client": ("mux", "pool"),
     "appendfsync": ("everysec", "always"),
     "waitaof_local": (0, 1),
+    "log_format": ("json", "text"),
 }
 
 
@@ -73,6 +73,7 @@ class Settings:
     workers: int = 1
     access_log: bool = False
     log_level: str = "info"
+    log_format: str = "json"  # one JSON object per line, or "text" (gateway/logs.py)
 
     def __post_init__(self) -> None:
         positive = (
