@@ -179,3 +179,41 @@ def test_batched_observations_equal_prometheus_own() -> None:
                  if not s.name.endswith("_created")}  # fmt: skip
     assert mine == reference
     assert len(mine) == len(metrics.SLO_BUCKETS) + 3  # buckets, +Inf, count, sum
+
+
+DASHBOARD = Path(__file__).resolve().parent.parent / "ops" / "grafana" / "flashgate.json"
+
+
+async def test_the_dashboard_queries_only_metrics_and_labels_that_exist(client: Client) -> None:
+    """Every metric a panel of ops/grafana/flashgate.json queries is in /metrics, with the
+    labels the query selects or groups by."""
+    import json
+    import re
+
+    await put_sku(client, stock=1, per_user_limit=1)
+    await create(client)
+    await create(client, user_id="late")  # sold out
+    text = (await client.get("/metrics")).text
+    families = list(text_string_to_metric_families(text))
+    known = {f.name for f in families} | {s.name for f in families for s in f.samples}
+    labels: dict[str, set[str]] = {}
+    for f in families:
+        for s in f.samples:
+            labels.setdefault(s.name, set()).update(s.labels)
+            labels.setdefault(f.name, set()).update(s.labels)
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    assert len(exprs) >= 15
+    for expr in exprs:
+        for name, selector in re.findall(r"(flashgate_[a-z_]+)(\{[^}]*\})?", expr):
+            base = re.sub(r"_(bucket|count|sum|total)$", "", name)
+            assert name in known or base in known, (name, expr)
+            used = set(re.findall(r"(\w+)=", selector))
+            have = labels.get(name, set()) | labels.get(base, set())
+            if have:  # a family with samples: its labels are known
+                assert used - {"le"} <= have, (name, used, have)
+        for group in re.findall(r"by \(([^)]*)\)", expr):
+            names = re.findall(r"flashgate_[a-z_]+", expr)
+            have = set().union(*(labels.get(n, set()) for n in names))
+            if have:  # no sample yet (no breaker transition in this test): name checked above
+                assert {g.strip() for g in group.split(",")} <= have | {"le"}, (expr, have)
