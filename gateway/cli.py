@@ -114,7 +114,7 @@ def run_gateway(settings: Settings) -> int:
         settings = settings.replace(bucket_file=str(bucket_path(settings.port)))
     os.environ.update(settings.to_env())
     # every worker's metrics files, added up by whichever worker answers GET /metrics
-    prepare_multiprocess(bucket_path(settings.port).with_suffix(".metrics"))
+    prepare_multiprocess(Path(settings.data_dir).resolve() / f"metrics-{settings.port}")
     uvicorn.run(
         "gateway.app:app_from_env",
         factory=True,
