@@ -203,7 +203,7 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._on_signal)
         settings = self.settings
         data_dir = Path(settings.data_dir).resolve()
-        data_dir.mkdir(parents=True, exist_ok=True)
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = open(data_dir / "serve.lock", "w")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

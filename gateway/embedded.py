@@ -116,7 +116,7 @@ class EmbeddedServer:
         return self._listen
 
     def start(self, timeout_s: float = 30.0) -> str:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         addr, url = self._address()
         # AOF, fsync every second. The automatic rewrite starts only once the file reaches
         # AOF_REWRITE_MIN_SIZE: each rewrite forks the server, and a fork every few seconds in

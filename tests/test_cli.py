@@ -580,3 +580,8 @@ def test_status_shows_mode_stock_and_rates(serve: Serve, data_dir: Path) -> None
     watched = flashgate("status", "--data-dir", str(data_dir), "--watch", "0.2", "--count", "2")
     assert watched.returncode == 0, watched.stderr
     assert watched.stdout.count("mode QUEUE_ONLY") == 2
+
+
+def test_the_data_dir_is_private(serve: Serve, data_dir: Path) -> None:
+    """A data directory flashgate creates holds every order (AOF, log): owner only."""
+    assert data_dir.stat().st_mode & 0o777 == 0o700
