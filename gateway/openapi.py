@@ -19,6 +19,8 @@ from gateway.http import HEAD_TOO_LARGE, MALFORMED, TOO_SLOW
 from gateway.keys import ORDER_ID_PATTERN
 from gateway.mode import ModeSwitch, ModeView
 from gateway.schemas import (
+    ConsoleSku,
+    ConsoleView,
     ErrorBody,
     Health,
     Id,
@@ -52,11 +54,14 @@ STRUCTS = (
     Health,
     Readiness,
     ErrorBody,
+    ConsoleView,
+    ConsoleSku,
 )
 # Fields kept as JSON in Redis and sent as is (msgspec.Raw): what their items are.
 RAW_LISTS: dict[tuple[str, str], str] = {
     ("OrderView", "history"): "OrderTransition",
     ("ModeView", "history"): "ModeSwitch",
+    ("ConsoleView", "history"): "ModeSwitch",
 }
 # Answered by the HTTP layer (`gateway/http.py`) to any request, before routing.
 HTTP_LAYER: dict[int, Json] = {
@@ -389,6 +394,23 @@ def _paths(settings: Settings) -> Json:
             **errs(errors.BackendUnavailable),
         },
     }
+    console_view = {
+        "operationId": "getConsoleView",
+        "summary": "What the ops console shows: mode, switches, this worker's breaker, SKUs",
+        "responses": _ok(200, "ConsoleView", "the console's figures"),
+    }
+    console_page = {
+        "tags": [HEALTH],
+        "operationId": "console",
+        "summary": "The ops console page (asks for the admin token; no data of its own)",
+        "responses": {
+            "200": {
+                "description": "HTML",
+                "content": {"text/html": {"schema": {"type": "string"}}},
+            },
+            **errs(),
+        },
+    }
     prometheus = {
         "tags": [HEALTH],
         "operationId": "metrics",
@@ -434,6 +456,8 @@ def _paths(settings: Settings) -> Json:
         "/readyz": {"get": ready},
         "/openapi.json": {"get": document},
         "/metrics": {"get": prometheus},
+        "/console": {"get": console_page},
+        "/api/v1/admin/console": {"get": _admin(console_view, settings=settings)},
     }
 
 

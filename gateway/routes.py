@@ -7,6 +7,7 @@ import hmac
 import os
 import re
 from collections.abc import Awaitable, Callable
+from importlib import resources
 from typing import TYPE_CHECKING, TypeVar
 
 import msgspec
@@ -15,13 +16,15 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope
 
-from gateway import errors, metrics
+from gateway import errors, metrics, status
 from gateway.inventory import ConfigureResult, CreateResult, PaymentResult, accepted_member
 from gateway.keys import ID_PATTERN
 from gateway.mode import Mode
 from gateway.operators import Operator, client_address, log_change, operator_of
 from gateway.responses import MsgspecResponse, RawJSONResponse
 from gateway.schemas import (
+    ConsoleSku,
+    ConsoleView,
     Health,
     PaymentAccepted,
     Readiness,
@@ -327,6 +330,50 @@ def resource(path: str, **handlers: Endpoint) -> Route:
     return Route(path, by_method, methods=list(handlers))
 
 
+_CONSOLE_PAGE = (resources.files("gateway") / "console.html").read_bytes()
+_CONSOLE_HEADERS = {
+    # the page's own script and styles only; data comes from this origin with the token
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; connect-src 'self'; form-action 'none'; frame-ancestors 'none'",
+    "Cache-Control": "no-store",
+}
+
+
+async def console_page(request: Request) -> Response:
+    """The ops console (gateway/console.html): a page with no data of its own; it asks for
+    the admin token and reads `/api/v1/admin/console` with it every second."""
+    return Response(_CONSOLE_PAGE, media_type="text/html", headers=_CONSOLE_HEADERS)
+
+
+async def console_view(request: Request) -> Response:
+    gw = _gateway(request)
+    require_admin(request, gw)
+    sample = await call(status.sample(gw.inventory.redis))
+    modes = await call(gw.modes.view(limit=10))
+    view = ConsoleView(
+        mode=modes.mode.value,
+        changed_at=modes.changed_at,
+        history=modes.history,
+        breaker=gw.breaker.state.value,
+        entries_in=sum(s.entries_in for s in sample.skus),
+        skus=[
+            ConsoleSku(
+                sku_id=s.sku_id,
+                stock=s.stock,
+                available=s.available,
+                held=s.held,
+                sold=s.sold,
+                holds=s.holds,
+                backlog=s.backlog,
+                pending=s.pending,
+                dead=s.dead,
+            )  # fmt: skip
+            for s in sample.skus
+        ],
+    )
+    return MsgspecResponse(view)
+
+
 async def metrics_endpoint(request: Request) -> Response:
     """Prometheus text: every worker's counts and what Redis holds (gateway/metrics.py)."""
     gw = _gateway(request)
@@ -344,4 +391,6 @@ routes = [
     resource("/readyz", GET=readyz),
     resource("/openapi.json", GET=openapi_document),
     resource("/metrics", GET=metrics_endpoint),
+    resource("/console", GET=console_page),
+    resource("/api/v1/admin/console", GET=console_view),
 ]

@@ -99,6 +99,31 @@ class SkuChanges(Struct, frozen=True, kw_only=True):
     changes: list[SkuChange]
 
 
+class ConsoleSku(Struct, frozen=True, kw_only=True):
+    sku_id: str
+    stock: int
+    available: int
+    held: int
+    sold: int
+    holds: int  # active holds
+    backlog: int  # orders no finalizer has decided yet
+    pending: int  # stream entries delivered to a finalizer, not yet acknowledged
+    dead: int  # dead letters
+
+
+class ConsoleView(Struct, frozen=True, kw_only=True):
+    """What the ops console shows: the shared mode and its recent switches, the breaker of the
+    worker that answered, and every SKU's figures from Redis. `entries_in` counts every entry
+    ever added to the SKUs' streams (orders and payments): its rate is intake per second."""
+
+    mode: str
+    changed_at: int | None
+    history: msgspec.Raw  # [ModeSwitch, ...] newest first
+    breaker: str  # closed | open | half_open, this worker's
+    entries_in: int
+    skus: list[ConsoleSku]
+
+
 ORDER_STATUSES = ("QUEUED", "HELD", "CONFIRMED", "EXPIRED", "REJECTED", "PAID_AFTER_EXPIRY")
 OrderStatus = Annotated[str, Meta(extra_json_schema={"enum": list(ORDER_STATUSES)})]
 
