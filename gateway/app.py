@@ -281,7 +281,12 @@ def access(
     }
     if order_id:
         fields["order_id"] = order_id
-    _access_log.info("%s %s %d %s", scope["method"], route, status, code, extra=fields)
+    # the fields are in the message too, for FLASHGATE_LOG_FORMAT=text
+    _access_log.info(
+        "%s %s %d %s %.3f ms request_id=%s order_id=%s",
+        scope["method"], route, status, code, fields["duration_ms"], request_id,
+        order_id or "-", extra=fields,
+    )  # fmt: skip
 
 
 def _order_id_of(response: Response) -> str | None:

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import weakref
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+log = logging.getLogger("flashgate")
 MAX_HEAD_BYTES = 32 * 1024
 LINGER_S = 2.0
 MALFORMED = (400, b'{"error":"invalid_request","message":"malformed HTTP request"}')
@@ -57,13 +59,18 @@ def _sweep(loop: asyncio.AbstractEventLoop, connections: set[Any], every_s: floa
     """Once per `every_s`: cut off every connection whose request has been arriving for
     longer than the client timeout. One timer per worker: a timer per request (armed and
     cancelled on each) cost a fifth of the sold-out path's throughput in bench/."""
-    now = loop.time()
-    limit = read_timeout_s()
-    for conn in list(connections):
-        since = getattr(conn, "_since", None)
-        if since is not None and now - since > limit:
-            conn._too_slow()
-    loop.call_later(every_s, _sweep, loop, connections, every_s)
+    try:
+        now = loop.time()
+        limit = read_timeout_s()
+        for conn in list(connections):
+            since = getattr(conn, "_since", None)
+            if since is not None and now - since > limit:
+                try:
+                    conn._too_slow()
+                except Exception:  # one connection's failure must not end the sweeping
+                    log.exception("cutting off a slow client failed")
+    finally:
+        loop.call_later(every_s, _sweep, loop, connections, every_s)
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -86,9 +93,14 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._since = None
         if self._refused or self.transport.is_closing():
             return
-        if self.cycle is not None and self.cycle.response_started:
-            self.transport.close()  # answered early (a 413): the rest never came
+        answering = self.cycle is not None and self.cycle.response_started
+        if answering and not self._head_open:
+            # answered early (a 413) while its body was still coming: close, lingering
+            self._refused = True
+            self._close_lingering()
         elif self._got_bytes:
+            # a request arriving too slowly; on a kept-alive connection `cycle` is still the
+            # previous, answered request's until this one's head is complete
             self._refuse(*TOO_SLOW)
         else:
             self.transport.close()  # opened and silent
@@ -140,6 +152,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._head_open = False
         self._refused = True
         self.transport.write(b"".join(head) + body)
+        self._close_lingering()
+
+    def _close_lingering(self) -> None:
+        """End of file now, the close after LINGER_S (or when the client closes): unread
+        input at the close would reset the connection and lose the answer."""
         if self.transport.can_write_eof():
             self.transport.write_eof()
             self._linger = self.loop.call_later(LINGER_S, self.transport.close)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+import logging
 import math
 import os
 from collections.abc import Iterator
@@ -42,6 +44,7 @@ from redis.exceptions import RedisError
 
 from gateway import status
 
+log = logging.getLogger("flashgate")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 # Latency buckets at the SLOs: p99 <= 10 ms at half of max (bench/), the breaker's 800 ms
@@ -109,11 +112,14 @@ def observe(histogram: Histogram, label: str, seconds: float) -> None:
 
 
 def flush() -> None:
-    """Write what this process counted since the last flush."""
-    for (route, status_code, code), n in _answers.items():
-        REQUESTS.labels(route, str(status_code), code).inc(n)
+    """Write what this process counted since the last flush (taken first: a write that
+    fails loses those counts, it never counts them twice)."""
+    answers, observed = dict(_answers), dict(_observed)
     _answers.clear()
-    for (histogram, label), tally in _observed.items():
+    _observed.clear()
+    for (route, status_code, code), n in answers.items():
+        REQUESTS.labels(route, str(status_code), code).inc(n)
+    for (histogram, label), tally in observed.items():
         child = histogram.labels(label)
         # prometheus-client keeps a histogram's buckets uncumulated (`observe` adds 1 to the
         # first bucket whose bound holds the value) and cumulates them when collected
@@ -121,7 +127,6 @@ def flush() -> None:
             if count:
                 bucket.inc(count)
         child._sum.inc(tally[-1])
-    _observed.clear()
 
 
 async def flush_every(seconds: float) -> None:
@@ -130,9 +135,13 @@ async def flush_every(seconds: float) -> None:
     try:
         while True:
             await asyncio.sleep(seconds)
-            flush()
+            try:
+                flush()
+            except Exception:  # e.g. the metrics directory's disk full: keep serving
+                log.exception("writing the metrics failed")
     finally:
-        flush()
+        with contextlib.suppress(Exception):
+            flush()
 
 
 def _alive(pid: int) -> bool:
@@ -205,7 +214,7 @@ async def render(redis: Any) -> bytes:
         workers = generate_latest(REGISTRY)
     try:
         sample: status.Sample | None = await status.sample(redis)
-    except (RedisError, OSError):  # Redis down: the scrape still answers, with redis_up 0
+    except (RedisError, OSError, ValueError):  # Redis down (or a record unreadable): redis_up 0
         sample = None
     figures = CollectorRegistry()
     figures.register(_RedisFigures(sample))

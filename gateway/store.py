@@ -315,7 +315,8 @@ class Multiplexed:
             wire = await self._connect()
         fut, done = wire.send_with_barrier(_encode(args), _encode(barrier))
         reply = await fut
-        return reply, await done
+        # shared by every caller of the tick: one caller cancelled must not cancel the rest
+        return reply, await asyncio.shield(done)
 
     async def _connect(self) -> _Wire:
         if self._closed:

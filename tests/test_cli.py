@@ -546,6 +546,19 @@ def test_slow_and_silent_clients_are_cut_off(data_dir: Path) -> None:
         assert 0.9 < took < 5
         silent, took = exchange_slowly(b"")
         assert silent == b"" and 0.9 < took < 5
+        # kept alive: one request answered, then the next one's head trickles
+        with socket.create_connection(("127.0.0.1", serve.port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            first = b""
+            while b'"ok"}' not in first:
+                first += sock.recv(65536)
+            assert first.startswith(b"HTTP/1.1 200 ")
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: 1")
+            second = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    second += chunk
+            assert second.startswith(b"HTTP/1.1 408 "), second
         assert httpx.get(f"{serve.base}/healthz").status_code == 200
         url = (data_dir / "server.url").read_text().strip()
         r = redis.Redis.from_url(url)
