@@ -367,6 +367,7 @@ AUDIT_SWEEP_MARGIN_MS = 5000  # a hold may outlive its deadline by one sweep int
 async def _audit(settings: Settings) -> int:
     from gateway.inventory import Inventory
     from gateway.scripts import ScriptRegistry
+    from gateway.status import text_table
     from gateway.store import create_client
 
     client = create_client(settings)
@@ -392,9 +393,7 @@ async def _audit(settings: Settings) -> int:
             orders = " ".join(f"{st}:{n}" for st, (n, _) in sorted(row.orders.items())) or "-"
             figures = (row.stock, row.available, row.held, row.sold, row.backlog)
             rows.append((sku_id, *(str(x) for x in figures), orders, status))
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        for r in [header, *rows]:
-            print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        print("\n".join(text_table([header, *rows])))
         print(f"{len(sku_ids)} SKU(s), {broken} with broken invariants")
         return 1 if broken else 0
     finally:

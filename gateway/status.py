@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -97,6 +98,19 @@ async def sample(redis: Redis) -> Sample:
     )
 
 
+def text_table(rows: Sequence[Sequence[str]], *, numbers_right: bool = False) -> list[str]:
+    """Rows as aligned columns two spaces apart; with `numbers_right`, every column after the
+    first is right-aligned."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            c.rjust(w) if numbers_right and i else c.ljust(w)
+            for i, (c, w) in enumerate(zip(r, widths, strict=True))
+        ).rstrip()
+        for r in rows
+    ]
+
+
 def render(before: Sample, now: Sample) -> list[str]:
     """The table for `now`, with rates against `before`."""
     seconds = max(now.at - before.at, 1e-9)
@@ -119,13 +133,7 @@ def render(before: Sample, now: Sample) -> list[str]:
         figures = (s.stock, s.available, s.held, s.sold, s.backlog, s.pending, s.dead)
         totals = [t + f for t, f in zip(totals, figures, strict=True)]
         rows.append((s.sku_id, *map(str, figures), f"{rate_in:.1f}", f"{rate_out:.1f}"))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines += [
-        "  ".join(
-            c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True))
-        ).rstrip()
-        for r in rows
-    ]
+    lines += text_table(rows, numbers_right=True)
     lines.append(
         f"{len(now.skus)} SKU(s): stock {totals[0]}, available {totals[1]}, held {totals[2]}, "
         f"sold {totals[3]}, backlog {totals[4]}, pending {totals[5]}, dead letters {totals[6]}"
