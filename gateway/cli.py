@@ -400,6 +400,21 @@ async def _audit(settings: Settings) -> int:
         await client.aclose()
 
 
+async def _dead(settings: Settings, sku_ids: list[str] | None, limit: int) -> int:
+    from gateway import status
+    from gateway.store import create_client
+
+    client = create_client(settings)
+    try:
+        rows = await status.dead_letters(client, sku_ids, limit)
+    finally:
+        await client.aclose()
+    if rows:
+        print("\n".join(status.text_table([status.DEAD_HEADER, *rows])))
+    print(f"{len(rows)} dead letter(s)")
+    return 0
+
+
 async def _status(settings: Settings, watch_s: float, count: int | None) -> int:
     from gateway import status
     from gateway.store import create_client
@@ -424,6 +439,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ("sweeper", "only the expired-hold sweeper (safe to run more than one)"),
         ("audit", "check the inventory invariants of every SKU"),
         ("status", "mode, stock, backlog and rates of every SKU, in the terminal"),
+        ("dead", "list the newest dead letters of every SKU (read only)"),
     ):
         command = sub.add_parser(name, help=text, description=text)
         if name == "status":
@@ -432,6 +448,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 help="print the table every S seconds until interrupted (default: once)",
             )  # fmt: skip
             command.add_argument("--count", type=int, default=None, help="stop after N tables")
+        if name == "dead":
+            command.add_argument("--sku", action="append", help="only this SKU (repeatable)")
+            command.add_argument("--limit", type=int, default=20, help="per SKU (default 20)")
         _add_settings_flags(command)
     args = parser.parse_args(argv)
     logs.configure("text")  # until the settings say which
@@ -444,6 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_gateway(settings)
         if args.command in ("finalizer", "sweeper"):
             return asyncio.run(_run_role(_resolve_redis(settings), args.command))
+        if args.command == "dead":
+            return asyncio.run(_dead(_resolve_redis(settings), args.sku, args.limit))
         if args.command == "status":
             return asyncio.run(_status(_resolve_redis(settings), args.watch, args.count))
         return asyncio.run(_audit(_resolve_redis(settings)))

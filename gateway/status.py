@@ -157,3 +157,28 @@ async def run(redis: Redis, *, watch_s: float, count: int | None, out: TextIO) -
         if watch_s <= 0 or (count is not None and shown >= count):
             return 0
         before = now
+
+
+DEAD_HEADER = ("sku_id", "dead_id", "entry_id", "event", "order_id", "payment_id", "reason")
+
+
+async def dead_letters(
+    redis: Redis, sku_ids: Sequence[str] | None, limit: int
+) -> list[tuple[str, ...]]:
+    """The newest `limit` dead letters of each SKU (all registered SKUs by default), newest
+    first: where they are, which entry they were, the order, the reason. Read only."""
+    if sku_ids is None:
+        members: set[bytes] = await redis.smembers(keys.SKU_REGISTRY)  # type: ignore[assignment]
+        sku_ids = sorted(m.decode() for m in members)
+    rows: list[tuple[str, ...]] = []
+    for sku_id in sku_ids:
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrevrange(  # type: ignore[assignment]
+            keys.SkuKeys(sku_id).dead, count=limit
+        )
+        for dead_id, fields in entries:
+            f = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
+            rows.append(
+                (sku_id, dead_id.decode(), f.get("entry_id", "-"), f.get("event", "-"),
+                 f.get("order_id", "-"), f.get("payment_id", "-"), f.get("reason", "-"))
+            )  # fmt: skip
+    return rows

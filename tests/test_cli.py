@@ -598,3 +598,15 @@ def test_status_shows_mode_stock_and_rates(serve: Serve, data_dir: Path) -> None
 def test_the_data_dir_is_private(serve: Serve, data_dir: Path) -> None:
     """A data directory flashgate creates holds every order (AOF, log): owner only."""
     assert data_dir.stat().st_mode & 0o777 == 0o700
+
+
+def test_dead_lists_dead_letters(serve: Serve, data_dir: Path) -> None:
+    url = (data_dir / "server.url").read_text().strip()
+    with redis.Redis.from_url(url) as r:
+        r.sadd("fg:skus", "hot")
+        r.xadd("fg:{hot}:dead", {"entry_id": "1-0", "reason": "malformed entry", "event": "x"})
+    shown = flashgate("dead", "--data-dir", str(data_dir))
+    assert shown.returncode == 0, shown.stderr
+    assert "malformed entry" in shown.stdout and "1 dead letter(s)" in shown.stdout
+    none = flashgate("dead", "--data-dir", str(data_dir), "--sku", "other")
+    assert none.stdout.strip() == "0 dead letter(s)"

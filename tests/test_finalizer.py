@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway import keys
+from gateway import keys, status
 from gateway.config import Settings
 from gateway.finalizer import Finalizer
 from gateway.inventory import CreateResult, Inventory, PaymentResult, history_problem
@@ -257,6 +257,12 @@ async def test_bad_entries_go_to_the_dead_letter_stream(p2: Phase2, redis: Redis
     assert b"corrupt order record" in dead[1][1][b"reason"]
     assert (await redis.xpending(sk.stream, keys.FINALIZER_GROUP))["pending"] == 0
     assert await p2.figures() == before  # the refused script wrote nothing
+    # what `flashgate dead` lists: newest first, with the entry, the order and the reason
+    rows = await status.dead_letters(redis, None, 10)
+    assert [(r[0], r[3], r[4]) for r in rows] == [("s", "paid", oid), ("s", "bogus", oid)]
+    assert "corrupt order record" in rows[0][6] and rows[1][6] == "malformed entry"
+    assert [r[1] for r in rows] == [dead[1][0].decode(), dead[0][0].decode()]
+    assert len(await status.dead_letters(redis, ["s"], 1)) == 1
 
 
 async def test_trim_drops_acknowledged_entries_only(p2: Phase2, redis: Redis) -> None:
