@@ -90,6 +90,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self.loop.call_later(every_s, _sweep, self.loop, self.connections, every_s)
 
     def _too_slow(self) -> None:
+        if self._earlier_unanswered():
+            # pipelined behind a request still being answered: that time is the server's,
+            # not the client's, and an answer now would come before the earlier one's
+            self._since = self.loop.time()
+            return
         self._since = None
         if self._refused or self.transport.is_closing():
             return
@@ -104,6 +109,15 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._refuse(*TOO_SLOW)
         else:
             self.transport.close()  # opened and silent
+
+    def _earlier_unanswered(self) -> bool:
+        """Is an earlier request of this connection still being answered? (While a new head
+        arrives, `cycle` is the earlier request's; once it is complete, a request waiting
+        behind a running one sits in uvicorn's `pipeline`.)"""
+        if self.pipeline:
+            return True
+        cycle = self.cycle
+        return self._head_open and cycle is not None and not cycle.response_complete
 
     def on_message_complete(self) -> None:
         self._since = None
