@@ -101,6 +101,15 @@ class Serve:
         self.proc.send_signal(sig)
         return self.proc.wait(30)
 
+    def put_hot(self, stock: int, *, headers: dict[str, str] | None = None) -> None:
+        """Configure SKU "hot" (promotion promo-1, one per shopper) over HTTP: 201."""
+        r = httpx.put(
+            f"{self.base}/api/v1/admin/skus/hot",
+            headers={**ADMIN, **(headers or {})},
+            json={"promotion_id": "promo-1", "stock": stock, "per_user_limit": 1},
+        )
+        assert r.status_code == 201, r.text
+
 
 @pytest.fixture
 def data_dir(tmp_path: Path) -> Path:
@@ -144,12 +153,7 @@ async def stampede(base: str, n: int, sku: str) -> Counter[int]:
 
 
 def test_serve_end_to_end_then_clean_stop(serve: Serve, data_dir: Path) -> None:
-    r = httpx.put(
-        f"{serve.base}/api/v1/admin/skus/hot",
-        headers=ADMIN,
-        json={"promotion_id": "promo-1", "stock": 25, "per_user_limit": 1},
-    )
-    assert r.status_code == 201
+    serve.put_hot(25)
     codes = asyncio.run(stampede(serve.base, 400, "hot"))
     assert codes == {202: 25, 409: 375}
 
@@ -503,12 +507,7 @@ def test_serve_with_fsync_always_and_a_local_wait(data_dir: Path) -> None:
         r = redis.Redis.from_url(url)
         assert r.config_get("appendfsync") == {"appendfsync": "always"}
         r.close()
-        put = httpx.put(
-            f"{serve.base}/api/v1/admin/skus/hot",
-            headers=ADMIN,
-            json={"promotion_id": "promo-1", "stock": 5, "per_user_limit": 1},
-        )
-        assert put.status_code == 201
+        serve.put_hot(5)
         assert asyncio.run(stampede(serve.base, 20, "hot")) == {202: 5, 409: 15}
     finally:
         assert serve.stop() == 0
@@ -569,12 +568,7 @@ def test_slow_and_silent_clients_are_cut_off(data_dir: Path) -> None:
 
 
 def test_status_shows_mode_stock_and_rates(serve: Serve, data_dir: Path) -> None:
-    put = httpx.put(
-        f"{serve.base}/api/v1/admin/skus/hot",
-        headers=ADMIN,
-        json={"promotion_id": "promo-1", "stock": 30, "per_user_limit": 1},
-    )
-    assert put.status_code == 201
+    serve.put_hot(30)
     assert asyncio.run(stampede(serve.base, 50, "hot")) == {202: 30, 409: 20}
     switch = httpx.post(
         f"{serve.base}/api/v1/order/switch?mode=QUEUE_ONLY",

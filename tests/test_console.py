@@ -65,12 +65,7 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
     serve = Serve(tmp_path / "data", "--workers", "2")
     browser = _chromium()
     try:
-        put = httpx.put(
-            f"{serve.base}/api/v1/admin/skus/hot",
-            headers=ADMIN,
-            json={"promotion_id": "promo-1", "stock": 40, "per_user_limit": 1},
-        )
-        assert put.status_code == 201
+        serve.put_hot(40)
         browser.get(f"{serve.base}/console")
         browser.find_element(By.ID, "token").send_keys(ADMIN["Authorization"].split()[1])
         browser.find_element(By.ID, "operator").clear()

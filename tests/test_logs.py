@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from gateway.logs import JsonFormatter
-from tests.conftest import ADMIN, ADMIN_TOKEN
+from tests.conftest import ADMIN_TOKEN
 from tests.test_cli import Serve
 
 pytestmark = pytest.mark.integration
@@ -44,11 +44,7 @@ def lines(log: Path) -> list[dict[str, object]]:
 def test_serve_logs_json_and_the_access_log_when_asked(tmp_path: Path) -> None:
     serve = Serve(tmp_path / "data", "--access-log")
     try:
-        assert httpx.put(
-            f"{serve.base}/api/v1/admin/skus/hot",
-            headers={**ADMIN, "X-Request-Id": "req-put-1"},
-            json={"promotion_id": "promo-1", "stock": 5, "per_user_limit": 1},
-        ).status_code == 201  # fmt: skip
+        serve.put_hot(5, headers={"X-Request-Id": "req-put-1"})
         key = str(uuid.uuid4())
         order = httpx.post(
             f"{serve.base}/api/v1/order/create",

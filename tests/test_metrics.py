@@ -99,12 +99,7 @@ def test_every_worker_counts_in_every_scrape(data_dir: Path) -> None:
     request; a worker killed keeps its counts in the sum and leaves the live gauges."""
     serve = Serve(data_dir, "--workers", "2")
     try:
-        put = httpx.put(
-            f"{serve.base}/api/v1/admin/skus/hot",
-            headers=ADMIN,
-            json={"promotion_id": "promo-1", "stock": 50, "per_user_limit": 1},
-        )
-        assert put.status_code == 201
+        serve.put_hot(50)
         assert asyncio.run(stampede(serve.base, 200, "hot")) == {202: 50, 409: 150}
 
         def orders(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float]) -> float:
