@@ -399,42 +399,30 @@ def _paths(settings: Settings) -> Json:
         "summary": "What the ops console shows: mode, switches, this worker's breaker, SKUs",
         "responses": _ok(200, "ConsoleView", "the console's figures"),
     }
-    console_page = {
-        "tags": [HEALTH],
-        "operationId": "console",
-        "summary": "The ops console page (asks for the admin token; no data of its own)",
-        "responses": {
-            "200": {
-                "description": "HTML",
-                "content": {"text/html": {"schema": {"type": "string"}}},
-            },
-            **errs(),
-        },
-    }
-    prometheus = {
-        "tags": [HEALTH],
-        "operationId": "metrics",
-        "summary": "Prometheus text: every worker's counts and what Redis holds now",
-        "responses": {
-            "200": {
-                "description": "Prometheus text exposition format",
-                "content": {"text/plain": {"schema": {"type": "string"}}},
-            },
-            **errs(),
-        },
-    }
-    document = {
-        "tags": [HEALTH],
-        "operationId": "openapi",
-        "summary": "This document",
-        "responses": {
-            "200": {
-                "description": "OpenAPI 3.1",
-                "content": _json({"type": "object"}),
-            },
-            **errs(),
-        },
-    }
+
+    def unversioned(operation_id: str, summary: str, description: str, content: Json) -> Json:
+        """An endpoint outside /api/v1 that answers 200 with `content` or the common errors."""
+        return {
+            "tags": [HEALTH],
+            "operationId": operation_id,
+            "summary": summary,
+            "responses": {"200": {"description": description, "content": content}, **errs()},
+        }
+
+    text = {"schema": {"type": "string"}}
+    console_page = unversioned(
+        "console",
+        "The ops console page (asks for the admin token; no data of its own)",
+        "HTML",
+        {"text/html": text},
+    )
+    prometheus = unversioned(
+        "metrics",
+        "Prometheus text: every worker's counts and what Redis holds now",
+        "Prometheus text exposition format",
+        {"text/plain": text},
+    )
+    document = unversioned("openapi", "This document", "OpenAPI 3.1", _json({"type": "object"}))
     return {
         "/api/v1/order/create": {"post": create},
         "/api/v1/order/switch": {
