@@ -27,6 +27,7 @@ from gateway.breaker import CircuitBreaker, State
 from gateway.config import ConfigError, Settings
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.inventory import Inventory
+from gateway.keys import ID_PATTERN
 from gateway.limiter import TokenBucket
 from gateway.mode import ModeStore, NoticeWatcher
 from gateway.openapi import render as render_openapi
@@ -260,7 +261,7 @@ class GatewayApp(Starlette):
 
 
 _access_log = logging.getLogger("flashgate.access")
-_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:\-]{1,64}\Z")
+_REQUEST_ID = re.compile(ID_PATTERN)  # a request id the client gives is an id like the others
 
 
 def access(
