@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -36,7 +35,7 @@ from gateway.responses import MsgspecResponse
 from gateway.routes import create_order, routes
 from gateway.scripts import ScriptRegistry
 from gateway.soldout import SoldOutMemo
-from gateway.store import Multiplexed, create_client, create_script_client
+from gateway.store import Client, ClusterMux, Multiplexed, create_client, create_script_client
 
 log = logging.getLogger("flashgate")
 
@@ -47,9 +46,9 @@ class Gateway:
     def __init__(
         self,
         settings: Settings,
-        redis: Redis,
+        redis: Client,
         scripts: ScriptRegistry,
-        fast: Multiplexed | None = None,
+        fast: Multiplexed | ClusterMux | None = None,
     ) -> None:
         self.settings = settings
         self.inventory = Inventory(redis, scripts, settings, fast=fast)
@@ -128,7 +127,7 @@ def internal_error(method: str, path: str) -> Response:
     )
 
 
-def create_app(settings: Settings, *, redis: Redis | None = None) -> Starlette:
+def create_app(settings: Settings, *, redis: Client | None = None) -> Starlette:
     """The gateway app. With `redis` given, the caller owns that client."""
     scripts = ScriptRegistry()
 
@@ -299,13 +298,13 @@ def _order_id_of(response: Response) -> str | None:
     return order_id if isinstance(order_id, str) else None
 
 
-async def check_waitaof(client: Redis, settings: Settings) -> None:
+async def check_waitaof(client: Client, settings: Settings) -> None:
     """Refuse to start when WAITAOF is asked for and the server cannot give it (older than
     7.2, or no AOF for a local wait): every order would be held, then answered 503."""
     if not (settings.waitaof_local or settings.waitaof_replicas):
         return
     try:
-        await client.execute_command("WAITAOF", settings.waitaof_local, 0, 1)  # type: ignore[no-untyped-call]
+        await client.execute_command("WAITAOF", settings.waitaof_local, 0, 1)
     except ResponseError as exc:
         raise ConfigError(
             "FLASHGATE_WAITAOF_LOCAL/REPLICAS need Redis or Valkey >= 7.2 with appendonly "

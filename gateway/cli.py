@@ -82,7 +82,17 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _resolve_redis(settings: Settings) -> Settings:
     if settings.redis_url:
         return settings
+    _refuse_cluster_without_url(settings)
     return settings.replace(redis_url=discover(settings.data_dir))
+
+
+def _refuse_cluster_without_url(settings: Settings) -> None:
+    """The embedded server is one server: cluster mode names an existing cluster's node."""
+    if settings.redis_cluster and not settings.redis_url:
+        raise ConfigError(
+            f"{env_name('redis_cluster')}=1 needs REDIS_URL naming a node of the cluster "
+            "(a local one for trying it: `flashgate local-cluster`)"
+        )
 
 
 def bucket_path(port: int) -> Path:
@@ -212,6 +222,7 @@ class Supervisor:
             return 1
         try:
             if not settings.redis_url:
+                _refuse_cluster_without_url(settings)
                 self.server = EmbeddedServer(data_dir, appendfsync=settings.appendfsync)
                 url = self.server.start()
                 log.info("embedded server %s, data in %s", url, data_dir)

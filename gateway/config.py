@@ -36,6 +36,7 @@ class Settings:
     redis_cluster: bool = False
     redis_timeout_ms: int = 1000
     redis_max_connections: int = 64
+    claim_stale_ms: int = 5000  # cluster mode: an idempotency claim this old may be abandoned
     redis_client: str = "mux"  # the order path's client: "mux" (one pipelined connection) or "pool"
     # durability of an accepted order or payment before its 202 (README "Durability")
     appendfsync: str = "everysec"  # the embedded server's: "everysec" or "always"
@@ -79,6 +80,7 @@ class Settings:
         positive = (
             "redis_timeout_ms",
             "redis_max_connections",
+            "claim_stale_ms",
             "hold_ttl_s",
             "idempotency_ttl_s",
             "burst",
@@ -111,18 +113,24 @@ class Settings:
                 raise ConfigError(f"{env_name(name)} must be > 0, got {getattr(self, name)}")
         if not 0.0 <= self.breaker_slow_ratio <= 1.0:
             raise ConfigError(f"{env_name('breaker_slow_ratio')} must be within 0..1")
-        if self.redis_cluster:
-            # Refused rather than half-supported: cluster mode needs a cluster client and a
-            # two-phase idempotency record to keep the contract (issue #8).
-            raise ConfigError(
-                f"{env_name('redis_cluster')}=1: Redis Cluster mode is not available yet; "
-                "use a single Redis/Valkey server"
-            )
+        self._check_cluster()
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{env_name(name)} must be {' or '.join(map(str, allowed))}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"{env_name('port')} must be a TCP port, got {self.port}")
+
+    def _check_cluster(self) -> None:
+        if not self.redis_cluster:
+            return
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://")):
+            raise ConfigError(f"{env_name('redis_cluster')}=1 needs a redis:// or rediss:// URL")
+        if (self.waitaof_local or self.waitaof_replicas) and self.redis_client != "mux":
+            # WAITAOF must reach the node that ran the write: the mux routes it there
+            raise ConfigError(
+                f"{env_name('waitaof_local')}/{env_name('waitaof_replicas')} in cluster "
+                f"mode need {env_name('redis_client')}=mux"
+            )
 
     @classmethod
     def from_env(

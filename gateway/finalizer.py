@@ -19,13 +19,12 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway import keys
 from gateway.config import Settings
 from gateway.scripts import ScriptRegistry
-from gateway.store import text
+from gateway.store import Client, text
 
 log = logging.getLogger("flashgate")
 
@@ -41,7 +40,7 @@ def consumer_name() -> str:
 class Finalizer:
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         scripts: ScriptRegistry,
         settings: Settings,
         *,

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import (
     ConnectionError as RedisConnectionError,
     RedisError,
@@ -27,9 +28,12 @@ from gateway.schemas import (
     SkuView,
 )
 from gateway.scripts import Executor, ScriptRegistry
-from gateway.store import AckedWrites, NotSent, call
+from gateway.store import AckedWrites, Client, NotSent, call, text
+
+log = logging.getLogger("flashgate")
 
 CHANGES_KEPT = 1000  # about this many entries of each SKU's change log are kept (XADD MAXLEN ~)
+FENCED_TOKENS_KEPT = 16  # abandoned claims fenced per (user, key, SKU): recovery is rare
 
 
 class CreateResult(IntEnum):
@@ -41,6 +45,19 @@ class CreateResult(IntEnum):
     LIMIT_EXCEEDED = -4
     KEY_REUSED = -5
     QUEUE_FULL = -6
+    CLAIM_LOST = -7  # cluster mode: this request's claim was recovered as abandoned
+    IN_USE = -8  # cluster mode: another request with this key is in progress
+
+
+class Claim(IntEnum):
+    """claim_key.lua's codes (cluster mode's phase one)."""
+
+    CLAIMED = 1
+    DONE_SAME = 2
+    PENDING_SAME = 3
+    STALE = 4
+    KEY_REUSED = -5
+    IN_USE = -8
 
 
 class PaymentResult(IntEnum):
@@ -141,11 +158,12 @@ class Inventory:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         scripts: ScriptRegistry,
         settings: Settings,
         *,
         fast: Executor | None = None,
+        two_phase: bool | None = None,
     ) -> None:
         self.redis = redis
         self.fast = fast  # runs the scripts when given (the multiplexed client)
@@ -155,6 +173,15 @@ class Inventory:
         self._configure = scripts["configure_sku"]
         self._audit = scripts["audit_sku"]
         self._confirm = scripts["confirm_payment"]
+        self._claim = scripts["claim_key"]
+        self._settle = scripts["settle_key"]
+        self._fence = scripts["fence_key"]
+        self._claim_guard = scripts["claim_guard"]
+        self._release = scripts["release_guard"]
+        # Cluster mode: a user's key and the SKU live in different slots, so intake claims
+        # the key first (README "Redis Cluster"). Tests also run it on one server.
+        self.two_phase = settings.redis_cluster if two_phase is None else two_phase
+        self._stale_ms = settings.claim_stale_ms
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._idem_ttl_ms = settings.idempotency_ttl_s * 1000
         # what a 202 promises (orders, payments) runs on this: with WAITAOF when asked
@@ -190,9 +217,8 @@ class Inventory:
             sk.order(order_id),
             sk.idempotency(req.user_id, idempotency_key),
             sk.accepted,
-            keys.key_guard(req.user_id, idempotency_key),
         ]
-        args = (
+        args = [
             order_id,
             req.user_id,
             req.sku_id,
@@ -205,9 +231,87 @@ class Inventory:
             "queue" if queue_only else "hold",
             self.settings.queue_max,
             accepted_member(req.user_id, idempotency_key),
-        )
+        ]
+        if self.two_phase:
+            return await self._create_two_phase(req, idempotency_key, order_id, ks, args)
+        ks.append(keys.key_guard(req.user_id, idempotency_key))
         code, payload = await self._call_resending(self._create, ks, args)
         return CreateResult(code), payload
+
+    async def _create_two_phase(
+        self,
+        req: OrderRequest,
+        idempotency_key: str,
+        order_id: str,
+        ks: list[str],
+        args: list[Any],
+    ) -> tuple[CreateResult, bytes]:
+        """Intake where the user's key and the SKU are in different slots: claim (user, key)
+        in the user's slot, run the SKU's script, settle the claim (accepted, or released for
+        a refusal). A gateway that dies between phases leaves a claim that the next request
+        with that key recovers once it is `claim_stale_ms` old: the abandoned request's token
+        is fenced on its SKU first, so a late delivery of it can never add a second order."""
+        guard = keys.key_guard(req.user_id, idempotency_key)
+        fingerprint = req.fingerprint()
+        token = order_id.partition(".")[0]  # unique to this request
+        now = args[8]
+        for _ in range(3):
+            code, old_token, old_fingerprint = await self._call_resending(
+                self._claim, [guard], (token, fingerprint, self._stale_ms, self._idem_ttl_ms, now)
+            )
+            claim = Claim(code)
+            if claim is Claim.STALE:
+                await self._recover(
+                    req.user_id, idempotency_key, text(old_token), text(old_fingerprint)
+                )
+                continue
+            if claim is Claim.KEY_REUSED:
+                return CreateResult.KEY_REUSED, b""
+            if claim is Claim.IN_USE:
+                return CreateResult.IN_USE, b""
+            if claim is not Claim.CLAIMED:  # an order exists or is being made: the SKU answers
+                replay_only = "1" if claim is Claim.PENDING_SAME else ""
+                code, payload = await self._call_resending(
+                    self._create, ks, [*args, "", replay_only]
+                )
+                return CreateResult(code), payload
+            code, payload = await self._call_resending(self._create, ks, [*args, token, ""])
+            result = CreateResult(code)
+            if result is not CreateResult.CLAIM_LOST:
+                accepted = result in (CreateResult.CREATED, CreateResult.REPLAYED)
+                try:
+                    await self._call_resending(
+                        self._settle,
+                        [guard],
+                        (token, "done" if accepted else "release", fingerprint, self._idem_ttl_ms),
+                    )
+                except BackendUnavailable:
+                    # the answer stands: the claim is recovered once stale (its order is found)
+                    log.warning("idempotency claim not settled; recovered when stale")
+            return result, payload
+        return CreateResult.IN_USE, b""
+
+    async def _recover(
+        self, user_id: str, idempotency_key: str, token: str, fingerprint: str
+    ) -> None:
+        """Settle an abandoned claim: fence its token on its SKU (or find its order there),
+        then mark the claim accepted or release it."""
+        sku_id = fingerprint.partition("|")[0]
+        record = keys.SkuKeys(sku_id).idempotency(user_id, idempotency_key)
+        exists = await self._call_resending(
+            self._fence, [record], (token, self._idem_ttl_ms, FENCED_TOKENS_KEPT)
+        )
+        outcome = "done" if exists else "release"
+        guard = keys.key_guard(user_id, idempotency_key)
+        await self._call_resending(
+            self._settle, [guard], (token, outcome, fingerprint, self._idem_ttl_ms)
+        )
+        log.warning(
+            "recovered an abandoned idempotency claim of user %s on SKU %s (%s)",
+            user_id,
+            sku_id,
+            "its order exists" if exists else "no order: fenced",
+        )
 
     async def confirm_payment(
         self, order_id: str, payment_id: str, *, now_ms: int | None = None
@@ -217,16 +321,22 @@ class Inventory:
         if parts is None:
             return PaymentResult.UNKNOWN_ORDER
         sk = keys.SkuKeys(parts[1])
-        ks = [
-            sk.payment(payment_id),
-            sk.order(order_id),
-            sk.holds,
-            sk.stream,
-            keys.payment_guard(payment_id),
-        ]
+        ks = [sk.payment(payment_id), sk.order(order_id), sk.holds, sk.stream]
         args = (payment_id, order_id, "" if now_ms is None else now_ms)
+        guard = keys.payment_guard(payment_id)
+        if not self.two_phase:
+            (code,) = await self._call_resending(self._confirm, [*ks, guard], args)
+            return PaymentResult(code)
+        # Cluster mode: the payment_id is claimed in its own slot first. A crash in between
+        # leaves it claimed for this order, which is what a retry of it needs.
+        first = text(await self._call_resending(self._claim_guard, [guard], (order_id,)))
+        if first and first != order_id:
+            return PaymentResult.PAYMENT_REUSED
         (code,) = await self._call_resending(self._confirm, ks, args)
-        return PaymentResult(code)
+        result = PaymentResult(code)
+        if result is PaymentResult.UNKNOWN_ORDER and not first:
+            await self._call_resending(self._release, [guard], (order_id,))
+        return result
 
     async def accepted_since(self, sku_id: str, since_ms: float) -> tuple[set[str], float]:
         """Members `<key>:<user>` of the SKU's accepted set whose replay deadline is at or after
@@ -415,7 +525,7 @@ class Inventory:
         """`store.call`, answering Any: redis-py's reply types are looser than its replies."""
         return await call(awaitable)
 
-    async def _call_resending(self, script: Any, ks: list[str], args: tuple[Any, ...]) -> Any:
+    async def _call_resending(self, script: Any, ks: list[str], args: Sequence[Any]) -> Any:
         """`_call` for an idempotent script, sent once more when its answer may have been lost.
 
         The script may have run and only its answer been lost. Sending it again with the same

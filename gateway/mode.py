@@ -16,12 +16,12 @@ import logging
 from typing import Any
 
 import msgspec
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gateway import keys, metrics
 from gateway.operators import DEFAULT_OPERATOR
 from gateway.soldout import SoldOutMemo
+from gateway.store import Client
 
 log = logging.getLogger("flashgate")
 
@@ -52,7 +52,7 @@ class ModeView(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class ModeStore:
-    def __init__(self, redis: Redis, scripts: Any) -> None:
+    def __init__(self, redis: Client, scripts: Any) -> None:
         self.redis = redis
         self._switch = scripts["switch_mode"]
 
@@ -86,7 +86,7 @@ class NoticeWatcher:
     """This process's copy of the mode, and the sold-out memo's `stock:<sku>` notices."""
 
     def __init__(
-        self, redis: Redis, store: ModeStore, memo: SoldOutMemo, *, refresh_s: float = 0.5
+        self, redis: Client, store: ModeStore, memo: SoldOutMemo, *, refresh_s: float = 0.5
     ) -> None:
         self.redis = redis
         self.store = store

@@ -161,6 +161,8 @@ def _refusal(result: CreateResult, payload: bytes) -> errors.GatewayError:
         return errors.SaleNotActive(text, reason=reason)
     if result is CreateResult.QUEUE_FULL:
         return errors.QueueFull(backlog=int(payload))
+    if result in (CreateResult.IN_USE, CreateResult.CLAIM_LOST):
+        return errors.KeyInUse(headers={"Retry-After": "1"})
     return errors.KeyReused()
 
 

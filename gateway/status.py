@@ -19,9 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from redis.asyncio import Redis
-
 from gateway import keys
+from gateway.store import Client
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +53,7 @@ def _added(info: Any) -> int:
     return int(info.get("entries-added", info.get(b"entries-added", 0)) or 0)
 
 
-async def sample(redis: Redis) -> Sample:
+async def sample(redis: Client) -> Sample:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hget(keys.MODE, "mode")
         pipe.lindex(keys.MODE_HISTORY, 0)
@@ -141,7 +140,7 @@ def render(before: Sample, now: Sample) -> list[str]:
     return lines
 
 
-async def run(redis: Redis, *, watch_s: float, count: int | None, out: TextIO) -> int:
+async def run(redis: Client, *, watch_s: float, count: int | None, out: TextIO) -> int:
     """Print the table once (rates over 1 s) or every `watch_s` seconds, `count` times."""
     interval = watch_s if watch_s > 0 else 1.0
     before = await sample(redis)
@@ -163,7 +162,7 @@ DEAD_HEADER = ("sku_id", "dead_id", "entry_id", "event", "order_id", "payment_id
 
 
 async def dead_letters(
-    redis: Redis, sku_ids: Sequence[str] | None, limit: int
+    redis: Client, sku_ids: Sequence[str] | None, limit: int
 ) -> list[tuple[str, ...]]:
     """The newest `limit` dead letters of each SKU (all registered SKUs by default), newest
     first: where they are, which entry they were, the order, the reason. Read only."""

@@ -16,9 +16,10 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import hiredis
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 from redis.exceptions import (
     BusyLoadingError,
     ConnectionError as RedisConnectionError,
@@ -34,18 +35,32 @@ from gateway.errors import BackendUnavailable
 T = TypeVar("T")
 log = logging.getLogger("flashgate")
 
+# The general client: one server's, or a cluster's (`FLASHGATE_REDIS_CLUSTER=1`).
+Client = Redis | RedisCluster
+
 
 def no_retry() -> Retry:
     return Retry(NoBackoff(), 0)
 
 
-def create_client(settings: Settings, url: str | None = None) -> Redis:
+def create_client(settings: Settings, url: str | None = None) -> Client:
     """A client for `url` (default `settings.redis_url`): no retries, a per-call deadline, a
-    bounded pool whose waiters also give up at the deadline."""
+    bounded pool whose waiters also give up at the deadline. In cluster mode a cluster client
+    that follows MOVED and ASK (a redirected command did not run, so following it is safe)
+    and never resends after a connection failure."""
     target = url or settings.redis_url
     if not target:
         raise ValueError("no Redis URL: set REDIS_URL or run `flashgate serve`")
     timeout = settings.redis_timeout_ms / 1000
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            target,
+            max_connections=settings.redis_max_connections,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=no_retry(),
+            require_full_coverage=True,
+        )
     pool = BlockingConnectionPool.from_url(
         target,
         max_connections=settings.redis_max_connections,
@@ -58,12 +73,17 @@ def create_client(settings: Settings, url: str | None = None) -> Redis:
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes both
 
 
-def create_script_client(settings: Settings, url: str | None = None) -> Multiplexed | None:
+def create_script_client(
+    settings: Settings, url: str | None = None
+) -> Multiplexed | ClusterMux | None:
     """The order path's client: the multiplexed one (`FLASHGATE_REDIS_CLIENT=mux`, the
-    default), or None to run scripts on the pool client."""
+    default; one per cluster node in cluster mode), or None to run scripts on the general
+    client."""
     target = url or settings.redis_url
     if settings.redis_client != "mux" or not target:
         return None
+    if settings.redis_cluster:
+        return ClusterMux(target, timeout_s=settings.redis_timeout_ms / 1000)
     return Multiplexed(target, timeout_s=settings.redis_timeout_ms / 1000)
 
 
@@ -111,7 +131,7 @@ class AckedWrites:
         *,
         local: int,
         replicas: int,
-        timeout_ms: int,  # Multiplexed | Redis
+        timeout_ms: int,  # Multiplexed | ClusterMux | Redis | RedisCluster
     ) -> None:
         self.client = client
         self.local = local
@@ -119,7 +139,7 @@ class AckedWrites:
         self.barrier = ("WAITAOF", local, replicas, max(1, timeout_ms))
 
     async def execute_command(self, *args: Any, **_options: Any) -> Any:
-        if isinstance(self.client, Multiplexed):
+        if isinstance(self.client, (Multiplexed, ClusterMux)):
             reply, acks = await self.client.execute_with_barrier(self.barrier, *args)
         else:
             async with self.client.pipeline(transaction=False) as pipe:
@@ -318,6 +338,16 @@ class Multiplexed:
         # shared by every caller of the tick: one caller cancelled must not cancel the rest
         return reply, await asyncio.shield(done)
 
+    async def execute_asking(self, *args: Any) -> Any:
+        """`ASKING` then one command, adjacent on the connection (ASKING applies to the next
+        command only): how a command follows an ASK redirect to a slot being imported."""
+        wire = self._wire
+        if wire is None or wire.lost:
+            wire = await self._connect()
+        asking = wire.send(_encode(("ASKING",)))
+        asking.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+        return await wire.send(_encode(args))
+
     async def _connect(self) -> _Wire:
         if self._closed:
             raise NotSent("Error connecting to a closed client")
@@ -364,3 +394,156 @@ class Multiplexed:
         if self._wire is not None:
             self._wire.abort()
             self._wire = None
+
+
+class SlotMoving(RedisError):
+    """The key's slot is moving between cluster nodes (a second redirect, TRYAGAIN or
+    CLUSTERDOWN): the command did not run. Answered 503 with Retry-After; the client's
+    retry with the same idempotency key is safe."""
+
+
+SLOTS = 16384
+_REDIRECTS = ("MOVED ", "ASK ")
+
+
+def first_key(args: tuple[Any, ...]) -> Any:
+    """The key a command is routed by: the first script key of EVAL/EVALSHA, else the first
+    argument; None for a command without one (PING, WAITAOF)."""
+    name = args[0].upper() if isinstance(args[0], str) else args[0]
+    if name in ("EVALSHA", "EVAL", b"EVALSHA", b"EVAL"):
+        return args[3] if int(args[2]) > 0 else None
+    return args[1] if len(args) > 1 and name not in ("PING", "WAITAOF", "SCRIPT") else None
+
+
+class ClusterMux:
+    """The order path's client on a Redis Cluster: one multiplexed connection per node and the
+    slot map, so a script goes straight to the node that owns its keys in one round trip.
+
+    Every script's keys share one hash tag (gateway/keys.py), so its first key names its slot.
+    A redirected command did not run, so it is followed once: MOVED (the slot has a new owner:
+    the map learns it, then reloads) and ASK (the slot is being imported: `ASKING` and the
+    command, adjacent on the target's connection). A second redirect, TRYAGAIN (a multi-key
+    script while its keys are split by a migration) or CLUSTERDOWN raise SlotMoving. Nothing
+    that may have run is ever resent here; the caller's idempotency key handles that.
+    """
+
+    def __init__(self, url: str, *, timeout_s: float) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):  # never echo the URL: a password
+            raise ValueError(f"a cluster speaks redis:// or rediss://, not {parts.scheme}://")
+        self.timeout_s = timeout_s
+        self._parts = parts
+        self._seed = f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
+        self._nodes: dict[str, Multiplexed] = {}
+        self._owner: list[str | None] = [None] * SLOTS
+        self._refreshing: asyncio.Task[None] | None = None
+        self._loaded = False
+
+    def _node(self, address: str) -> Multiplexed:
+        node = self._nodes.get(address)
+        if node is None:
+            p = self._parts
+            userinfo = p.netloc.rpartition("@")[0]
+            netloc = f"{userinfo}@{address}" if userinfo else address
+            url = f"{p.scheme}://{netloc}" + (f"?{p.query}" if p.query else "")
+            node = self._nodes[address] = Multiplexed(url, timeout_s=self.timeout_s)
+        return node
+
+    async def refresh(self) -> None:
+        """Reload the slot map from CLUSTER SLOTS (the seed node first, then any known one)."""
+        addresses = [self._seed, *(a for a in self._nodes if a != self._seed)]
+        last: Exception | None = None
+        for address in addresses:
+            try:
+                reply = await self._node(address).execute_command("CLUSTER", "SLOTS")
+            except (RedisError, OSError) as exc:
+                last = exc
+                continue
+            owner: list[str | None] = [None] * SLOTS
+            host = address.rpartition(":")[0]
+            for start, end, primary, *_ in reply:
+                ip = text(primary[0]) or host  # an empty host means the node we asked
+                node = f"{ip}:{int(primary[1])}"
+                owner[int(start) : int(end) + 1] = [node] * (int(end) - int(start) + 1)
+            self._owner = owner
+            self._loaded = True
+            return
+        raise NotSent(f"no cluster node answered CLUSTER SLOTS: {last}")
+
+    def _refresh_soon(self) -> None:
+        if self._refreshing is None or self._refreshing.done():
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_quietly())
+
+    async def _refresh_quietly(self) -> None:
+        try:
+            await self.refresh()
+        except (RedisError, OSError) as exc:
+            log.warning("cluster slot map not reloaded: %s", exc)
+
+    async def _route(self, args: tuple[Any, ...]) -> Multiplexed:
+        if not self._loaded:
+            await self.refresh()
+        key = first_key(args)
+        address = self._seed if key is None else self._owner[key_slot(_as_bytes(key))]
+        if address is None:
+            self._refresh_soon()
+            raise SlotMoving("CLUSTERDOWN: the slot is not served by any node")
+        return self._node(address)
+
+    async def execute_command(self, *args: Any, **_options: Any) -> Any:
+        node = await self._route(args)
+        try:
+            return await node.execute_command(*args)
+        except ResponseError as exc:
+            return await self._redirected(exc, args)
+        except RedisConnectionError:
+            self._refresh_soon()  # a failover may have promoted a replica
+            raise
+
+    async def execute_with_barrier(self, barrier: tuple[Any, ...], *args: Any) -> Any:
+        """`Multiplexed.execute_with_barrier` on the node that owns the command's keys."""
+        node = await self._route(args)
+        try:
+            return await node.execute_with_barrier(barrier, *args)
+        except ResponseError as exc:
+            if not str(exc).startswith(_REDIRECTS):
+                raise
+            self._learn(exc)
+            raise SlotMoving(f"slot moving: {exc}") from exc
+
+    async def _redirected(self, exc: ResponseError, args: tuple[Any, ...]) -> Any:
+        message = str(exc)
+        if message.startswith(("TRYAGAIN", "CLUSTERDOWN")):
+            self._refresh_soon()
+            raise SlotMoving(message) from exc
+        if not message.startswith(_REDIRECTS):
+            raise exc
+        target = self._learn(exc)
+        try:
+            if message.startswith("ASK "):
+                return await self._node(target).execute_asking(*args)
+            return await self._node(target).execute_command(*args)
+        except ResponseError as again:
+            if str(again).startswith((*_REDIRECTS, "TRYAGAIN", "CLUSTERDOWN")):
+                self._refresh_soon()
+                raise SlotMoving(f"slot moving: {again}") from again
+            raise
+
+    def _learn(self, exc: ResponseError) -> str:
+        """The node a redirect names; a MOVED also updates the map and reloads it."""
+        kind, slot, address = str(exc).split()[:3]
+        if kind == "MOVED":
+            self._owner[int(slot)] = address
+            self._refresh_soon()
+        return address
+
+    async def aclose(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+        for node in self._nodes.values():
+            await node.aclose()
+        self._nodes.clear()
+
+
+def _as_bytes(key: Any) -> bytes:
+    return key if isinstance(key, bytes) else str(key).encode()

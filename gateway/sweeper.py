@@ -8,19 +8,18 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from gateway import keys
 from gateway.config import Settings
 from gateway.scripts import ScriptRegistry
-from gateway.store import text
+from gateway.store import Client, text
 
 log = logging.getLogger("flashgate")
 
 
 class Sweeper:
-    def __init__(self, redis: Redis, scripts: ScriptRegistry, settings: Settings) -> None:
+    def __init__(self, redis: Client, scripts: ScriptRegistry, settings: Settings) -> None:
         self.redis = redis
         self.interval_s = settings.sweep_interval_ms / 1000
         self.batch = settings.sweep_batch

@@ -9,7 +9,8 @@
   KEYS[4] fg:{S}:stream   (stream) order stream
   KEYS[5] fg:{S}:o:<rand> (hash)   the new order record
   KEYS[6] fg:{S}:idem:<user>:<key> (string) fingerprint "\n" order_id "\n" hold deadline ms
-                                   (empty when QUEUED): the first answer, rebuilt on replay
+                                   (empty when QUEUED): the first answer, rebuilt on replay;
+                                   or "!\n<token>..." tokens of abandoned claims (fence_key.lua)
   KEYS[7] fg:{S}:accepted (zset)   "<key>:<user>" of every 202 -> replay deadline ms
   KEYS[8] optional fg:{u:<user>}:ik:<key> (string) sku_id (cross-SKU key reuse guard)
 
@@ -19,6 +20,8 @@
   ARGV[10] mode: "hold" (NORMAL: stock, limit and hold) | "queue" (QUEUE_ONLY: no stock read)
   ARGV[11] queue_max: most unprocessed orders (backlog) the SKU's stream may hold
   ARGV[12] "<key>:<user>", this request's member of KEYS[7]
+  ARGV[13] cluster mode: the token of this request's claim on (user, key) (claim_key.lua), "" if none
+  ARGV[14] "1": only a replay may answer (another request with this key is in progress)
 
   Returns {code, payload}:
      1 CREATED         payload: the 202 body (also stored for replays)
@@ -29,6 +32,8 @@
     -4 LIMIT_EXCEEDED  payload: units the user already holds or bought
     -5 KEY_REUSED      payload: "" (same user and key, different request)
     -6 QUEUE_FULL      payload: the backlog
+    -7 CLAIM_LOST      payload: "" (this request's claim was recovered as abandoned)
+    -8 IN_USE          payload: "" (replay only, and nothing to replay yet)
 ]]
 local rcall = redis.call
 
@@ -44,6 +49,12 @@ local function answer(order_id, deadline_s)
 end
 
 local stored = rcall('GET', KEYS[6])
+if stored and string.sub(stored, 1, 2) == '!\n' then
+  if ARGV[13] ~= '' and string.find(stored .. '\n', '\n' .. ARGV[13] .. '\n', 1, true) then
+    return {-7, ''}
+  end
+  stored = nil  -- fences of other requests' claims: this key is evaluated afresh
+end
 if stored then
   local nl = string.find(stored, '\n', 1, true)
   if string.sub(stored, 1, nl - 1) == ARGV[6] then
@@ -51,6 +62,9 @@ if stored then
     return {2, answer(string.sub(stored, nl + 1, nl2 - 1), string.sub(stored, nl2 + 1))}
   end
   return {-5, ''}
+end
+if ARGV[14] == '1' then
+  return {-8, ''}
 end
 if KEYS[8] then
   local first_sku = rcall('GET', KEYS[8])

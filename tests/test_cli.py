@@ -468,10 +468,15 @@ def test_bad_setting_names_the_variable(tmp_path: Path) -> None:
     assert "FLASHGATE_HOLD_TTL_S" in out.stderr
 
 
-def test_cluster_mode_is_refused_until_supported(tmp_path: Path) -> None:
+def test_cluster_mode_needs_a_node_url(tmp_path: Path) -> None:
+    """The embedded server is one server: cluster mode without REDIS_URL is refused, and so
+    is a unix socket URL (a cluster's nodes are found over TCP)."""
     out = flashgate("audit", "--data-dir", str(tmp_path), FLASHGATE_REDIS_CLUSTER="1")
     assert out.returncode == 2
-    assert "FLASHGATE_REDIS_CLUSTER" in out.stderr
+    assert "FLASHGATE_REDIS_CLUSTER=1 needs REDIS_URL" in out.stderr
+    out = flashgate("audit", REDIS_URL="unix:///tmp/x.sock", FLASHGATE_REDIS_CLUSTER="1")
+    assert out.returncode == 2
+    assert "redis:// or rediss://" in out.stderr
 
 
 def test_worker_factory_freezes_the_start_up_heap() -> None:
