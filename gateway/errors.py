@@ -87,6 +87,11 @@ class StockBelowCommitted(GatewayError):
     default_message = "stock cannot be lower than the units already held plus sold"
 
 
+class BucketsFixed(GatewayError):
+    status, code = 409, "buckets_fixed"
+    default_message = "the number of stock buckets is fixed when the SKU is created"
+
+
 class PayloadTooLarge(GatewayError):
     status, code, default_message = 413, "payload_too_large", "request body too large"
 

@@ -22,6 +22,7 @@ from typing import Any
 from redis.exceptions import RedisError, ResponseError
 
 from gateway import keys
+from gateway.buckets import Layouts, Mover
 from gateway.config import Settings
 from gateway.scripts import ScriptRegistry
 from gateway.store import Client, text
@@ -31,6 +32,7 @@ log = logging.getLogger("flashgate")
 Entry = tuple[bytes, dict[bytes, bytes]]
 STREAMS_REFRESH_S = 1.0  # how soon a new SKU's stream is read
 TRIM_EVERY_S = 5.0
+CLUSTER_POLL_MS = 50  # cluster mode: how long an idle finalizer waits before reading again
 
 
 def consumer_name() -> str:
@@ -51,6 +53,7 @@ class Finalizer:
         self.settings = settings
         self.group = keys.FINALIZER_GROUP
         self.consumer = name or consumer_name()
+        self.cluster = settings.redis_cluster
         self.count = settings.finalizer_batch
         self.block_ms = settings.finalizer_block_ms
         self.claim_idle_ms = settings.finalizer_claim_idle_ms
@@ -59,25 +62,28 @@ class Finalizer:
         self._finalize = scripts["finalize"]
         self._dead = scripts["dead_letter"]
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
-        self._streams: dict[str, str] = {}  # stream key -> sku_id
+        self._streams: dict[str, str] = {}  # stream key -> its bucket's tag (the sku_id)
+        self.layouts = Layouts(redis)
+        self.mover = Mover(redis, scripts)
         self._streams_read_at = -1e9
         self._trimmed_at = -1e9
         self.applied = 0
         self.dead_lettered = 0
 
     async def refresh_streams(self) -> None:
-        """Join the group on every configured SKU's stream (created from its first entry)."""
+        """Join the group on every configured SKU's streams (one per stock bucket; created
+        from its first entry)."""
         for sku_id in await self.redis.smembers(keys.SKU_REGISTRY):
-            sku = text(sku_id)
-            stream = keys.SkuKeys(sku).stream
-            if stream in self._streams:
-                continue
-            try:
-                await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
-            except ResponseError as exc:
-                if "BUSYGROUP" not in str(exc):
-                    raise
-            self._streams[stream] = sku
+            for tag in await self.layouts.all_tags(text(sku_id)):
+                stream = keys.SkuKeys(tag).stream
+                if stream in self._streams:
+                    continue
+                try:
+                    await self.redis.xgroup_create(stream, self.group, id="0", mkstream=True)
+                except ResponseError as exc:
+                    if "BUSYGROUP" not in str(exc):
+                        raise
+                self._streams[stream] = tag
         self._streams_read_at = self.clock()
 
     async def step(self, *, block: bool = True) -> int:
@@ -93,19 +99,38 @@ class Finalizer:
         for stream, sku in self._streams.items():
             for entry in await self._claim(stream):
                 handled += await self.apply(stream, sku, entry)
-        reply = await self.redis.xreadgroup(
-            self.group,
-            self.consumer,
-            dict.fromkeys(self._streams, ">"),
-            count=self.count,
-            block=self.block_ms if block and not handled else None,
-        )
-        for stream_name, entries in _stream_entries(reply):
-            stream = text(stream_name)
-            for entry in entries:
-                handled += await self.apply(stream, self._streams[stream], entry)
+        handled += await self._read_new(block and not handled)
         if self.clock() - self._trimmed_at > TRIM_EVERY_S:
             await self.trim()
+        return handled
+
+    async def _read_new(self, block: bool) -> int:
+        """Read and apply new entries. One server: one XREADGROUP over every stream, blocking
+        until one has entries. A cluster refuses a read over streams of different slots: each
+        stream is read on its own without blocking, and an idle round sleeps a short poll."""
+        handled = 0
+        if not self.cluster:
+            reply = await self.redis.xreadgroup(
+                self.group,
+                self.consumer,
+                dict.fromkeys(self._streams, ">"),
+                count=self.count,
+                block=self.block_ms if block else None,
+            )
+            for stream_name, entries in _stream_entries(reply):
+                stream = text(stream_name)
+                for entry in entries:
+                    handled += await self.apply(stream, self._streams[stream], entry)
+            return handled
+        for stream, sku in self._streams.items():
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, {stream: ">"}, count=self.count
+            )
+            for _, entries in _stream_entries(reply):
+                for entry in entries:
+                    handled += await self.apply(stream, sku, entry)
+        if block and not handled:
+            await asyncio.sleep(min(self.block_ms, CLUSTER_POLL_MS) / 1000)
         return handled
 
     async def _claim(self, stream: str) -> list[Entry]:
@@ -115,8 +140,9 @@ class Finalizer:
         return [e for e in reply[1] if e is not None and e[1] is not None]
 
     async def apply(self, stream: str, sku_id: str, entry: Entry) -> int:
-        """Apply one entry; 1 when handled (applied, duplicate or dead-lettered), 0 when left
-        pending for a retry."""
+        """Apply one entry of the stream of `sku_id` (a stock bucket's tag for a bucketed SKU);
+        1 when handled (applied, duplicate or dead-lettered), 0 when left pending for a
+        retry."""
         entry_id, fields = entry
         event = fields.get(b"event", b"").decode()
         order_id = fields.get(b"order_id", b"").decode()
@@ -129,6 +155,8 @@ class Finalizer:
         ks = [sk.sku, sk.users, sk.holds, stream, sk.order(order_id), sk.events]
         if event == "paid":
             ks.append(sk.payment(payment_id))
+        elif (self.layouts.known(sk.sku_id) or 1) > 1:
+            await self._refill_for(sk, order_id)
         args = (self.group, entry_id, event, order_id, payment_id, self._hold_ttl_ms, "")
         try:
             applied, status = await self._finalize(self.redis, ks, args)
@@ -137,8 +165,21 @@ class Finalizer:
         self.applied += 1
         if applied and status == b"PAID_AFTER_EXPIRY":
             # A late payment may have released a hold: sold-out memos must look again.
-            await self.redis.publish(keys.NOTICES, keys.stock_notice(sku_id))
+            await self.redis.publish(keys.NOTICES, keys.stock_notice(sk.sku_id))
         return 1
+
+    async def _refill_for(self, sk: keys.SkuKeys, order_id: str) -> None:
+        """A QUEUED order of a bucketed SKU is decided with its bucket's stock: move stock in
+        from the other buckets first when the bucket is short, so it is never rejected while
+        another bucket has what it needs."""
+        status, quantity = await self.redis.hmget(sk.order(order_id), "status", "quantity")
+        if status != b"QUEUED" or quantity is None:
+            return
+        available = int(await self.redis.hget(sk.sku, "available") or 0)
+        if available < int(quantity):
+            count = self.layouts.known(sk.sku_id) or 1
+            tags = self.layouts.tags(sk.sku_id, count)
+            await self.mover.refill(tags, tags.index(sk.bucket_tag), int(quantity) - available)
 
     async def _failed(self, stream: str, sku_id: str, entry: Entry, reason: str) -> int:
         info = await self.redis.xpending_range(

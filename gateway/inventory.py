@@ -16,6 +16,7 @@ from redis.exceptions import (
 )
 
 from gateway import keys
+from gateway.buckets import Layouts, Mover, journal
 from gateway.config import Settings
 from gateway.errors import BackendUnavailable
 from gateway.operators import DEFAULT_OPERATOR
@@ -33,6 +34,7 @@ from gateway.store import AckedWrites, Client, NotSent, call, text
 log = logging.getLogger("flashgate")
 
 CHANGES_KEPT = 1000  # about this many entries of each SKU's change log are kept (XADD MAXLEN ~)
+REFILL_TRIES = 16  # a bucketed SKU's refills for one order, each moving at least one unit
 FENCED_TOKENS_KEPT = 16  # abandoned claims fenced per (user, key, SKU): recovery is rare
 
 
@@ -47,6 +49,7 @@ class CreateResult(IntEnum):
     QUEUE_FULL = -6
     CLAIM_LOST = -7  # cluster mode: this request's claim was recovered as abandoned
     IN_USE = -8  # cluster mode: another request with this key is in progress
+    LAYOUT = -9  # the SKU has another number of stock buckets than the request assumed
 
 
 class Claim(IntEnum):
@@ -71,6 +74,7 @@ class ConfigureResult(IntEnum):
     CREATED = 1
     UPDATED = 2
     STOCK_BELOW_COMMITTED = -1
+    BUCKETS_FIXED = -2  # the bucket count of an existing SKU cannot change
 
 
 # The contract's transitions; (None, X) is the creation entry.
@@ -182,6 +186,7 @@ class Inventory:
         # the key first (README "Redis Cluster"). Tests also run it on one server.
         self.two_phase = settings.redis_cluster if two_phase is None else two_phase
         self._stale_ms = settings.claim_stale_ms
+        self.layouts = Layouts(redis)
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._idem_ttl_ms = settings.idempotency_ttl_s * 1000
         # what a 202 promises (orders, payments) runs on this: with WAITAOF when asked
@@ -194,6 +199,7 @@ class Inventory:
                 # answered by the server before the client's deadline gives up on it
                 timeout_ms=settings.redis_timeout_ms // 2,
             )
+        self.mover = Mover(self._acked, scripts)
 
     async def create_order(
         self,
@@ -207,8 +213,47 @@ class Inventory:
 
         Returns (result, payload); the payload is described in lua/create_order.lua.
         """
-        sk = keys.SkuKeys(req.sku_id)
-        order_id = keys.new_order_id(req.sku_id)
+        count = self.layouts.known(req.sku_id) or 1
+        ks, args, tags, bucket = self._order_call(req, idempotency_key, count, queue_only, now_ms)
+        result, payload = await self._send_order(req, idempotency_key, ks, args)
+        if result is CreateResult.LAYOUT:  # the SKU has stock buckets this process did not know
+            count = int(payload)
+            self.layouts.remember(req.sku_id, count)
+            ks, args, tags, bucket = self._order_call(
+                req, idempotency_key, count, queue_only, now_ms
+            )
+            result, payload = await self._send_order(req, idempotency_key, ks, args)
+        # The shopper's bucket is short: move stock in from the others, then decide again
+        # (the refusal left no trace); other shoppers of the bucket may take what came first.
+        # Nothing moved: every other bucket was empty, and a last look at this one (where
+        # other shoppers' refills may have just put stock) decides.
+        tries = REFILL_TRIES
+        while result is CreateResult.SOLD_OUT and tags is not None and not queue_only and tries:
+            need = req.quantity - int(payload)
+            moved = await self._run(self.mover.refill(tags, bucket, need))
+            result, payload = await self._send_order(req, idempotency_key, ks, args)
+            tries -= 1
+            if not moved:
+                break
+        return result, payload
+
+    def _order_call(
+        self,
+        req: OrderRequest,
+        idempotency_key: str,
+        count: int,
+        queue_only: bool,
+        now_ms: int | None,
+    ) -> tuple[list[str], list[Any], list[str] | None, int]:
+        """KEYS and ARGV of create_order.lua for the shopper's bucket of a SKU with `count`
+        buckets, the SKU's bucket tags (None: not bucketed) and the shopper's bucket."""
+        tag, tags, bucket = req.sku_id, None, 0
+        if count > 1:
+            tags = self.layouts.tags(req.sku_id, count)
+            bucket = keys.bucket_of(req.user_id, count)
+            tag = tags[bucket]
+        sk = keys.SkuKeys(tag)
+        order_id = keys.new_order_id(tag)
         ks = [
             sk.sku,
             sk.users,
@@ -218,6 +263,8 @@ class Inventory:
             sk.idempotency(req.user_id, idempotency_key),
             sk.accepted,
         ]
+        if not self.two_phase:
+            ks.append(keys.key_guard(req.user_id, idempotency_key))
         args = [
             order_id,
             req.user_id,
@@ -231,10 +278,17 @@ class Inventory:
             "queue" if queue_only else "hold",
             self.settings.queue_max,
             accepted_member(req.user_id, idempotency_key),
+            "",  # the claim's token (cluster mode)
+            "",  # replay only (cluster mode)
+            count,
         ]
+        return ks, args, tags, bucket
+
+    async def _send_order(
+        self, req: OrderRequest, idempotency_key: str, ks: list[str], args: list[Any]
+    ) -> tuple[CreateResult, bytes]:
         if self.two_phase:
-            return await self._create_two_phase(req, idempotency_key, order_id, ks, args)
-        ks.append(keys.key_guard(req.user_id, idempotency_key))
+            return await self._create_two_phase(req, idempotency_key, ks, args)
         code, payload = await self._call_resending(self._create, ks, args)
         return CreateResult(code), payload
 
@@ -242,7 +296,6 @@ class Inventory:
         self,
         req: OrderRequest,
         idempotency_key: str,
-        order_id: str,
         ks: list[str],
         args: list[Any],
     ) -> tuple[CreateResult, bytes]:
@@ -253,7 +306,7 @@ class Inventory:
         is fenced on its SKU first, so a late delivery of it can never add a second order."""
         guard = keys.key_guard(req.user_id, idempotency_key)
         fingerprint = req.fingerprint()
-        token = order_id.partition(".")[0]  # unique to this request
+        token = args[0].partition(".")[0]  # unique to this request (its order id)
         now = args[8]
         for _ in range(3):
             code, old_token, old_fingerprint = await self._call_resending(
@@ -272,10 +325,12 @@ class Inventory:
             if claim is not Claim.CLAIMED:  # an order exists or is being made: the SKU answers
                 replay_only = "1" if claim is Claim.PENDING_SAME else ""
                 code, payload = await self._call_resending(
-                    self._create, ks, [*args, "", replay_only]
+                    self._create, ks, [*args[:12], "", replay_only, *args[14:]]
                 )
                 return CreateResult(code), payload
-            code, payload = await self._call_resending(self._create, ks, [*args, token, ""])
+            code, payload = await self._call_resending(
+                self._create, ks, [*args[:12], token, "", *args[14:]]
+            )
             result = CreateResult(code)
             if result is not CreateResult.CLAIM_LOST:
                 accepted = result in (CreateResult.CREATED, CreateResult.REPLAYED)
@@ -297,7 +352,9 @@ class Inventory:
         """Settle an abandoned claim: fence its token on its SKU (or find its order there),
         then mark the claim accepted or release it."""
         sku_id = fingerprint.partition("|")[0]
-        record = keys.SkuKeys(sku_id).idempotency(user_id, idempotency_key)
+        count = await self.layouts.count(sku_id) or 1
+        tag = self.layouts.tags(sku_id, count)[keys.bucket_of(user_id, count)]
+        record = keys.SkuKeys(tag).idempotency(user_id, idempotency_key)
         exists = await self._call_resending(
             self._fence, [record], (token, self._idem_ttl_ms, FENCED_TOKENS_KEPT)
         )
@@ -339,15 +396,20 @@ class Inventory:
         return result
 
     async def accepted_since(self, sku_id: str, since_ms: float) -> tuple[set[str], float]:
-        """Members `<key>:<user>` of the SKU's accepted set whose replay deadline is at or after
-        `since_ms`, and the latest deadline seen (to ask only for newer ones next time)."""
-        raw = await self._run(
-            self.redis.zrangebyscore(
-                keys.SkuKeys(sku_id).accepted, since_ms, "+inf", withscores=True
+        """Members `<key>:<user>` of the SKU's accepted sets (every bucket's) whose replay
+        deadline is at or after `since_ms`, and the latest deadline seen (to ask only for
+        newer ones next time)."""
+        members: set[str] = set()
+        latest = since_ms
+        for tag in await self._run(self.layouts.all_tags(sku_id)):
+            raw = await self._run(
+                self.redis.zrangebyscore(
+                    keys.SkuKeys(tag).accepted, since_ms, "+inf", withscores=True
+                )
             )
-        )
-        latest = max((score for _, score in raw), default=since_ms)
-        return {m.decode() for m, _ in raw}, latest
+            latest = max((score for _, score in raw), default=latest)
+            members.update(m.decode() for m, _ in raw)
+        return members, latest
 
     async def configure_sku(
         self, sku_id: str, cfg: SkuConfig, *, by: str = DEFAULT_OPERATOR, client: str = ""
@@ -355,8 +417,11 @@ class Inventory:
         """Create or change a SKU and append the change (who, from where, before and after) to
         its audit log `fg:{S}:changes`, atomically; a refused change records nothing. Returns
         (result, units held plus sold when refused, else 0)."""
-        sk = keys.SkuKeys(sku_id)
-        args = (
+        home = keys.SkuKeys(sku_id)
+        current = await self._run(self.layouts.count(sku_id))
+        if current is not None and current != cfg.buckets:
+            return ConfigureResult.BUCKETS_FIXED, current
+        args = [
             cfg.promotion_id,
             cfg.stock,
             cfg.per_user_limit,
@@ -365,31 +430,99 @@ class Inventory:
             by,
             client,
             CHANGES_KEPT,
-        )
+        ]
         # Registry first: a SKU in the registry without config is harmless, the reverse
         # would hide a SKU from the audit.
         await self._run(self.redis.sadd(keys.SKU_REGISTRY, sku_id))
-        code, detail = await self._call(self._configure, [sk.sku, sk.changes], args)
+        if cfg.buckets == 1:
+            code, detail = await self._call(
+                self._configure, [home.sku, home.changes], (*args, "set", "", "", "1")
+            )
+        else:
+            code, detail = await self._configure_buckets(sku_id, cfg, args, current is None)
         if code > 0:
+            self.layouts.remember(sku_id, cfg.buckets)
             # More may be available now: gateways that remember the SKU as sold out forget it.
             await self._run(self.redis.publish(keys.NOTICES, keys.stock_notice(sku_id)))
         return ConfigureResult(code), int(detail)
+
+    async def _configure_buckets(
+        self, sku_id: str, cfg: SkuConfig, args: list[Any], creating: bool
+    ) -> tuple[int, int]:
+        """A bucketed SKU: every bucket gets the configuration; bucket 0 holds the total and
+        the change log. Created: the stock is split evenly, bucket 0 written last (the SKU
+        exists from then on). Changed: the difference goes through bucket 0, atomically with
+        the total; a decrease first moves available stock into bucket 0."""
+        tags = self.layouts.tags(sku_id, cfg.buckets)
+        count = len(tags)
+        if creating:
+            shares = [
+                cfg.stock // count + (1 if b < cfg.stock % count else 0) for b in range(count)
+            ]
+            for b in range(1, count):
+                bk = keys.SkuKeys(tags[b])
+                await self._call(
+                    self._configure,
+                    [bk.sku, bk.changes],
+                    (*args[:1], shares[b], *args[2:], "set", count, "", "0"),
+                )
+            home = keys.SkuKeys(sku_id)
+            code, detail = await self._call(
+                self._configure,
+                [home.sku, home.changes],
+                (*args[:1], shares[0], *args[2:], "set", count, cfg.stock, "1"),
+            )
+            return code, detail
+        home = keys.SkuKeys(sku_id)
+        total, available0 = await self._run(self.redis.hmget(home.sku, "total_stock", "available"))
+        delta = cfg.stock - int(total or 0)
+        if delta < 0 and int(available0 or 0) < -delta:
+            await self._run(self.mover.refill(tags, 0, -delta - int(available0 or 0)))
+        for b in range(1, count):
+            bk = keys.SkuKeys(tags[b])
+            await self._call(
+                self._configure, [bk.sku, bk.changes], (*args[:1], 0, *args[2:], "add", "", "", "0")
+            )
+        code, detail = await self._call(
+            self._configure,
+            [home.sku, home.changes],
+            (*args[:1], delta, *args[2:], "add", "", cfg.stock, "1"),
+        )
+        if code < 0:
+            view = await self.get_sku(sku_id)
+            detail = 0 if view is None else view.held + view.sold
+        return code, detail
 
     async def get_sku(self, sku_id: str) -> SkuView | None:
         raw = await self._run(self.redis.hgetall(keys.SkuKeys(sku_id).sku))
         if not raw:
             return None
         h = {k.decode(): v.decode() for k, v in raw.items()}
+        stock, available, held, sold = (int(h[f]) for f in ("stock", "available", "held", "sold"))
+        buckets, in_transit = int(h.get("buckets", 1)), 0
+        if buckets > 1:
+            for tag in self.layouts.tags(sku_id, buckets)[1:]:
+                figures = await self._run(
+                    self.redis.hmget(keys.SkuKeys(tag).sku, "stock", "available", "held", "sold")
+                )
+                b_stock, b_available, b_held, b_sold = (int(v or 0) for v in figures)
+                stock, available = stock + b_stock, available + b_available
+                held, sold = held + b_held, sold + b_sold
+            # units taken out of one bucket and not yet given to another: still for sale
+            in_transit = int(h["total_stock"]) - stock
+            stock, available = stock + in_transit, available + in_transit
         return SkuView(
             sku_id=sku_id,
             promotion_id=h["promotion_id"],
-            stock=int(h["stock"]),
-            available=int(h["available"]),
-            held=int(h["held"]),
-            sold=int(h["sold"]),
+            stock=stock,
+            available=available,
+            held=held,
+            sold=sold,
             per_user_limit=int(h["per_user_limit"]),
             starts_at=int(h["starts_at"]) if "starts_at" in h else None,
             ends_at=int(h["ends_at"]) if "ends_at" in h else None,
+            buckets=buckets,
+            in_transit=in_transit,
         )
 
     async def sku_changes(self, sku_id: str, limit: int = 20) -> list[SkuChange] | None:
@@ -439,8 +572,43 @@ class Inventory:
     ) -> AuditRow | None:
         """One SKU's figures, its holds and every order record, checked against each other.
         With `now_ms` and `slack_ms`, a hold past its deadline by more than `slack_ms` counts
-        as a breach (the sweeper should have released it)."""
-        sk = keys.SkuKeys(sku_id)
+        as a breach (the sweeper should have released it).
+
+        A bucketed SKU is audited bucket by bucket (each bucket's invariants are exact: its
+        scripts are atomic), then as a whole: the configured total must equal the buckets'
+        stock plus the units in transfers not yet received. Buckets are read one after the
+        other, so a transfer completing in between is read again (up to 3 tries)."""
+        count = await self._run(self.layouts.count(sku_id))
+        if count is None or count == 1:
+            return await self._audit_bucket(sku_id, now_ms, slack_ms)
+        tags = self.layouts.tags(sku_id, count)
+        for _ in range(3):
+            total = int(await self._run(self.redis.hget(keys.SkuKeys(sku_id).sku, "total_stock")))
+            rows = [await self._audit_bucket(tag, now_ms, slack_ms) for tag in tags]
+            transit = await self._in_transit(tags)
+            combined = combine_rows(sku_id, tags, rows, total, transit)
+            if not any(p.startswith("total stock") for p in combined.order_problems):
+                break
+        return combined
+
+    async def _in_transit(self, tags: list[str]) -> int:
+        """Units journaled out of a bucket and not yet received by another."""
+        units = 0
+        for tag in tags:
+            sk = keys.SkuKeys(tag)
+            for transfer in journal(await self._run(self.redis.hgetall(sk.transfers))):
+                received = await self._run(
+                    self.redis.zscore(keys.SkuKeys(transfer.to_tag).received, transfer.transfer_id)
+                )
+                if received is None:
+                    units += transfer.units
+        return units
+
+    async def _audit_bucket(
+        self, tag: str, now_ms: int | None, slack_ms: int | None
+    ) -> AuditRow | None:
+        sku_id = tag
+        sk = keys.SkuKeys(tag)
         row = await self._call(self._audit, [sk.sku, sk.users, sk.holds], (sk.orders_prefix,))
         if not row[0]:
             return None
@@ -539,6 +707,42 @@ class Inventory:
             if not _maybe_sent(exc):
                 raise BackendUnavailable() from exc
         return await self._run(script(client, ks, args))
+
+
+def combine_rows(
+    sku_id: str, tags: list[str], rows: list[AuditRow | None], total: int, transit: int
+) -> AuditRow:
+    """One bucketed SKU's audit row: the buckets' figures summed (units in transit counted as
+    available), each bucket's own breaches named, and the total checked against them."""
+    present = [r for r in rows if r is not None]
+    problems = [f"bucket {tag} missing" for tag, r in zip(tags, rows, strict=True) if r is None]
+    for r in present:
+        problems += [f"bucket {r.sku_id}: {b}" for b in r.breaches()]
+    stock = sum(r.stock for r in present)
+    if total != stock + transit:
+        problems.insert(0, f"total stock {total} != buckets' stock {stock} + in transit {transit}")
+    orders: dict[str, tuple[int, int]] = {}
+    for r in present:
+        for status, (n, units) in r.orders.items():
+            n0, u0 = orders.get(status, (0, 0))
+            orders[status] = (n0 + n, u0 + units)
+    deadlines = [r.earliest_deadline_ms for r in present if r.earliest_deadline_ms]
+    return AuditRow(
+        sku_id,
+        stock + transit,
+        sum(r.available for r in present) + transit,
+        sum(r.held for r in present),
+        sum(r.sold for r in present),
+        sum(r.users_total for r in present),
+        sum(r.holds_count for r in present),
+        sum(r.holds_units for r in present),
+        sum(r.holds_not_held for r in present),
+        min(deadlines, default=0),
+        sum(r.backlog for r in present),
+        orders,
+        problems,
+        max((r.overdue_ms for r in present), default=0),
+    )
 
 
 def sku_change(entry_id: bytes, fields: dict[bytes, bytes]) -> SkuChange:

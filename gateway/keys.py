@@ -4,6 +4,11 @@ Keys that one script touches share the SKU's hash tag `{<sku_id>}`, so every scr
 confined to one Redis Cluster slot. IDs are restricted to `[A-Za-z0-9_.:-]` by the schemas,
 so they can never open or close a hash tag, add a separator or form a glob.
 
+A hot SKU may be split into K stock buckets (README "Hot-SKU buckets"). Bucket 0 is the SKU's
+own tag `{S}`; bucket b >= 1 has the tag `{S~b~n}` (`~` is never in an ID), n chosen so the
+buckets' slots spread evenly over the slot space. Each bucket has every per-SKU key below
+under its own tag; the order id names its bucket's tag.
+
 | key | type | holds |
 | --- | --- | --- |
 | `fg:skus` | set | every configured sku_id (read by audit, sweeper, finalizers) |
@@ -18,6 +23,8 @@ so they can never open or close a hash tag, add a separator or form a glob.
 | `fg:{S}:pay:<payment_id>` | hash | order_id, at, applied: one payment confirmation |
 | `fg:{S}:accepted` | zset | `<key>:<user>` of every 202 -> replay deadline (sold-out memo) |
 | `fg:{S}:changes` | stream | operator audit log of the SKU's configuration (~ last 1000) |
+| `fg:{S}:transfers` | hash | stock moving out of this bucket: transfer id -> units, to, at |
+| `fg:{S}:received` | zset | transfer ids this bucket received -> when (a week) |
 | `fg:{mode}` | hash | mode, changed_at: the intake mode shared by every gateway |
 | `fg:{mode}:history` | list | the latest mode changes (who, from where), newest first (JSON) |
 | `fg:{u:<user>}:ik:<key>` | string | sku_id the key was first used for (24 h), standalone |
@@ -29,7 +36,10 @@ from __future__ import annotations
 import base64
 import os
 import re
+import zlib
 from collections.abc import Iterator
+
+from redis.crc import key_slot
 
 PREFIX = "fg"
 FINALIZER_GROUP = "finalizers"  # the consumer group every finalizer joins on every SKU stream
@@ -49,8 +59,39 @@ def stock_notice(sku_id: str) -> str:
 
 # \Z, not $: `$` also matches before a trailing newline, which would pass "id\n".
 ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}\Z"
-ORDER_ID_PATTERN = r"^[a-z2-7]{26}\.[A-Za-z0-9_.:\-]{1,64}\Z"
+ORDER_ID_PATTERN = r"^[a-z2-7]{26}\.[A-Za-z0-9_.:\-]{1,64}(?:~[0-9]{1,2}~[0-9]{1,6})?\Z"
 _ORDER_ID = re.compile(ORDER_ID_PATTERN)
+BUCKET_SEP = "~"
+MAX_BUCKETS = 64
+SLOTS = 16384
+
+
+def bucket_tags(sku_id: str, count: int) -> list[str]:
+    """The tags of a SKU's `count` stock buckets: bucket 0 is the SKU itself; bucket b lands
+    in the b-th of `count` equal ranges of the slot space, counted from bucket 0's slot."""
+    tags = [sku_id]
+    base = key_slot(sku_id.encode())
+    width = SLOTS // count
+    for b in range(1, count):
+        low = (base + b * width) % SLOTS
+        n = 0
+        while True:
+            tag = f"{sku_id}{BUCKET_SEP}{b}{BUCKET_SEP}{n}"
+            if (key_slot(tag.encode()) - low) % SLOTS < width:
+                break
+            n += 1
+        tags.append(tag)
+    return tags
+
+
+def bucket_of(user_id: str, count: int) -> int:
+    """A shopper's bucket: always the same one, so the per-user limit is counted in one slot."""
+    return zlib.crc32(user_id.encode()) % count if count > 1 else 0
+
+
+def sku_of(tag: str) -> str:
+    """The sku_id of a bucket tag (the SKU's own tag for bucket 0)."""
+    return tag.partition(BUCKET_SEP)[0]
 
 
 def _random_parts(batch: int = 256) -> Iterator[str]:
@@ -74,14 +115,14 @@ def _after_fork() -> None:
 os.register_at_fork(after_in_child=_after_fork)
 
 
-def new_order_id(sku_id: str) -> str:
-    """An unguessable order id (128+ random bits) that names its SKU, so the record is findable
-    from the id alone and lives in the SKU's slot: `<26 base32 chars>.<sku_id>`."""
-    return f"{_random_part()}.{sku_id}"
+def new_order_id(tag: str) -> str:
+    """An unguessable order id (128+ random bits) that names its SKU bucket's tag, so the
+    record is findable from the id alone and lives in that slot: `<26 base32 chars>.<tag>`."""
+    return f"{_random_part()}.{tag}"
 
 
 def split_order_id(order_id: str) -> tuple[str, str] | None:
-    """(random part, sku_id) of a well-formed order id, else None."""
+    """(random part, bucket tag) of a well-formed order id, else None."""
     if not _ORDER_ID.match(order_id):
         return None
     rand, _, sku_id = order_id.partition(".")
@@ -89,25 +130,29 @@ def split_order_id(order_id: str) -> tuple[str, str] | None:
 
 
 class SkuKeys:
-    """The keys of one SKU, all under the hash tag `{sku_id}`."""
+    """The keys of one SKU (or one of its stock buckets), all under the hash tag `{tag}`."""
 
     __slots__ = (
         "accepted",
+        "bucket_tag",
         "changes",
         "dead",
         "events",
         "holds",
         "orders_prefix",
+        "received",
         "sku",
         "sku_id",
         "stream",
         "tag",
+        "transfers",
         "users",
     )
 
-    def __init__(self, sku_id: str) -> None:
-        self.sku_id = sku_id
-        self.tag = f"{PREFIX}:{{{sku_id}}}"
+    def __init__(self, tag: str) -> None:
+        self.bucket_tag = tag
+        self.sku_id = sku_of(tag)
+        self.tag = f"{PREFIX}:{{{tag}}}"
         self.sku = f"{self.tag}:sku"
         self.users = f"{self.tag}:users"
         self.holds = f"{self.tag}:holds"
@@ -116,6 +161,8 @@ class SkuKeys:
         self.events = f"{self.tag}:events"
         self.dead = f"{self.tag}:dead"
         self.changes = f"{self.tag}:changes"
+        self.transfers = f"{self.tag}:transfers"
+        self.received = f"{self.tag}:received"
         self.orders_prefix = f"{self.tag}:o:"
 
     def order(self, order_id: str) -> str:

@@ -433,7 +433,11 @@ def _paths(settings: Settings) -> Json:
         "/api/v1/payment/confirm": {"post": confirm},
         "/api/v1/admin/skus/{sku_id}": {
             "put": _admin(
-                put_sku, errors.StockBelowCommitted, errors.PayloadTooLarge, settings=settings
+                put_sku,
+                errors.StockBelowCommitted,
+                errors.BucketsFixed,
+                errors.PayloadTooLarge,
+                settings=settings,
             ),
             "get": _admin(get_sku, errors.UnknownSku, settings=settings),
         },

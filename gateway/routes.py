@@ -232,6 +232,8 @@ async def put_sku(request: Request) -> Response:
     result, committed = await gw.inventory.configure_sku(sku_id, cfg, by=op.name, client=op.client)
     if result is ConfigureResult.STOCK_BELOW_COMMITTED:
         raise errors.StockBelowCommitted(committed=committed)
+    if result is ConfigureResult.BUCKETS_FIXED:
+        raise errors.BucketsFixed(buckets=committed)
     created = result is ConfigureResult.CREATED
     log_change(
         op,
@@ -241,6 +243,7 @@ async def put_sku(request: Request) -> Response:
         per_user_limit=cfg.per_user_limit,
         starts_at=cfg.starts_at,
         ends_at=cfg.ends_at,
+        **({"buckets": cfg.buckets} if cfg.buckets > 1 else {}),
     )
     view = await gw.inventory.get_sku(sku_id)
     return MsgspecResponse(view, status_code=201 if created else 200)

@@ -42,6 +42,8 @@ class SkuConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     per_user_limit: Annotated[int, Meta(ge=1, le=1_000_000_000)]
     starts_at: EpochSeconds | None = None
     ends_at: EpochSeconds | None = None
+    # hot-SKU stock buckets on different slots (README "Hot-SKU buckets"); fixed at creation
+    buckets: Annotated[int, Meta(ge=1, le=64)] = 1
 
 
 class OrderAccepted(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -70,6 +72,8 @@ class SkuView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     per_user_limit: int
     starts_at: int | None = None
     ends_at: int | None = None
+    buckets: int = 1  # stock buckets (shown when more than one)
+    in_transit: int = 0  # units moving between buckets, counted in available (shown when any)
 
 
 class SkuSettings(Struct, frozen=True, kw_only=True):

@@ -77,16 +77,18 @@ class ScriptRegistry:
     def __getitem__(self, name: str) -> LuaScript:
         return self.scripts[name]
 
-    async def load_all(self, client: Executor) -> None:
-        """SCRIPT LOAD every script (start-up fails fast on a script the server rejects)."""
+    async def load_all(self, client: Any) -> None:
+        """SCRIPT LOAD every script (start-up fails fast on a script the server rejects); on a
+        cluster, on every primary."""
         for script in self.scripts.values():
-            sha = await client.execute_command("SCRIPT", "LOAD", script.source)
+            sha = await client.script_load(script.source)
             if isinstance(sha, bytes):
                 sha = sha.decode()
             if sha != script.sha:
                 raise RuntimeError(f"{script.name}: server SHA {sha} != {script.sha}")
 
-    async def loaded(self, client: Executor) -> bool:
+    async def loaded(self, client: Any) -> bool:
+        """Every script is in the server's cache (on a cluster: in every primary's)."""
         shas = [s.sha for s in self.scripts.values()]
-        found = await client.execute_command("SCRIPT", "EXISTS", *shas)
+        found = await client.script_exists(*shas)
         return all(bool(x) for x in found)

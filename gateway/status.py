@@ -53,6 +53,38 @@ def _added(info: Any) -> int:
     return int(info.get("entries-added", info.get(b"entries-added", 0)) or 0)
 
 
+async def _bucket_figures(redis: Client, tag: str) -> tuple[list[int], int, int] | None:
+    """One SKU's (or stock bucket's) figures in SkuSample's order, its bucket count and total
+    stock; None when not configured."""
+    sk = keys.SkuKeys(tag)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hmget(
+            sk.sku, "stock", "available", "held", "sold", "backlog", "buckets", "total_stock"
+        )
+        pipe.xinfo_stream(sk.stream)
+        pipe.xinfo_stream(sk.events)
+        pipe.xlen(sk.dead)
+        pipe.xpending(sk.stream, keys.FINALIZER_GROUP)
+        pipe.zcard(sk.holds)
+        figures, stream, events, dead, pending, holds = await pipe.execute(raise_on_error=False)
+    if isinstance(figures, Exception) or figures[0] is None:
+        return None
+    stock, available, held, sold, backlog = (int(v or 0) for v in figures[:5])
+    values = [
+        stock,
+        available,
+        held,
+        sold,
+        0 if isinstance(holds, Exception) else int(holds),
+        backlog,
+        0 if isinstance(pending, Exception) else int(pending["pending"]),
+        0 if isinstance(dead, Exception) else int(dead),
+        _added(stream),
+        _added(events),
+    ]
+    return values, int(figures[5] or 1), int(figures[6] or 0)
+
+
 async def sample(redis: Client) -> Sample:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hget(keys.MODE, "mode")
@@ -62,33 +94,19 @@ async def sample(redis: Client) -> Sample:
     sku_ids = sorted(m.decode() for m in members)
     skus: list[SkuSample] = []
     for sku_id in sku_ids:
-        sk = keys.SkuKeys(sku_id)
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(sk.sku, "stock", "available", "held", "sold", "backlog")
-            pipe.xinfo_stream(sk.stream)
-            pipe.xinfo_stream(sk.events)
-            pipe.xlen(sk.dead)
-            pipe.xpending(sk.stream, keys.FINALIZER_GROUP)
-            pipe.zcard(sk.holds)
-            figures, stream, events, dead, pending, holds = await pipe.execute(raise_on_error=False)
-        if isinstance(figures, Exception) or figures[0] is None:
+        home = await _bucket_figures(redis, sku_id)
+        if home is None:
             continue  # registered, not configured: `flashgate audit` reports it
-        stock, available, held, sold, backlog = (int(v or 0) for v in figures)
-        skus.append(
-            SkuSample(
-                sku_id,
-                stock,
-                available,
-                held,
-                sold,
-                0 if isinstance(holds, Exception) else int(holds),
-                backlog,
-                0 if isinstance(pending, Exception) else int(pending["pending"]),
-                0 if isinstance(dead, Exception) else int(dead),
-                _added(stream),
-                _added(events),
-            )
-        )
+        figures, buckets, total = home
+        if buckets > 1:  # a bucketed SKU: every bucket summed, units in transit available
+            for tag in keys.bucket_tags(sku_id, buckets)[1:]:
+                more = await _bucket_figures(redis, tag)
+                if more is not None:
+                    figures = [a + b for a, b in zip(figures, more[0], strict=True)]
+            in_transit = total - figures[0]
+            figures[0] += in_transit
+            figures[1] += in_transit
+        skus.append(SkuSample(sku_id, *figures))
     return Sample(
         at=time.monotonic(),
         mode=mode.decode() if mode else "NORMAL",
@@ -158,6 +176,11 @@ async def run(redis: Client, *, watch_s: float, count: int | None, out: TextIO) 
         before = now
 
 
+def _entry_order(entry_id: bytes) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition(b"-")
+    return int(ms), int(seq or 0)
+
+
 DEAD_HEADER = ("sku_id", "dead_id", "entry_id", "event", "order_id", "payment_id", "reason")
 
 
@@ -171,10 +194,12 @@ async def dead_letters(
         sku_ids = sorted(m.decode() for m in members)
     rows: list[tuple[str, ...]] = []
     for sku_id in sku_ids:
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrevrange(  # type: ignore[assignment]
-            keys.SkuKeys(sku_id).dead, count=limit
-        )
-        for dead_id, fields in entries:
+        buckets = int(await redis.hget(keys.SkuKeys(sku_id).sku, "buckets") or 1)
+        entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for tag in keys.bucket_tags(sku_id, buckets):  # each stock bucket has its own
+            entries += await redis.xrevrange(keys.SkuKeys(tag).dead, count=limit)  # type: ignore[arg-type]
+        entries.sort(key=lambda e: _entry_order(e[0]), reverse=True)
+        for dead_id, fields in entries[:limit]:
             f = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
             rows.append(
                 (sku_id, dead_id.decode(), f.get("entry_id", "-"), f.get("event", "-"),

@@ -11,6 +11,7 @@ import logging
 from redis.exceptions import RedisError, ResponseError
 
 from gateway import keys
+from gateway.buckets import Layouts, Mover
 from gateway.config import Settings
 from gateway.scripts import ScriptRegistry
 from gateway.store import Client, text
@@ -24,19 +25,29 @@ class Sweeper:
         self.interval_s = settings.sweep_interval_ms / 1000
         self.batch = settings.sweep_batch
         self._sweep = scripts["sweep"]
+        self.layouts = Layouts(redis)
+        self.mover = Mover(redis, scripts)
+        self.stale_ms = settings.claim_stale_ms
+        self.transfers_completed = 0
         self.released = 0
 
     async def sweep_sku(self, sku_id: str, *, now_ms: int | None = None) -> int:
-        """Release every due hold of one SKU; returns how many orders expired."""
-        sk = keys.SkuKeys(sku_id)
-        ks = [sk.sku, sk.users, sk.holds, sk.events]
-        args = ("" if now_ms is None else now_ms, self.batch, sk.orders_prefix)
+        """Release every due hold of one SKU (in each of its stock buckets, where it also
+        completes stock transfers left halfway); returns how many orders expired."""
         total = 0
-        while True:
-            released, _, selected = await self._sweep(self.redis, ks, args)
-            total += int(released)
-            if int(selected) < self.batch:
-                break
+        tags = await self.layouts.all_tags(sku_id)
+        for tag in tags:
+            sk = keys.SkuKeys(tag)
+            ks = [sk.sku, sk.users, sk.holds, sk.events]
+            args = ("" if now_ms is None else now_ms, self.batch, sk.orders_prefix)
+            while True:
+                released, _, selected = await self._sweep(self.redis, ks, args)
+                total += int(released)
+                if int(selected) < self.batch:
+                    break
+            if len(tags) > 1:
+                total_moved = await self.mover.complete_stale(self.redis, tag, self.stale_ms)
+                self.transfers_completed += total_moved
         if total:
             # Stock came back: gateways that remember the SKU as sold out forget it.
             await self.redis.publish(keys.NOTICES, keys.stock_notice(sku_id))

@@ -12,6 +12,12 @@
   ARGV[1] promotion_id  ARGV[2] stock  ARGV[3] per_user_limit
   ARGV[4] starts_at ("" = none)  ARGV[5] ends_at ("" = none)
   ARGV[6] by (operator name)  ARGV[7] client address ("" = unknown)  ARGV[8] changes kept
+  ARGV[9] "set": ARGV[2] is the stock | "add": ARGV[2] is added to it (one stock bucket's
+          share of a change; refused the same way below held plus sold)
+  ARGV[10] buckets: how many stock buckets the SKU has ("" = leave as is), in every bucket
+  ARGV[11] total stock of a bucketed SKU ("" = not bucketed): stored as total_stock and logged
+           as its stock; bucket 0 only
+  ARGV[12] "1": append the change to KEYS[2] | "0": do not (buckets other than 0)
 
   Returns {code, detail}:
      1 CREATED            detail: 0
@@ -19,14 +25,29 @@
     -1 STOCK_BELOW_COMMITTED  detail: units held plus sold
 ]]
 local rcall = redis.call
+for i = 9, 12 do
+  ARGV[i] = ARGV[i] or ({'set', '', '', '1'})[i - 8]  -- a caller of the 8-argument form
+end
 local FIELDS = {'promotion_id', 'stock', 'per_user_limit', 'starts_at', 'ends_at'}
-local stock = tonumber(ARGV[2])
 local cur = rcall('HMGET', KEYS[1], 'held', 'sold', unpack(FIELDS))
 local held = tonumber(cur[1] or '0')
 local sold = tonumber(cur[2] or '0')
+local stock = tonumber(ARGV[2])
+if ARGV[9] == 'add' then
+  stock = tonumber(cur[4] or '0') + stock
+end
 local existed = rcall('EXISTS', KEYS[1]) == 1
 if stock < held + sold then
   return {-1, held + sold}
+end
+local logged_stock = ARGV[2]
+if ARGV[11] ~= '' then
+  cur[4] = rcall('HGET', KEYS[1], 'total_stock') or cur[4]
+  logged_stock = ARGV[11]
+  rcall('HSET', KEYS[1], 'total_stock', ARGV[11])
+end
+if ARGV[10] ~= '' then
+  rcall('HSET', KEYS[1], 'buckets', ARGV[10])
 end
 local t = rcall('TIME')
 local now_ms = string.format('%d', tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000))
@@ -44,9 +65,12 @@ else
   rcall('HDEL', KEYS[1], 'ends_at')
 end
 
+if ARGV[12] == '0' then
+  return {existed and 2 or 1, 0}
+end
 local action = existed and 'updated' or 'created'
 local entry = {'at', now_ms, 'by', ARGV[6], 'client', ARGV[7], 'action', action}
-local after = {ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]}
+local after = {ARGV[1], logged_stock, ARGV[3], ARGV[4], ARGV[5]}
 for i, name in ipairs(FIELDS) do
   if existed then
     entry[#entry + 1] = 'before:' .. name

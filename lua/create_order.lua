@@ -22,6 +22,8 @@
   ARGV[12] "<key>:<user>", this request's member of KEYS[7]
   ARGV[13] cluster mode: the token of this request's claim on (user, key) (claim_key.lua), "" if none
   ARGV[14] "1": only a replay may answer (another request with this key is in progress)
+  ARGV[15] how many stock buckets the gateway takes the SKU to have ("1": not bucketed); when
+           KEYS[1] says otherwise nothing is read or written and the gateway asks again
 
   Returns {code, payload}:
      1 CREATED         payload: the 202 body (also stored for replays)
@@ -34,6 +36,7 @@
     -6 QUEUE_FULL      payload: the backlog
     -7 CLAIM_LOST      payload: "" (this request's claim was recovered as abandoned)
     -8 IN_USE          payload: "" (replay only, and nothing to replay yet)
+    -9 LAYOUT          payload: the SKU's bucket count (the request went to the wrong bucket)
 ]]
 local rcall = redis.call
 
@@ -48,6 +51,10 @@ local function answer(order_id, deadline_s)
     '","quantity":' .. ARGV[4] .. '}'
 end
 
+local buckets = rcall('HGET', KEYS[1], 'buckets') or '1'
+if buckets ~= ARGV[15] then
+  return {-9, buckets}
+end
 local stored = rcall('GET', KEYS[6])
 if stored and string.sub(stored, 1, 2) == '!\n' then
   if ARGV[13] ~= '' and string.find(stored .. '\n', '\n' .. ARGV[13] .. '\n', 1, true) then

@@ -66,11 +66,48 @@ def redis_url() -> Iterator[str]:
     proc.wait(5)
 
 
+@pytest.fixture(scope="session")
+def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real 3-primary Valkey cluster from the embedded binary, or
+    FLASHGATE_TEST_CLUSTER_URL (a node of an existing cluster)."""
+    if url := os.environ.get("FLASHGATE_TEST_CLUSTER_URL"):
+        yield url
+        return
+    from gateway.localcluster import LocalCluster
+
+    with LocalCluster(tmp_path_factory.mktemp("cluster"), primaries=3) as cluster:
+        yield cluster.url
+
+
+# Tests that take `settings` run on one server; those of a module (or a test) marked
+# `BOTH_BACKENDS` run on one server and on the 3-primary cluster.
+# FLASHGATE_TEST_BACKEND=cluster runs everything on the cluster.
+BOTH_BACKENDS = pytest.mark.both_backends
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
+        "both_backends"
+    ):
+        metafunc.parametrize("backend", ["single", "cluster"], indirect=True)
+
+
 @pytest.fixture
-def settings(redis_url: str) -> Settings:
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", os.environ.get("FLASHGATE_TEST_BACKEND", "single")))
+
+
+@pytest.fixture
+def settings(backend: str, request: pytest.FixtureRequest) -> Settings:
     # A generous deadline: correctness tests must not turn into timing tests on a busy CI
     # machine. Deadlines and faults are tested with their own settings in test_store.py.
-    return Settings(redis_url=redis_url, admin_token=ADMIN_TOKEN, redis_timeout_ms=10_000)
+    if backend == "cluster":
+        url = request.getfixturevalue("cluster_url")
+        return Settings(
+            redis_url=url, redis_cluster=True, admin_token=ADMIN_TOKEN, redis_timeout_ms=10_000
+        )
+    url = request.getfixturevalue("redis_url")
+    return Settings(redis_url=url, admin_token=ADMIN_TOKEN, redis_timeout_ms=10_000)
 
 
 @pytest.fixture

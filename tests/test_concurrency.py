@@ -10,7 +10,9 @@ from redis.asyncio import Redis
 
 from gateway.cli import _audit
 from gateway.config import Settings
-from tests.conftest import ADMIN, Client, create, put_sku
+from tests.conftest import ADMIN, BOTH_BACKENDS, Client, create, put_sku
+
+pytestmark = BOTH_BACKENDS
 
 
 async def figures(client: Client, sku_id: str = "sku-42") -> tuple[int, int, int, int]:

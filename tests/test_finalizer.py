@@ -20,11 +20,14 @@ from gateway.inventory import CreateResult, Inventory, PaymentResult, history_pr
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.scripts import ScriptRegistry
 from gateway.sweeper import Sweeper
-from tests.conftest import ADMIN, MakeClient, create, put_sku
+from tests.conftest import ADMIN, BOTH_BACKENDS, MakeClient, create, put_sku
 
 SECRET = "test-payment-secret"
 T0 = 1_800_000_000_000
 TTL_MS = 900_000
+
+
+pytestmark = BOTH_BACKENDS
 
 
 class Phase2:

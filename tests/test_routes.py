@@ -8,7 +8,18 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import ADMIN, Client, MakeClient, create, order_body, put_sku, snapshot
+from tests.conftest import (
+    ADMIN,
+    BOTH_BACKENDS,
+    Client,
+    MakeClient,
+    create,
+    order_body,
+    put_sku,
+    snapshot,
+)
+
+pytestmark = BOTH_BACKENDS
 
 
 @pytest.fixture

@@ -14,9 +14,12 @@ from gateway.config import Settings
 from gateway.inventory import CreateResult, Inventory, PaymentResult
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.scripts import ScriptRegistry
+from tests.conftest import BOTH_BACKENDS
 
 T0 = 1_800_000_000_000  # injected server time (ms) so staleness is exact
 STALE_MS = 5000
+
+pytestmark = BOTH_BACKENDS
 
 
 async def two_phase(redis: Redis, settings: Settings) -> Inventory:
@@ -141,6 +144,7 @@ async def test_an_abandoned_claim_is_in_use_until_stale_then_recovered(
             f"{key}:u",
             token,
             "",
+            1,
         ],
     )
     assert late[0] == CreateResult.CLAIM_LOST
@@ -185,6 +189,7 @@ async def test_a_claim_abandoned_after_its_order_is_recovered_as_accepted(
             f"{key}:u",
             token,
             "",
+            1,
         ],
     )
     assert made[0] == CreateResult.CREATED  # ... and the gateway died before settling

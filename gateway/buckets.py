@@ -1,0 +1,146 @@
+"""Hot-SKU stock buckets (README "Hot-SKU buckets"): one SKU's stock split over K buckets in
+different slots, so one hot SKU is not capped by one shard.
+
+A shopper always orders from one bucket (`keys.bucket_of`), so the per-user limit and the
+idempotency record stay in one slot. When that bucket has too little, the gateway moves stock
+into it from the others before answering `sold_out`: `take_stock.lua` takes units out of a
+donor and journals the transfer there, `give_stock.lua` adds them to the bucket once per
+transfer id, then the journal entry is dropped. A mover that dies in between leaves a journal
+entry the sweeper completes. Every step keeps stock == available + held + sold in its bucket;
+units in a transfer are counted by the journal until received.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway import keys
+from gateway.scripts import Executor, ScriptRegistry
+from gateway.store import Client, text
+
+log = logging.getLogger("flashgate")
+
+RECEIVED_KEPT_MS = 7 * 86_400_000  # how long a bucket remembers a transfer id it received
+
+
+class Layouts:
+    """How many buckets each SKU has (fixed when the SKU is created), cached per process."""
+
+    def __init__(self, redis: Client) -> None:
+        self.redis = redis
+        self._counts: dict[str, int] = {}
+        self._tags: dict[str, list[str]] = {}
+
+    def known(self, sku_id: str) -> int | None:
+        """The cached bucket count (no round trip), None when not read yet."""
+        return self._counts.get(sku_id)
+
+    async def count(self, sku_id: str) -> int | None:
+        """The SKU's bucket count, None for a SKU not configured (not cached: it may be soon)."""
+        count = self._counts.get(sku_id)
+        if count is not None:
+            return count
+        sk = keys.SkuKeys(sku_id)
+        promotion, buckets = await self.redis.hmget(sk.sku, "promotion_id", "buckets")
+        if promotion is None:
+            return None
+        count = self._counts[sku_id] = int(buckets or 1)
+        return count
+
+    def remember(self, sku_id: str, count: int) -> None:
+        self._counts[sku_id] = count
+
+    def tags(self, sku_id: str, count: int) -> list[str]:
+        tags = self._tags.get(sku_id)
+        if tags is None or len(tags) != count:
+            tags = self._tags[sku_id] = keys.bucket_tags(sku_id, count)
+        return tags
+
+    async def all_tags(self, sku_id: str) -> list[str]:
+        """Every bucket tag of the SKU (just the SKU for one not bucketed or not configured)."""
+        count = await self.count(sku_id)
+        return self.tags(sku_id, count or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    transfer_id: str
+    units: int
+    to_tag: str
+    at_ms: int
+
+
+def journal(raw: Mapping[Any, Any]) -> list[Transfer]:
+    """A bucket's transfers hash, decoded (see lua/take_stock.lua)."""
+    out = []
+    for tid, value in raw.items():
+        units, to_tag, at = text(value).split("\n")
+        out.append(Transfer(text(tid), int(units), to_tag, int(at)))
+    return out
+
+
+class Mover:
+    """Moves available stock between the buckets of one SKU."""
+
+    def __init__(self, client: Executor, scripts: ScriptRegistry) -> None:
+        self.client = client
+        self._take = scripts["take_stock"]
+        self._give = scripts["give_stock"]
+        self.moved = 0
+
+    async def refill(self, tags: list[str], to: int, need: int) -> int:
+        """Move at least `need` units into bucket `to` from the others, as far as they have
+        any; returns the units moved (0: every other bucket was empty)."""
+        moved = 0
+        count = len(tags)
+        for step in range(1, count):
+            donor = keys.SkuKeys(tags[(to + step) % count])
+            transfer_id = secrets.token_hex(8)
+            units = int(
+                await self._take(
+                    self.client,
+                    [donor.sku, donor.transfers],
+                    (transfer_id, need - moved, tags[to], ""),
+                )
+            )
+            if not units:
+                continue
+            await self.complete(donor, Transfer(transfer_id, units, tags[to], 0))
+            moved += units
+            if moved >= need:
+                break
+        self.moved += moved
+        return moved
+
+    async def complete(self, donor: keys.SkuKeys, transfer: Transfer) -> None:
+        """Give a journaled transfer's units to its bucket (once), then drop the entry."""
+        to = keys.SkuKeys(transfer.to_tag)
+        await self._give(
+            self.client,
+            [to.sku, to.received],
+            (transfer.transfer_id, transfer.units, "", RECEIVED_KEPT_MS),
+        )
+        await self.client.execute_command("HDEL", donor.transfers, transfer.transfer_id)
+
+    async def complete_stale(self, redis: Client, tag: str, stale_ms: int) -> int:
+        """Complete the transfers out of one bucket whose mover stopped halfway (journaled
+        more than `stale_ms` ago); returns how many."""
+        donor = keys.SkuKeys(tag)
+        now_ms = int(time.time() * 1000)
+        done = 0
+        for transfer in journal(await redis.hgetall(donor.transfers)):
+            if now_ms - transfer.at_ms >= stale_ms:
+                await self.complete(donor, transfer)
+                log.warning(
+                    "completed a stock transfer of %d unit(s) from %s to %s left halfway",
+                    transfer.units,
+                    tag,
+                    transfer.to_tag,
+                )
+                done += 1
+        return done

@@ -1,0 +1,449 @@
+"""A throwaway Valkey cluster on 127.0.0.1, built from the valkey-server flashgate embeds.
+
+For tests and local experiments with a sharded store: `LocalCluster(tmp).start()` runs N
+primaries (and optional replicas), splits the 16384 hash slots evenly among the primaries,
+and returns once every node agrees the cluster is complete. `migrate_slot` moves one slot
+between primaries with the standard IMPORTING/MIGRATING procedure; with `finish=False` it
+stops inside the redirection window (ASK, TRYAGAIN) so a test can watch clients there.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+from gateway.embedded import die_with_parent, free_port, kill_group, server_binary
+
+HOST = "127.0.0.1"
+SLOTS = 16384
+NODE_TIMEOUT_MS = 5000
+"""A node unreachable this long is flagged failing; short enough for tests that kill one."""
+_UNSETTLED_FLAGS = frozenset({"fail", "fail?", "handshake", "noaddr"})
+_START_ATTEMPTS = 3
+_POLL_S = 0.05
+
+
+class LocalCluster:
+    """`primaries` primaries with `replicas` replicas each, one valkey-server process per node.
+
+    Ports are chosen at `start()` unless given (`primaries * (1 + replicas)` of them, the
+    primaries first). Each node keeps its cluster config in `<directory>/nodes-<port>.conf`,
+    its data in `<directory>/<port>/` and its log in `<directory>/node-<port>.log`. The
+    processes get SIGTERM if the thread that started them dies.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        primaries: int = 3,
+        replicas: int = 0,
+        ports: list[int] | None = None,
+        appendonly: bool = False,
+        *,
+        node_timeout_ms: int = NODE_TIMEOUT_MS,
+    ) -> None:
+        if primaries < 1:
+            raise ValueError("a cluster needs at least one primary")
+        if replicas < 0:
+            raise ValueError("replicas must be >= 0")
+        if ports is not None:
+            if len(ports) != primaries * (1 + replicas):
+                raise ValueError(
+                    f"{primaries} primaries with {replicas} replicas each need "
+                    f"{primaries * (1 + replicas)} ports, got {len(ports)}"
+                )
+            if len(set(ports)) != len(ports):
+                raise ValueError(f"duplicate ports in {ports}")
+        self.directory = Path(directory).resolve()
+        self.primaries = primaries
+        self.replicas = replicas
+        self.appendonly = appendonly
+        self.node_timeout_ms = node_timeout_ms
+        self._fixed_ports = list(ports) if ports is not None else None
+        self._ports: list[int] = []
+        self._bus_ports: dict[int, int] = {}
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+        self._clients: dict[int, redis.Redis] = {}
+        self._ids: dict[int, str] = {}
+
+    # -- addresses -------------------------------------------------------------------------
+
+    @property
+    def ports(self) -> list[int]:
+        """Every node's port, primaries first (empty before `start()`)."""
+        return list(self._ports)
+
+    @property
+    def primary_ports(self) -> list[int]:
+        return self._ports[: self.primaries]
+
+    @property
+    def replica_ports(self) -> list[int]:
+        return self._ports[self.primaries :]
+
+    @property
+    def pids(self) -> list[int]:
+        """The process id of every running node, primaries first."""
+        return [self._procs[port].pid for port in self._ports if port in self._procs]
+
+    @property
+    def nodes(self) -> list[tuple[str, int]]:
+        """Every node's (host, port), primaries first."""
+        return [(HOST, port) for port in self._ports]
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"redis://{HOST}:{port}" for port in self._ports]
+
+    @property
+    def url(self) -> str:
+        """The first primary's URL: a cluster client discovers the rest from it."""
+        if not self._ports:
+            raise RuntimeError("the cluster is not started")
+        return self.urls[0]
+
+    def node_id(self, port: int) -> str:
+        """The 40-character cluster id of the node at `port`."""
+        if port not in self._ids:
+            self._ids[port] = str(self._cmd(port, "CLUSTER", "MYID"))
+        return self._ids[port]
+
+    def client(self, port: int) -> redis.Redis:
+        """A plain (non-cluster) client of the node at `port`, strings decoded; owned here."""
+        if port not in self._procs:
+            raise ValueError(f"no node of this cluster listens on port {port}")
+        if port not in self._clients:
+            self._clients[port] = redis.Redis(
+                host=HOST, port=port, decode_responses=True, socket_timeout=10, retry=_no_retry()
+            )
+        return self._clients[port]
+
+    def _cmd(self, port: int, *args: str | int) -> Any:
+        """One command to the node at `port`, its reply unparsed (strings decoded)."""
+        return self.client(port).execute_command(*args)  # type: ignore[no-untyped-call]
+
+    # -- life cycle ------------------------------------------------------------------------
+
+    def start(self, timeout_s: float = 30.0) -> str:
+        """Start every node, build the cluster, wait until every node reports it complete;
+        the first node's URL. On failure every process is stopped again."""
+        if self._procs:
+            raise RuntimeError("the cluster is already started")
+        deadline = time.monotonic() + timeout_s
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self._launch_all(deadline)
+            self._assign_slots()
+            self._join(deadline)
+            self._settle(deadline, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self.url
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM to every node, SIGKILL to what is left after `timeout_s`. Idempotent."""
+        for client in self._clients.values():
+            client.close()
+        self._clients.clear()
+        self._ids.clear()
+        procs, self._procs = list(self._procs.values()), {}
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + timeout_s
+        for proc in procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.0))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            kill_group(proc, signal.SIGKILL)  # a fork child (AOF rewrite) left behind
+
+    def __enter__(self) -> LocalCluster:
+        if not self._procs:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _launch_all(self, deadline: float) -> None:
+        count = self.primaries * (1 + self.replicas)
+        if self._fixed_ports is not None:
+            self._ports = list(self._fixed_ports)
+        else:
+            self._ports = _distinct_free_ports(count)
+        taken = set(self._ports)
+        self._bus_ports = dict(zip(self._ports, _distinct_free_ports(count, taken), strict=True))
+        taken |= set(self._bus_ports.values())
+        for port in self._ports:
+            config = self._config_file(port)
+            if config.exists():
+                raise RuntimeError(
+                    f"{config} is left from an earlier cluster: use a fresh directory"
+                )
+            self._procs[port] = self._spawn(port)
+        for index, port in enumerate(list(self._ports)):
+            for attempt in range(1, _START_ATTEMPTS + 1):
+                if self._answers(port, deadline):
+                    break
+                if self._fixed_ports is not None or attempt == _START_ATTEMPTS:
+                    raise RuntimeError(
+                        f"cluster node on port {port} did not start; its log:\n"
+                        + _tail(self._log_file(port))
+                    )
+                # Another process took the port between free_port() and the bind: new ports.
+                del self._bus_ports[port]
+                port = _distinct_free_ports(1, taken)[0]
+                self._bus_ports[port] = _distinct_free_ports(1, taken | {port})[0]
+                taken |= {port, self._bus_ports[port]}
+                self._ports[index] = port
+                self._procs[port] = self._spawn(port)
+
+    def _answers(self, port: int, deadline: float) -> bool:
+        """True once our process answers on `port`; False if it exited (most likely the port
+        was taken: then whatever holds it may answer, or not at all, until ours has gone)."""
+        proc = self._procs[port]
+        probe = redis.Redis(
+            host=HOST, port=port, socket_timeout=0.5, socket_connect_timeout=0.5, retry=_no_retry()
+        )
+        try:
+            while proc.poll() is None:
+                try:
+                    if probe.info("server").get("process_id") == proc.pid:
+                        return True
+                except redis.exceptions.RedisError:
+                    pass  # not listening yet, or someone else holds the port
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"cluster node on port {port} did not answer in time")
+                time.sleep(_POLL_S)
+        finally:
+            probe.close()
+        del self._procs[port]
+        return False
+
+    def _spawn(self, port: int) -> subprocess.Popen[bytes]:
+        data = self.directory / str(port)
+        data.mkdir(exist_ok=True)
+        cmd = [
+            server_binary(),
+            "--port", str(port),
+            "--bind", HOST,
+            "--cluster-enabled", "yes",
+            "--cluster-port", str(self._bus_ports[port]),
+            "--cluster-config-file", str(self._config_file(port)),
+            "--cluster-node-timeout", str(self.node_timeout_ms),
+            "--save", "",
+            "--appendonly", "yes" if self.appendonly else "no",
+            "--dir", str(data),
+            # A replica's first full sync would wait 5 s for other replicas to join it.
+            "--repl-diskless-sync-delay", "0",
+            "--daemonize", "no",
+        ]  # fmt: skip
+        with self._log_file(port).open("ab") as log:
+            return subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+                start_new_session=True,
+            )
+
+    def _config_file(self, port: int) -> Path:
+        return self.directory / f"nodes-{port}.conf"
+
+    def _log_file(self, port: int) -> Path:
+        return self.directory / f"node-{port}.log"
+
+    # -- building the cluster --------------------------------------------------------------
+
+    def _assign_slots(self) -> None:
+        """Even contiguous ranges, and distinct config epochs so that no epoch collision
+        has to be resolved by gossip before the slot map settles."""
+        for index, port in enumerate(self.primary_ports):
+            first = SLOTS * index // self.primaries
+            last = SLOTS * (index + 1) // self.primaries - 1
+            self._cmd(port, "CLUSTER", "ADDSLOTSRANGE", first, last)
+            self._cmd(port, "CLUSTER", "SET-CONFIG-EPOCH", index + 1)
+
+    def _join(self, deadline: float) -> None:
+        """Every node meets the first one and learns of the others by gossip; then each
+        replica follows its primary, once it has learnt the primary's id (about 1 s).
+
+        Meeting every node directly settled later, not sooner (2.7 to 4 s with replicas
+        against about 2.1 s): a node that learns of a replica in the handshake records it
+        without its primary until the replica pings it again, which can take seconds."""
+        first = self._ports[0]
+        for port in self._ports[1:]:
+            self._meet(port, first)
+        for port in self.replica_ports:
+            self._replicate(port, deadline)
+
+    def _meet(self, port: int, other: int) -> None:
+        self._cmd(port, "CLUSTER", "MEET", HOST, other, self._bus_ports[other])
+
+    def _primary_of(self, port: int) -> int:
+        return self.primary_ports[self.replica_ports.index(port) // self.replicas]
+
+    def _replicate(self, port: int, deadline: float) -> None:
+        """The replica at `port` follows its primary, as soon as it has learnt its id."""
+        primary = self._primary_of(port)
+        while True:
+            try:
+                self._cmd(port, "CLUSTER", "REPLICATE", self.node_id(primary))
+                return
+            except redis.exceptions.ResponseError as exc:
+                if "Unknown node" not in str(exc) or time.monotonic() > deadline:
+                    raise RuntimeError(f"node {port} cannot replicate {primary}: {exc}") from None
+            time.sleep(_POLL_S / 5)
+
+    def wait_until_consistent(self, timeout_s: float = 30.0) -> None:
+        """Poll until every node reports `cluster_state:ok`, all slots assigned, every node
+        known, and all nodes hold the same map of roles and slots. RuntimeError on timeout."""
+        self._settle(time.monotonic() + timeout_s, timeout_s)
+
+    def _settle(self, deadline: float, timeout_s: float) -> None:
+        while True:
+            problem = self._inconsistency()
+            if problem is None:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the cluster did not settle within {timeout_s:g} s: {problem}")
+            time.sleep(_POLL_S)
+
+    def _inconsistency(self) -> str | None:
+        """None when the cluster is complete, else what is still wrong."""
+        views: dict[int, frozenset[tuple[str, ...]]] = {}
+        for port in self._ports:
+            raw = str(self._cmd(port, "CLUSTER", "INFO"))
+            info = _fields(raw)
+            if (
+                info.get("cluster_state") != "ok"
+                or info.get("cluster_slots_assigned") != str(SLOTS)
+                or info.get("cluster_known_nodes") != str(len(self._ports))
+            ):
+                return f"CLUSTER INFO of node {port}:\n" + "\n".join(raw.split())
+            if port in self.replica_ports:
+                link = self.client(port).info("replication").get("master_link_status")
+                if link != "up":
+                    return f"replica {port}: master_link_status {link}"
+            views[port] = _slot_map(str(self._cmd(port, "CLUSTER", "NODES")))
+        first = views[self._ports[0]]
+        for port, view in views.items():
+            if view != first:
+                return f"node {port} disagrees with node {self._ports[0]}: {sorted(view)}"
+        return None
+
+    # -- slots -----------------------------------------------------------------------------
+
+    def owner_port(self, slot: int) -> int:
+        """The port of the primary that serves `slot`, as the first node sees it."""
+        _check_slot(slot)
+        for entry in self._cmd(self._ports[0], "CLUSTER", "SLOTS"):
+            first, last, primary = int(entry[0]), int(entry[1]), entry[2]
+            if first <= slot <= last:
+                return int(primary[1])
+        raise RuntimeError(f"slot {slot} is not served by any node")
+
+    def migrate_slot(
+        self, slot: int, to_port: int, *, keys_batch: int = 100, finish: bool = True
+    ) -> None:
+        """Move `slot` and its keys from its owner to the primary at `to_port`. With
+        `finish=False` the keys are moved but the slot stays MIGRATING/IMPORTING (clients
+        get ASK or TRYAGAIN) until `finish_migration(slot, to_port)`."""
+        _check_slot(slot)
+        if to_port not in self.primary_ports:
+            raise ValueError(f"{to_port} is not a primary of this cluster")
+        from_port = self.owner_port(slot)
+        if from_port == to_port:
+            return
+        self._cmd(to_port, "CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(from_port))
+        self._cmd(from_port, "CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(to_port))
+        while keys := self._cmd(from_port, "CLUSTER", "GETKEYSINSLOT", slot, keys_batch):
+            self._cmd(from_port, "MIGRATE", HOST, to_port, "", 0, 10_000, "KEYS", *keys)
+        if finish:
+            self.finish_migration(slot, to_port)
+
+    def finish_migration(self, slot: int, to_port: int, timeout_s: float = 30.0) -> None:
+        """The last step of `migrate_slot`: `to_port` owns `slot`. Returns once every node
+        agrees (their slot maps are equal again)."""
+        _check_slot(slot)
+        target_id = self.node_id(to_port)
+        # The target first: it takes the slot and bumps its epoch, then the source (which
+        # starts answering MOVED), then the other primaries so they need not learn it by gossip.
+        order = [to_port] + [port for port in self.primary_ports if port != to_port]
+        for port in order:
+            self._cmd(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        self.wait_until_consistent(timeout_s)
+        if self.owner_port(slot) != to_port:
+            raise RuntimeError(f"slot {slot} is served by {self.owner_port(slot)}, not {to_port}")
+
+
+def _no_retry() -> Retry:
+    """Admin commands fail at once: redis-py's default retries turn one 0.5 s timeout into 10 s."""
+    return Retry(NoBackoff(), 0)
+
+
+def _distinct_free_ports(count: int, taken: set[int] | None = None) -> list[int]:
+    avoid = set(taken or ())
+    found: list[int] = []
+    while len(found) < count:
+        port = free_port()
+        if port not in avoid:
+            avoid.add(port)
+            found.append(port)
+    return found
+
+
+def _fields(info: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in info.splitlines():
+        key, sep, value = line.strip().partition(":")
+        if sep:
+            out[key] = value
+    return out
+
+
+def _slot_map(nodes: str) -> frozenset[tuple[str, ...]]:
+    """CLUSTER NODES reduced to what every node must agree on: id, role, primary, slots; a
+    node seen failing, in handshake or disconnected is marked so that no two views match."""
+    rows: set[tuple[str, ...]] = set()
+    for line in nodes.splitlines():
+        parts = line.split()
+        if len(parts) < 8:
+            continue
+        flags = set(parts[2].split(","))
+        role = "primary" if "master" in flags else "replica" if "slave" in flags else "?"
+        if flags & _UNSETTLED_FLAGS or parts[7] != "connected":
+            role += "-unsettled"
+        # Slot fields; "[slot->-id]" / "[slot-<-id]" mark a migration only this node sees.
+        slots = tuple(field for field in parts[8:] if not field.startswith("["))
+        rows.add((parts[0], role, parts[3], *slots))
+    return frozenset(rows)
+
+
+def _check_slot(slot: int) -> None:
+    if not 0 <= slot < SLOTS:
+        raise ValueError(f"slot {slot} is outside 0..{SLOTS - 1}")
+
+
+def _tail(path: Path, lines: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"

@@ -1,0 +1,27 @@
+--[[ give_stock: the second half of a stock transfer between buckets (see take_stock.lua): the
+  units join this bucket's stock and available, once per transfer id however often it is sent
+  (the mover and the sweeper may both complete one transfer).
+
+  KEYS[1] fg:{B}:sku (hash)   KEYS[2] fg:{B}:received (zset) transfer id -> received at ms
+  ARGV[1] transfer id   ARGV[2] units   ARGV[3] now_ms ("" = server TIME)
+  ARGV[4] how long a received id is remembered (ms)
+
+  Returns 1 when applied now, 0 when it had been applied before.
+]]
+local rcall = redis.call
+if rcall('ZSCORE', KEYS[2], ARGV[1]) then
+  return 0
+end
+local now
+if ARGV[3] ~= '' then
+  now = tonumber(ARGV[3])
+else
+  local t = rcall('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local units = tonumber(ARGV[2])
+rcall('HINCRBY', KEYS[1], 'available', units)
+rcall('HINCRBY', KEYS[1], 'stock', units)
+rcall('ZADD', KEYS[2], now, ARGV[1])
+rcall('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[4]))
+return 1

@@ -1,0 +1,31 @@
+--[[ take_stock: the first half of moving available stock from one bucket of a hot SKU to
+  another (README "Hot-SKU buckets"): the units leave this bucket's stock and available, and
+  the transfer is written to this bucket's journal in the same atomic step, so a mover that
+  dies before give_stock.lua leaves a record the sweeper completes. stock == available + held
+  + sold holds in this bucket before and after.
+
+  KEYS[1] fg:{B}:sku (hash)   KEYS[2] fg:{B}:transfers (hash) id -> "<units>\n<to tag>\n<at ms>"
+  ARGV[1] transfer id   ARGV[2] units needed   ARGV[3] the receiving bucket's tag
+  ARGV[4] now_ms ("" = server TIME)
+
+  Takes the units needed, or half of what is available when that is more (fewer transfers
+  near the end of a sale), or all that is available when that is less. Returns the units taken
+  (0: nothing available).
+]]
+local rcall = redis.call
+local available = tonumber(rcall('HGET', KEYS[1], 'available') or '0')
+if available <= 0 then
+  return 0
+end
+local units = math.min(available, math.max(tonumber(ARGV[2]), math.floor(available / 2)))
+local now
+if ARGV[4] ~= '' then
+  now = tonumber(ARGV[4])
+else
+  local t = rcall('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+rcall('HINCRBY', KEYS[1], 'available', -units)
+rcall('HINCRBY', KEYS[1], 'stock', -units)
+rcall('HSET', KEYS[2], ARGV[1], units .. '\n' .. ARGV[3] .. '\n' .. string.format('%d', now))
+return units
