@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -439,6 +440,35 @@ async def _status(settings: Settings, watch_s: float, count: int | None) -> int:
         await client.aclose()
 
 
+def local_cluster(directory: str, primaries: int, replicas: int, first_port: int) -> int:
+    """`flashgate local-cluster`: start a cluster, print how to point flashgate at it, stop
+    it on SIGINT or SIGTERM."""
+    from gateway.localcluster import LocalCluster
+
+    shutil.rmtree(directory, ignore_errors=True)
+    ports = list(range(first_port, first_port + primaries * (1 + replicas)))
+    cluster = LocalCluster(directory, primaries, replicas, ports)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        url = cluster.start()
+    except (RuntimeError, OSError) as exc:
+        print(f"flashgate: local cluster did not start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(
+            f"local cluster up: {primaries} primaries, ports {ports[0]}-{ports[-1]}\n"
+            f"  REDIS_URL={url} FLASHGATE_REDIS_CLUSTER=1 flashgate serve --port 8080\n"
+            "Ctrl-C stops it.",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        cluster.stop()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flashgate", description="Flash-sale intake gateway.")
     parser.add_argument("--version", action="version", version=f"flashgate {__version__}")
@@ -463,7 +493,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             command.add_argument("--sku", action="append", help="only this SKU (repeatable)")
             command.add_argument("--limit", type=int, default=20, help="per SKU (default 20)")
         _add_settings_flags(command)
+    text = "a throwaway local Redis Cluster (embedded binary) for trying cluster mode"
+    local = sub.add_parser("local-cluster", help=text, description=text)
+    local.add_argument("--primaries", type=int, default=3, help="primaries (default 3)")
+    local.add_argument("--replicas", type=int, default=0, help="replicas per primary (default 0)")
+    local.add_argument("--first-port", type=int, default=7000, help="first node's port (7000)")
+    local.add_argument(
+        "--dir", default=".flashgate-cluster", help="its files, wiped at start (default "
+        ".flashgate-cluster)"
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.command == "local-cluster":
+        return local_cluster(args.dir, args.primaries, args.replicas, args.first_port)
     logs.configure("text")  # until the settings say which
     try:
         settings = _settings(args)

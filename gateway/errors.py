@@ -117,6 +117,10 @@ class BackendUnavailable(GatewayError):
     status, code, overload = 503, "unavailable", True
 
 
+class NotApplied(BackendUnavailable):
+    """Redis surely did not run the command (no connection, or its cluster slot is moving)."""
+
+
 class AdminDisabled(GatewayError):
     status, code = 503, "admin_disabled"
     default_message = "admin endpoints are disabled: FLASHGATE_ADMIN_TOKEN is not set"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ from redis.exceptions import (
 from gateway import keys
 from gateway.buckets import Layouts, Mover, journal
 from gateway.config import Settings
-from gateway.errors import BackendUnavailable
+from gateway.errors import BackendUnavailable, NotApplied
 from gateway.operators import DEFAULT_OPERATOR
 from gateway.schemas import (
     OrderRequest,
@@ -29,7 +30,7 @@ from gateway.schemas import (
     SkuView,
 )
 from gateway.scripts import Executor, ScriptRegistry
-from gateway.store import AckedWrites, Client, NotSent, call, text
+from gateway.store import AckedWrites, Client, NotSent, SlotMoving, call, text
 
 log = logging.getLogger("flashgate")
 
@@ -328,9 +329,18 @@ class Inventory:
                     self._create, ks, [*args[:12], "", replay_only, *args[14:]]
                 )
                 return CreateResult(code), payload
-            code, payload = await self._call_resending(
-                self._create, ks, [*args[:12], token, "", *args[14:]]
-            )
+            try:
+                code, payload = await self._call_resending(
+                    self._create, ks, [*args[:12], token, "", *args[14:]]
+                )
+            except NotApplied:
+                # surely not run (no connection, or its slot is moving): the claim goes, so the
+                # shopper's retry is decided afresh instead of waiting for it to go stale
+                with contextlib.suppress(BackendUnavailable):
+                    await self._call_resending(
+                        self._settle, [guard], (token, "release", fingerprint, self._idem_ttl_ms)
+                    )
+                raise
             result = CreateResult(code)
             if result is not CreateResult.CLAIM_LOST:
                 accepted = result in (CreateResult.CREATED, CreateResult.REPLAYED)
@@ -704,6 +714,8 @@ class Inventory:
         try:
             return await script(client, ks, args)
         except (RedisError, OSError) as exc:  # what `store.call` turns into BackendUnavailable
+            if isinstance(exc, (NotSent, SlotMoving)):
+                raise NotApplied() from exc
             if not _maybe_sent(exc):
                 raise BackendUnavailable() from exc
         return await self._run(script(client, ks, args))

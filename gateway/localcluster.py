@@ -191,11 +191,11 @@ class LocalCluster:
         self._bus_ports = dict(zip(self._ports, _distinct_free_ports(count, taken), strict=True))
         taken |= set(self._bus_ports.values())
         for port in self._ports:
-            config = self._config_file(port)
-            if config.exists():
+            if (config := self._config_file(port)).exists():
                 raise RuntimeError(
                     f"{config} is left from an earlier cluster: use a fresh directory"
                 )
+        for port in self._ports:
             self._procs[port] = self._spawn(port)
         for index, port in enumerate(list(self._ports)):
             for attempt in range(1, _START_ATTEMPTS + 1):
@@ -244,6 +244,8 @@ class LocalCluster:
             "--port", str(port),
             "--bind", HOST,
             "--cluster-enabled", "yes",
+            # Its own free port: the default, port + 10000, is refused above port 55535,
+            # and free_port() hands out ports up to 60999.
             "--cluster-port", str(self._bus_ports[port]),
             "--cluster-config-file", str(self._config_file(port)),
             "--cluster-node-timeout", str(self.node_timeout_ms),

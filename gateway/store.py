@@ -438,6 +438,8 @@ class ClusterMux:
         self._owner: list[str | None] = [None] * SLOTS
         self._refreshing: asyncio.Task[None] | None = None
         self._loaded = False
+        # redirects followed and slot-moving refusals: MOVED, ASK, SLOT_MOVING
+        self.redirects: dict[str, int] = {"MOVED": 0, "ASK": 0, "SLOT_MOVING": 0}
 
     def _node(self, address: str) -> Multiplexed:
         node = self._nodes.get(address)
@@ -515,6 +517,7 @@ class ClusterMux:
         message = str(exc)
         if message.startswith(("TRYAGAIN", "CLUSTERDOWN")):
             self._refresh_soon()
+            self.redirects["SLOT_MOVING"] += 1
             raise SlotMoving(message) from exc
         if not message.startswith(_REDIRECTS):
             raise exc
@@ -526,12 +529,14 @@ class ClusterMux:
         except ResponseError as again:
             if str(again).startswith((*_REDIRECTS, "TRYAGAIN", "CLUSTERDOWN")):
                 self._refresh_soon()
+                self.redirects["SLOT_MOVING"] += 1
                 raise SlotMoving(f"slot moving: {again}") from again
             raise
 
     def _learn(self, exc: ResponseError) -> str:
         """The node a redirect names; a MOVED also updates the map and reloads it."""
         kind, slot, address = str(exc).split()[:3]
+        self.redirects[kind] = self.redirects.get(kind, 0) + 1
         if kind == "MOVED":
             self._owner[int(slot)] = address
             self._refresh_soon()
