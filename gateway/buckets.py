@@ -12,6 +12,7 @@ units in a transfer are counted by the journal until received.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -26,6 +27,8 @@ from gateway.store import Client, text
 log = logging.getLogger("flashgate")
 
 RECEIVED_KEPT_MS = 7 * 86_400_000  # how long a bucket remembers a transfer id it received
+QUIET_LOOKS = 10  # looks at the other buckets until one finds them quiet (waits 2, 4, ... ms)
+IN_FLIGHT_WAIT_S = 0.002
 
 
 class Layouts:
@@ -94,28 +97,43 @@ class Mover:
         self.moved = 0
 
     async def refill(self, tags: list[str], to: int, need: int) -> int:
-        """Move at least `need` units into bucket `to` from the others, as far as they have
-        any; returns the units moved (0: every other bucket was empty)."""
-        moved = 0
+        """Move up to `need` units into bucket `to` from the others; returns the units moved.
+        0 means a look at every other bucket found nothing, with no transfer in flight and
+        none landing since the look before (a transfer that lands in a bucket already looked
+        at would otherwise hide stock from this look)."""
+        landed = -1
+        for attempt in range(QUIET_LOOKS):
+            moved, in_flight, arrivals = await self._refill_once(tags, to, need)
+            if moved:
+                return moved
+            if not in_flight and arrivals == landed:
+                return 0
+            landed = arrivals
+            if in_flight:
+                await asyncio.sleep(IN_FLIGHT_WAIT_S * (attempt + 1))
+        return 0
+
+    async def _refill_once(self, tags: list[str], to: int, need: int) -> tuple[int, int, int]:
+        moved = in_flight = arrivals = 0
         count = len(tags)
         for step in range(1, count):
             donor = keys.SkuKeys(tags[(to + step) % count])
             transfer_id = secrets.token_hex(8)
-            units = int(
-                await self._take(
-                    self.client,
-                    [donor.sku, donor.transfers],
-                    (transfer_id, need - moved, tags[to], ""),
-                )
+            units, moving, received = await self._take(
+                self.client,
+                [donor.sku, donor.transfers],
+                (transfer_id, need - moved, tags[to], ""),
             )
+            in_flight += int(moving)
+            arrivals += int(received)
             if not units:
                 continue
-            await self.complete(donor, Transfer(transfer_id, units, tags[to], 0))
-            moved += units
+            await self.complete(donor, Transfer(transfer_id, int(units), tags[to], 0))
+            moved += int(units)
             if moved >= need:
                 break
         self.moved += moved
-        return moved
+        return moved, in_flight, arrivals
 
     async def complete(self, donor: keys.SkuKeys, transfer: Transfer) -> None:
         """Give a journaled transfer's units to its bucket (once), then drop the entry."""

@@ -1,6 +1,6 @@
 --[[ give_stock: the second half of a stock transfer between buckets (see take_stock.lua): the
   units join this bucket's stock and available, once per transfer id however often it is sent
-  (the mover and the sweeper may both complete one transfer).
+  (the mover and the sweeper may both complete one transfer); transfers_in counts arrivals.
 
   KEYS[1] fg:{B}:sku (hash)   KEYS[2] fg:{B}:received (zset) transfer id -> received at ms
   ARGV[1] transfer id   ARGV[2] units   ARGV[3] now_ms ("" = server TIME)
@@ -22,6 +22,7 @@ end
 local units = tonumber(ARGV[2])
 rcall('HINCRBY', KEYS[1], 'available', units)
 rcall('HINCRBY', KEYS[1], 'stock', units)
+rcall('HINCRBY', KEYS[1], 'transfers_in', 1)
 rcall('ZADD', KEYS[2], now, ARGV[1])
 rcall('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[4]))
 return 1

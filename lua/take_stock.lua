@@ -8,16 +8,20 @@
   ARGV[1] transfer id   ARGV[2] units needed   ARGV[3] the receiving bucket's tag
   ARGV[4] now_ms ("" = server TIME)
 
-  Takes the units needed, or half of what is available when that is more (fewer transfers
-  near the end of a sale), or all that is available when that is less. Returns the units taken
-  (0: nothing available).
+  Takes the units needed, or what is available when that is less: never more, so no bucket
+  gets stock its shoppers did not ask for. Returns {units taken, transfers out of this bucket
+  in flight, transfers this bucket ever received}: a caller that found nothing anywhere looks
+  again while a transfer is in flight or one landed during its look, so a shopper is never
+  refused while stock is moving.
 ]]
 local rcall = redis.call
-local available = tonumber(rcall('HGET', KEYS[1], 'available') or '0')
+local h = rcall('HMGET', KEYS[1], 'available', 'transfers_in')
+local available = tonumber(h[1] or '0')
+local received = tonumber(h[2] or '0')
 if available <= 0 then
-  return 0
+  return {0, rcall('HLEN', KEYS[2]), received}
 end
-local units = math.min(available, math.max(tonumber(ARGV[2]), math.floor(available / 2)))
+local units = math.min(available, tonumber(ARGV[2]))
 local now
 if ARGV[4] ~= '' then
   now = tonumber(ARGV[4])
@@ -28,4 +32,4 @@ end
 rcall('HINCRBY', KEYS[1], 'available', -units)
 rcall('HINCRBY', KEYS[1], 'stock', -units)
 rcall('HSET', KEYS[2], ARGV[1], units .. '\n' .. ARGV[3] .. '\n' .. string.format('%d', now))
-return units
+return {units, 0, received}
