@@ -216,7 +216,11 @@ class Inventory:
         """
         count = self.layouts.known(req.sku_id) or 1
         ks, args, tags, bucket = self._order_call(req, idempotency_key, count, queue_only, now_ms)
-        result, payload = await self._send_order(req, idempotency_key, ks, args)
+        if self.two_phase:
+            result, payload = await self._create_two_phase(req, idempotency_key, ks, args)
+        else:  # the hot path on one server: no coroutine in between
+            code, payload = await self._call_resending(self._create, ks, args)
+            result = CreateResult(code)
         if result is CreateResult.LAYOUT:  # the SKU has stock buckets this process did not know
             count = int(payload)
             self.layouts.remember(req.sku_id, count)
