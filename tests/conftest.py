@@ -86,8 +86,11 @@ BOTH_BACKENDS = pytest.mark.both_backends
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "backend" in metafunc.fixturenames and metafunc.definition.get_closest_marker(
-        "both_backends"
+    node = metafunc.definition
+    if (
+        "backend" in metafunc.fixturenames
+        and node.get_closest_marker("both_backends")
+        and not node.get_closest_marker("one_server")
     ):
         metafunc.parametrize("backend", ["single", "cluster"], indirect=True)
 

@@ -25,7 +25,7 @@ from gateway.inventory import CreateResult, Inventory
 from gateway.localcluster import LocalCluster
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.scripts import ScriptRegistry
-from gateway.store import create_client, create_script_client
+from gateway.store import ClusterMux, create_client, create_script_client
 from tests.conftest import ADMIN, order_body
 from tests.test_cli import Serve, alive, descendants, flashgate, wait_gone
 
@@ -37,7 +37,9 @@ pytestmark = pytest.mark.integration
 def instances(cluster_url: str, tmp_path: Path) -> Iterator[tuple[Serve, Serve]]:
     import redis
 
-    redis.RedisCluster.from_url(cluster_url).flushall()
+    flush = redis.RedisCluster.from_url(cluster_url)
+    flush.flushall()
+    flush.close()
     env = {
         "REDIS_URL": cluster_url,
         "FLASHGATE_REDIS_CLUSTER": "1",
@@ -191,7 +193,7 @@ async def test_a_slot_moving_mid_sale_never_duplicates(tmp_path: Path) -> None:
         settings = Settings(redis_url=url, redis_cluster=True, redis_timeout_ms=5000)
         redis = create_client(settings)
         fast = create_script_client(settings)
-        assert fast is not None
+        assert isinstance(fast, ClusterMux)
         try:
             scripts = ScriptRegistry()
             inv = Inventory(redis, scripts, settings, fast=fast)
@@ -249,3 +251,26 @@ async def test_a_slot_moving_mid_sale_never_duplicates(tmp_path: Path) -> None:
         finally:
             await fast.aclose()
             await redis.aclose()
+
+
+async def test_noscript_on_every_node_is_answered(cluster_url: str) -> None:
+    """A node without the scripts (restarted, failed over, flushed) runs them from source once
+    (EVAL) and caches them again: orders keep being accepted."""
+    settings = Settings(redis_url=cluster_url, redis_cluster=True, redis_timeout_ms=10_000)
+    client = create_client(settings)
+    fast = create_script_client(settings)
+    try:
+        await client.flushall()
+        inv = Inventory(client, ScriptRegistry(), settings, fast=fast)
+        await inv.configure_sku("ns", SkuConfig(promotion_id="p", stock=5, per_user_limit=5))
+        for node in client.get_primaries():  # type: ignore[union-attr]
+            await client.execute_command("SCRIPT", "FLUSH", target_nodes=node)
+        assert not await ScriptRegistry().loaded(client)
+        req = OrderRequest(user_id="u", sku_id="ns", quantity=1, promotion_id="p")
+        assert (await inv.create_order(req, str(uuid.uuid4())))[0] is CreateResult.CREATED
+        assert await inv.ping()  # reloads them everywhere
+        assert await ScriptRegistry().loaded(client)
+    finally:
+        if fast is not None:
+            await fast.aclose()
+        await client.aclose()

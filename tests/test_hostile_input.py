@@ -8,9 +8,12 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import Client, MakeClient, put_sku, snapshot
+from tests.conftest import BOTH_BACKENDS, Client, MakeClient, put_sku, snapshot
 
 GOOD = b'{"user_id": "u1", "sku_id": "sku-42", "quantity": 1, "promotion_id": "promo-1"}'
+
+
+pytestmark = BOTH_BACKENDS
 
 
 def body(**fields: object) -> bytes:

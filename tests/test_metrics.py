@@ -14,8 +14,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from tests.conftest import ADMIN, Client, MakeClient, create, put_sku
+from tests.conftest import ADMIN, BOTH_BACKENDS, Client, MakeClient, create, put_sku
 from tests.test_cli import Serve, descendants, stampede
+
+pytestmark = BOTH_BACKENDS
 
 
 def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -14,10 +14,23 @@ from redis.asyncio import Redis
 
 from gateway import keys
 from gateway.operators import RefusalLog
-from tests.conftest import ADMIN, ADMIN_TOKEN, Client, Clock, MakeClient, create, put_sku, snapshot
+from tests.conftest import (
+    ADMIN,
+    ADMIN_TOKEN,
+    BOTH_BACKENDS,
+    Client,
+    Clock,
+    MakeClient,
+    create,
+    put_sku,
+    snapshot,
+)
 
 SWITCH = "/api/v1/order/switch"
 CHANGES = "/api/v1/admin/skus/sku-42/changes"
+
+
+pytestmark = BOTH_BACKENDS
 
 
 def as_operator(name: str) -> dict[str, str]:

@@ -18,10 +18,13 @@ from gateway.config import DEFAULT_BUSY_MESSAGE, Settings
 from gateway.mode import ModeStore, NoticeWatcher
 from gateway.scripts import ScriptRegistry
 from gateway.soldout import SoldOutMemo
-from tests.conftest import ADMIN, Client, MakeClient, create, put_sku, snapshot
+from tests.conftest import ADMIN, BOTH_BACKENDS, Client, MakeClient, create, put_sku, snapshot
 from tests.faultproxy import FaultProxy
 
 SWITCH = "/api/v1/order/switch"
+
+
+pytestmark = BOTH_BACKENDS
 
 
 async def evalsha_calls(redis: Redis) -> int:
@@ -135,6 +138,7 @@ class TestSoldOutMemo:
         assert (r.status_code, r.json()["available"]) == (409, 2)
         assert (await create(c, quantity=2)).status_code == 202
 
+    @pytest.mark.one_server  # kills the pub/sub clients of that one server
     async def test_start_waits_for_the_channel_and_a_lost_channel_clears_the_memo(
         self, redis: Redis
     ) -> None:
@@ -298,6 +302,7 @@ async def test_lost_scripts_are_reloaded_and_the_mode_kept(
     assert (await create(c)).status_code == 202
 
 
+@pytest.mark.one_server  # a fault proxy in front of that one server
 @pytest.mark.parametrize("fault", ["hang", "reset"])
 async def test_outage_answers_within_the_deadline_then_recovers(
     redis: Redis, settings: Settings, fault: str

@@ -68,6 +68,7 @@ from gateway.schemas import OrderRequest, SkuConfig
 from gateway.scripts import LuaScript, ScriptRegistry
 from gateway.store import create_client
 from gateway.sweeper import Sweeper
+from tests.conftest import BOTH_BACKENDS
 
 T = TypeVar("T")
 
@@ -97,6 +98,9 @@ TRANSITIONS = {
 
 # ---------------------------------------------------------------------------------------------
 # The reference model
+
+
+pytestmark = BOTH_BACKENDS
 
 
 @dataclass
