@@ -100,7 +100,8 @@ class Mover:
         """Move up to `need` units into bucket `to` from the others; returns the units moved.
         0 means a look at every other bucket found nothing, with no transfer in flight and
         none landing since the look before (a transfer that lands in a bucket already looked
-        at would otherwise hide stock from this look)."""
+        at would otherwise hide stock from this look). -1: the looks never went quiet (stock
+        kept moving, or a transfer stayed in flight): nothing can be said yet."""
         landed = -1
         for attempt in range(QUIET_LOOKS):
             moved, in_flight, arrivals = await self._refill_once(tags, to, need)
@@ -111,7 +112,7 @@ class Mover:
             landed = arrivals
             if in_flight:
                 await asyncio.sleep(IN_FLIGHT_WAIT_S * (attempt + 1))
-        return 0
+        return -1
 
     async def _refill_once(self, tags: list[str], to: int, need: int) -> tuple[int, int, int]:
         moved = in_flight = arrivals = 0

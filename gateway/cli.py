@@ -20,8 +20,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from redis.exceptions import RedisError
-
 from gateway import __version__, logs
 from gateway.config import ConfigError, Settings, env_name
 from gateway.embedded import (
@@ -303,7 +301,7 @@ class Supervisor:
         """SCRIPT LOAD into the restarted server (scripts are not in its AOF), so /readyz is
         200 again at once; the gateway's NOSCRIPT fallback would otherwise load them lazily."""
         from gateway.scripts import ScriptRegistry
-        from gateway.store import create_client
+        from gateway.store import REDIS_FAILURES, create_client
 
         async def load() -> None:
             client = create_client(self.settings, url)
@@ -314,7 +312,7 @@ class Supervisor:
 
         try:
             asyncio.run(load())
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             log.warning("could not load the scripts into the restarted server: %s", exc)
 
     def shutdown(self) -> None:
@@ -340,7 +338,7 @@ async def _run_role(settings: Settings, role: str) -> int:
     """`flashgate finalizer | sweeper`: one background worker until SIGTERM/SIGINT."""
     from gateway.finalizer import Finalizer
     from gateway.scripts import ScriptRegistry
-    from gateway.store import create_client
+    from gateway.store import REDIS_FAILURES, create_client
     from gateway.sweeper import Sweeper
 
     if role == "finalizer":
@@ -359,7 +357,7 @@ async def _run_role(settings: Settings, role: str) -> int:
         scripts = ScriptRegistry()
         try:
             await scripts.load_all(client)
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             print(f"flashgate {role}: cannot reach Redis: {exc}", file=sys.stderr)
             return 1
         worker = (

@@ -19,19 +19,28 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 
 from gateway import keys
 from gateway.buckets import Layouts, Mover
 from gateway.config import Settings
 from gateway.scripts import ScriptRegistry
-from gateway.store import Client, text
+from gateway.store import REDIS_FAILURES, Client, text
 
 log = logging.getLogger("flashgate")
 
 Entry = tuple[bytes, dict[bytes, bytes]]
 STREAMS_REFRESH_S = 1.0  # how soon a new SKU's stream is read
 TRIM_EVERY_S = 5.0
+# Error replies that say nothing about the entry: its slot is moving (ASK and MOVED that
+# redis-py did not follow, TRYAGAIN), or the cluster or a primary is down or read-only.
+CLUSTER_MOMENTS = (AskError, TryAgainError, ClusterDownError, ReadOnlyError)
 CLUSTER_POLL_MS = 50  # cluster mode: how long an idle finalizer waits before reading again
 
 
@@ -160,6 +169,8 @@ class Finalizer:
         args = (self.group, entry_id, event, order_id, payment_id, self._hold_ttl_ms, "")
         try:
             applied, status = await self._finalize(self.redis, ks, args)
+        except CLUSTER_MOMENTS:
+            raise  # a slot moving or a failover: waited out like an outage, not held against it
         except ResponseError as exc:  # the script refused: this entry's fault, not Redis's
             return await self._failed(stream, sku_id, entry, str(exc))
         self.applied += 1
@@ -233,7 +244,7 @@ class Finalizer:
         while not stop.is_set():
             try:
                 await self.step()
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 log.warning("finalizer: Redis unavailable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
         log.info("finalizer %s stopped (%d applied)", self.consumer, self.applied)

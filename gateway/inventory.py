@@ -12,7 +12,6 @@ from typing import Any
 import msgspec
 from redis.exceptions import (
     ConnectionError as RedisConnectionError,
-    RedisError,
     TimeoutError as RedisTimeoutError,
 )
 
@@ -30,7 +29,7 @@ from gateway.schemas import (
     SkuView,
 )
 from gateway.scripts import Executor, ScriptRegistry
-from gateway.store import AckedWrites, Client, NotSent, SlotMoving, call, text
+from gateway.store import REDIS_FAILURES, AckedWrites, Client, NotSent, SlotMoving, call, text
 
 log = logging.getLogger("flashgate")
 
@@ -233,9 +232,13 @@ class Inventory:
         # Nothing moved: every other bucket was empty, and a last look at this one (where
         # other shoppers' refills may have just put stock) decides.
         tries = REFILL_TRIES
-        while result is CreateResult.SOLD_OUT and tags is not None and not queue_only and tries:
+        while result is CreateResult.SOLD_OUT and tags is not None and not queue_only:
+            if not tries:  # stock kept moving to other shoppers: not known to be sold out
+                raise BackendUnavailable()
             need = req.quantity - int(payload)
             moved = await self._run(self.mover.refill(tags, bucket, need))
+            if moved < 0:
+                raise BackendUnavailable()  # a transfer stayed in flight: ask again shortly
             result, payload = await self._send_order(req, idempotency_key, ks, args)
             tries -= 1
             if not moved:
@@ -327,10 +330,9 @@ class Inventory:
                 return CreateResult.KEY_REUSED, b""
             if claim is Claim.IN_USE:
                 return CreateResult.IN_USE, b""
-            if claim is not Claim.CLAIMED:  # an order exists or is being made: the SKU answers
-                replay_only = "1" if claim is Claim.PENDING_SAME else ""
+            if claim is not Claim.CLAIMED:  # an order exists or is being made: only a replay
                 code, payload = await self._call_resending(
-                    self._create, ks, [*args[:12], "", replay_only, *args[14:]]
+                    self._create, ks, [*args[:12], "", "1", *args[14:]]
                 )
                 return CreateResult(code), payload
             try:
@@ -366,7 +368,7 @@ class Inventory:
         """Settle an abandoned claim: fence its token on its SKU (or find its order there),
         then mark the claim accepted or release it."""
         sku_id = fingerprint.partition("|")[0]
-        count = await self.layouts.count(sku_id) or 1
+        count = await self._run(self.layouts.count(sku_id)) or 1
         tag = self.layouts.tags(sku_id, count)[keys.bucket_of(user_id, count)]
         record = keys.SkuKeys(tag).idempotency(user_id, idempotency_key)
         exists = await self._call_resending(
@@ -405,7 +407,7 @@ class Inventory:
             return PaymentResult.PAYMENT_REUSED
         (code,) = await self._call_resending(self._confirm, ks, args)
         result = PaymentResult(code)
-        if result is PaymentResult.UNKNOWN_ORDER and not first:
+        if result is PaymentResult.UNKNOWN_ORDER:  # never bound to an order that is not there
             await self._call_resending(self._release, [guard], (order_id,))
         return result
 
@@ -432,9 +434,6 @@ class Inventory:
         its audit log `fg:{S}:changes`, atomically; a refused change records nothing. Returns
         (result, units held plus sold when refused, else 0)."""
         home = keys.SkuKeys(sku_id)
-        current = await self._run(self.layouts.count(sku_id))
-        if current is not None and current != cfg.buckets:
-            return ConfigureResult.BUCKETS_FIXED, current
         args = [
             cfg.promotion_id,
             cfg.stock,
@@ -450,10 +449,10 @@ class Inventory:
         await self._run(self.redis.sadd(keys.SKU_REGISTRY, sku_id))
         if cfg.buckets == 1:
             code, detail = await self._call(
-                self._configure, [home.sku, home.changes], (*args, "set", "", "", "1")
+                self._configure, [home.sku, home.changes], (*args, "set", 1, "", "1")
             )
         else:
-            code, detail = await self._configure_buckets(sku_id, cfg, args, current is None)
+            code, detail = await self._configure_buckets(sku_id, cfg, args)
         if code > 0:
             self.layouts.remember(sku_id, cfg.buckets)
             # More may be available now: gateways that remember the SKU as sold out forget it.
@@ -461,50 +460,46 @@ class Inventory:
         return ConfigureResult(code), int(detail)
 
     async def _configure_buckets(
-        self, sku_id: str, cfg: SkuConfig, args: list[Any], creating: bool
+        self, sku_id: str, cfg: SkuConfig, args: list[Any]
     ) -> tuple[int, int]:
         """A bucketed SKU: every bucket gets the configuration; bucket 0 holds the total and
-        the change log. Created: the stock is split evenly, bucket 0 written last (the SKU
-        exists from then on). Changed: the difference goes through bucket 0, atomically with
-        the total; a decrease first moves available stock into bucket 0."""
+        the change log, and decides (a refusal writes nothing anywhere). Created: the stock
+        is split evenly, buckets 1..K-1 first, bucket 0 last (the SKU exists from then on).
+        Changed: bucket 0 first, its stock moved by the difference to the stored total inside
+        its script; a decrease first moves available stock into bucket 0; then the other
+        buckets get the new settings."""
         tags = self.layouts.tags(sku_id, cfg.buckets)
         count = len(tags)
-        if creating:
-            shares = [
-                cfg.stock // count + (1 if b < cfg.stock % count else 0) for b in range(count)
-            ]
+        home = keys.SkuKeys(sku_id)
+        shares = [cfg.stock // count + (1 if b < cfg.stock % count else 0) for b in range(count)]
+        total, available0 = await self._run(self.redis.hmget(home.sku, "total_stock", "available"))
+        creating = total is None
+
+        async def others() -> None:
             for b in range(1, count):
                 bk = keys.SkuKeys(tags[b])
                 await self._call(
                     self._configure,
                     [bk.sku, bk.changes],
-                    (*args[:1], shares[b], *args[2:], "set", count, "", "0"),
+                    (*args[:1], shares[b], *args[2:], "init", count, "", "0"),
                 )
-            home = keys.SkuKeys(sku_id)
-            code, detail = await self._call(
-                self._configure,
-                [home.sku, home.changes],
-                (*args[:1], shares[0], *args[2:], "set", count, cfg.stock, "1"),
-            )
-            return code, detail
-        home = keys.SkuKeys(sku_id)
-        total, available0 = await self._run(self.redis.hmget(home.sku, "total_stock", "available"))
-        delta = cfg.stock - int(total or 0)
-        if delta < 0 and int(available0 or 0) < -delta:
-            await self._run(self.mover.refill(tags, 0, -delta - int(available0 or 0)))
-        for b in range(1, count):
-            bk = keys.SkuKeys(tags[b])
-            await self._call(
-                self._configure, [bk.sku, bk.changes], (*args[:1], 0, *args[2:], "add", "", "", "0")
+
+        if creating:
+            await others()
+        elif cfg.stock < int(total) and int(available0 or 0) < int(total) - cfg.stock:
+            await self._run(
+                self.mover.refill(tags, 0, int(total) - cfg.stock - int(available0 or 0))
             )
         code, detail = await self._call(
             self._configure,
             [home.sku, home.changes],
-            (*args[:1], delta, *args[2:], "add", "", cfg.stock, "1"),
+            (*args[:1], shares[0], *args[2:], "total", count, cfg.stock, "1"),
         )
-        if code < 0:
+        if code == ConfigureResult.STOCK_BELOW_COMMITTED:
             view = await self.get_sku(sku_id)
-            detail = 0 if view is None else view.held + view.sold
+            return code, 0 if view is None else view.held + view.sold
+        if code > 0 and not creating:
+            await others()
         return code, detail
 
     async def get_sku(self, sku_id: str) -> SkuView | None:
@@ -536,6 +531,7 @@ class Inventory:
             starts_at=int(h["starts_at"]) if "starts_at" in h else None,
             ends_at=int(h["ends_at"]) if "ends_at" in h else None,
             buckets=buckets,
+            bucket_tags=self.layouts.tags(sku_id, buckets) if buckets > 1 else None,
             in_transit=in_transit,
         )
 
@@ -696,7 +692,7 @@ class Inventory:
             if not await self.scripts.loaded(self.redis):
                 await self.scripts.load_all(self.redis)
             return True
-        except RedisError:
+        except REDIS_FAILURES:
             return False
 
     async def _call(self, script: Any, ks: list[str], args: tuple[Any, ...]) -> Any:
@@ -717,7 +713,7 @@ class Inventory:
         client = self._acked  # the hot path: no wrapper coroutines in between
         try:
             return await script(client, ks, args)
-        except (RedisError, OSError) as exc:  # what `store.call` turns into BackendUnavailable
+        except REDIS_FAILURES as exc:  # what `store.call` turns into BackendUnavailable
             if isinstance(exc, (NotSent, SlotMoving)):
                 raise NotApplied() from exc
             if not _maybe_sent(exc):

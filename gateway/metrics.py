@@ -40,9 +40,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
-from redis.exceptions import RedisError
 
 from gateway import status
+from gateway.store import REDIS_FAILURES
 
 log = logging.getLogger("flashgate")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -214,7 +214,7 @@ async def render(redis: Any) -> bytes:
         workers = generate_latest(REGISTRY)
     try:
         sample: status.Sample | None = await status.sample(redis)
-    except (RedisError, OSError, ValueError):  # Redis down (or a record unreadable): redis_up 0
+    except (*REDIS_FAILURES, ValueError):  # Redis down (or a record unreadable): redis_up 0
         sample = None
     figures = CollectorRegistry()
     figures.register(_RedisFigures(sample))

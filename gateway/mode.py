@@ -16,12 +16,11 @@ import logging
 from typing import Any
 
 import msgspec
-from redis.exceptions import RedisError
 
 from gateway import keys, metrics
 from gateway.operators import DEFAULT_OPERATOR
 from gateway.soldout import SoldOutMemo
-from gateway.store import Client
+from gateway.store import REDIS_FAILURES, Client
 
 log = logging.getLogger("flashgate")
 
@@ -144,7 +143,7 @@ class NoticeWatcher:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.refresh_s)
-            with contextlib.suppress(RedisError, OSError):  # the last mode read stays
+            with contextlib.suppress(*REDIS_FAILURES):  # the last mode read stays
                 await self.refresh()
 
     async def _listen(self) -> None:
@@ -170,11 +169,11 @@ class NoticeWatcher:
                         self._heard.set()
                     elif msg["type"] == "message" and self.apply(msg["data"]):
                         await self.refresh()
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 if self.connected:
                     log.warning("notice channel lost (%s); keeping mode %s", exc, self.mode.value)
                 self.connected = False
                 await asyncio.sleep(self.refresh_s)
             finally:
-                with contextlib.suppress(RedisError, OSError):
+                with contextlib.suppress(*REDIS_FAILURES):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -73,6 +73,7 @@ class SkuView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     starts_at: int | None = None
     ends_at: int | None = None
     buckets: int = 1  # stock buckets (shown when more than one)
+    bucket_tags: list[str] | None = None  # their keys' hash tags (a bucketed SKU)
     in_transit: int = 0  # units moving between buckets, counted in available (shown when any)
 
 

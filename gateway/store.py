@@ -24,6 +24,7 @@ from redis.exceptions import (
     BusyLoadingError,
     ConnectionError as RedisConnectionError,
     NoScriptError,
+    RedisClusterException,
     RedisError,
     ResponseError,
     TimeoutError as RedisTimeoutError,
@@ -37,6 +38,9 @@ log = logging.getLogger("flashgate")
 
 # The general client: one server's, or a cluster's (`FLASHGATE_REDIS_CLUSTER=1`).
 Client = Redis | RedisCluster
+# What a Redis outage raises: redis-py's errors, its cluster client's (not RedisError
+# subclasses: "All slots are not covered", no node reachable) and socket errors it did not wrap.
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError)
 
 
 def no_retry() -> Retry:
@@ -91,7 +95,7 @@ async def call(awaitable: Awaitable[T]) -> T:
     """Await one Redis operation; any Redis or socket failure leaves as BackendUnavailable."""
     try:
         return await awaitable
-    except (RedisError, OSError) as exc:  # OSError: a socket error redis-py did not wrap
+    except REDIS_FAILURES as exc:  # OSError: a socket error redis-py did not wrap
         raise BackendUnavailable() from exc
 
 
@@ -338,15 +342,20 @@ class Multiplexed:
         # shared by every caller of the tick: one caller cancelled must not cancel the rest
         return reply, await asyncio.shield(done)
 
-    async def execute_asking(self, *args: Any) -> Any:
+    async def execute_asking(self, args: tuple[Any, ...], barrier: tuple[Any, ...] | None) -> Any:
         """`ASKING` then one command, adjacent on the connection (ASKING applies to the next
-        command only): how a command follows an ASK redirect to a slot being imported."""
+        command only): how a command follows an ASK redirect to a slot being imported. With
+        `barrier`, as `execute_with_barrier`."""
         wire = self._wire
         if wire is None or wire.lost:
             wire = await self._connect()
         asking = wire.send(_encode(("ASKING",)))
         asking.add_done_callback(lambda f: None if f.cancelled() else f.exception())
-        return await wire.send(_encode(args))
+        if barrier is None:
+            return await wire.send(_encode(args))
+        fut, done = wire.send_with_barrier(_encode(args), _encode(barrier))
+        reply = await fut
+        return reply, await asyncio.shield(done)
 
     async def _connect(self) -> _Wire:
         if self._closed:
@@ -458,7 +467,7 @@ class ClusterMux:
         for address in addresses:
             try:
                 reply = await self._node(address).execute_command("CLUSTER", "SLOTS")
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 last = exc
                 continue
             owner: list[str | None] = [None] * SLOTS
@@ -479,7 +488,7 @@ class ClusterMux:
     async def _refresh_quietly(self) -> None:
         try:
             await self.refresh()
-        except (RedisError, OSError) as exc:
+        except REDIS_FAILURES as exc:
             log.warning("cluster slot map not reloaded: %s", exc)
 
     async def _route(self, args: tuple[Any, ...]) -> Multiplexed:
@@ -493,27 +502,27 @@ class ClusterMux:
         return self._node(address)
 
     async def execute_command(self, *args: Any, **_options: Any) -> Any:
+        return await self._execute(args, None)
+
+    async def execute_with_barrier(self, barrier: tuple[Any, ...], *args: Any) -> Any:
+        """`Multiplexed.execute_with_barrier` on the node that owns the command's keys."""
+        return await self._execute(args, barrier)
+
+    async def _execute(self, args: tuple[Any, ...], barrier: tuple[Any, ...] | None) -> Any:
         node = await self._route(args)
         try:
-            return await node.execute_command(*args)
+            if barrier is None:
+                return await node.execute_command(*args)
+            return await node.execute_with_barrier(barrier, *args)
         except ResponseError as exc:
-            return await self._redirected(exc, args)
+            return await self._redirected(exc, args, barrier)
         except RedisConnectionError:
             self._refresh_soon()  # a failover may have promoted a replica
             raise
 
-    async def execute_with_barrier(self, barrier: tuple[Any, ...], *args: Any) -> Any:
-        """`Multiplexed.execute_with_barrier` on the node that owns the command's keys."""
-        node = await self._route(args)
-        try:
-            return await node.execute_with_barrier(barrier, *args)
-        except ResponseError as exc:
-            if not str(exc).startswith(_REDIRECTS):
-                raise
-            self._learn(exc)
-            raise SlotMoving(f"slot moving: {exc}") from exc
-
-    async def _redirected(self, exc: ResponseError, args: tuple[Any, ...]) -> Any:
+    async def _redirected(
+        self, exc: ResponseError, args: tuple[Any, ...], barrier: tuple[Any, ...] | None
+    ) -> Any:
         message = str(exc)
         if message.startswith(("TRYAGAIN", "CLUSTERDOWN")):
             self._refresh_soon()
@@ -521,16 +530,21 @@ class ClusterMux:
             raise SlotMoving(message) from exc
         if not message.startswith(_REDIRECTS):
             raise exc
-        target = self._learn(exc)
+        target = self._node(self._learn(exc))
         try:
             if message.startswith("ASK "):
-                return await self._node(target).execute_asking(*args)
-            return await self._node(target).execute_command(*args)
+                return await target.execute_asking(args, barrier)
+            if barrier is None:
+                return await target.execute_command(*args)
+            return await target.execute_with_barrier(barrier, *args)
         except ResponseError as again:
             if str(again).startswith((*_REDIRECTS, "TRYAGAIN", "CLUSTERDOWN")):
                 self._refresh_soon()
                 self.redirects["SLOT_MOVING"] += 1
                 raise SlotMoving(f"slot moving: {again}") from again
+            raise
+        except RedisConnectionError:
+            self._refresh_soon()
             raise
 
     def _learn(self, exc: ResponseError) -> str:

@@ -8,13 +8,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import ResponseError
 
 from gateway import keys
 from gateway.buckets import Layouts, Mover
 from gateway.config import Settings
 from gateway.scripts import ScriptRegistry
-from gateway.store import Client, text
+from gateway.store import REDIS_FAILURES, Client, text
 
 log = logging.getLogger("flashgate")
 
@@ -34,21 +34,22 @@ class Sweeper:
     async def sweep_sku(self, sku_id: str, *, now_ms: int | None = None) -> int:
         """Release every due hold of one SKU (in each of its stock buckets, where it also
         completes stock transfers left halfway); returns how many orders expired."""
-        total = 0
+        total = total_moved = 0
         tags = await self.layouts.all_tags(sku_id)
         for tag in tags:
             sk = keys.SkuKeys(tag)
             ks = [sk.sku, sk.users, sk.holds, sk.events]
             args = ("" if now_ms is None else now_ms, self.batch, sk.orders_prefix)
             while True:
-                released, _, selected = await self._sweep(self.redis, ks, args)
+                released, _, selected, removed = await self._sweep(self.redis, ks, args)
                 total += int(released)
-                if int(selected) < self.batch:
+                if int(selected) < self.batch or not int(removed):
                     break
             if len(tags) > 1:
-                total_moved = await self.mover.complete_stale(self.redis, tag, self.stale_ms)
-                self.transfers_completed += total_moved
-        if total:
+                completed = await self.mover.complete_stale(self.redis, tag, self.stale_ms)
+                self.transfers_completed += completed
+                total_moved += completed
+        if total or total_moved:
             # Stock came back: gateways that remember the SKU as sold out forget it.
             await self.redis.publish(keys.NOTICES, keys.stock_notice(sku_id))
         return total
@@ -71,7 +72,7 @@ class Sweeper:
                 released = await self.sweep_once()
                 if released:
                     log.info("sweeper released %d expired hold(s)", released)
-            except (RedisError, OSError) as exc:
+            except REDIS_FAILURES as exc:
                 log.warning("sweeper: Redis unavailable (%s); retrying", exc)
             try:
                 await asyncio.wait_for(stop.wait(), self.interval_s)

@@ -12,17 +12,22 @@
   ARGV[1] promotion_id  ARGV[2] stock  ARGV[3] per_user_limit
   ARGV[4] starts_at ("" = none)  ARGV[5] ends_at ("" = none)
   ARGV[6] by (operator name)  ARGV[7] client address ("" = unknown)  ARGV[8] changes kept
-  ARGV[9] "set": ARGV[2] is the stock | "add": ARGV[2] is added to it (one stock bucket's
-          share of a change; refused the same way below held plus sold)
-  ARGV[10] buckets: how many stock buckets the SKU has ("" = leave as is), in every bucket
-  ARGV[11] total stock of a bucketed SKU ("" = not bucketed): stored as total_stock and logged
-           as its stock; bucket 0 only
+  ARGV[9] how the stock is set: "set" (ARGV[2] is the stock: a SKU without buckets) |
+          "init" (a new bucket starts with ARGV[2]; an existing one keeps its stock: buckets
+          1..K-1 of a bucketed SKU) | "total" (bucket 0 of a bucketed SKU: a new one starts with
+          ARGV[2], its share; an existing one changes by the difference between ARGV[11] and
+          the stored total, so two changes at once cannot both apply a difference)
+  ARGV[10] the SKU's bucket count as the caller takes it ("" = any): refused (-2, nothing
+           written) when the stored one differs; stored when more than 1
+  ARGV[11] a bucketed SKU's new total stock (bucket 0; "" otherwise): stored as total_stock and
+           logged as its stock
   ARGV[12] "1": append the change to KEYS[2] | "0": do not (buckets other than 0)
 
   Returns {code, detail}:
      1 CREATED            detail: 0
      2 UPDATED            detail: 0
     -1 STOCK_BELOW_COMMITTED  detail: units held plus sold
+    -2 BUCKETS_FIXED      detail: the stored bucket count
 ]]
 local rcall = redis.call
 for i = 9, 12 do
@@ -30,23 +35,29 @@ for i = 9, 12 do
 end
 local FIELDS = {'promotion_id', 'stock', 'per_user_limit', 'starts_at', 'ends_at'}
 local cur = rcall('HMGET', KEYS[1], 'held', 'sold', unpack(FIELDS))
+local more = rcall('HMGET', KEYS[1], 'buckets', 'total_stock')
 local held = tonumber(cur[1] or '0')
 local sold = tonumber(cur[2] or '0')
-local stock = tonumber(ARGV[2])
-if ARGV[9] == 'add' then
-  stock = tonumber(cur[4] or '0') + stock
+local existed = cur[3] ~= false
+if existed and ARGV[10] ~= '' and (more[1] or '1') ~= ARGV[10] then
+  return {-2, tonumber(more[1] or '1')}
 end
-local existed = rcall('EXISTS', KEYS[1]) == 1
+local stock = tonumber(ARGV[2])
+if existed and ARGV[9] == 'init' then
+  stock = tonumber(cur[4])
+elseif existed and ARGV[9] == 'total' then
+  stock = tonumber(cur[4]) + tonumber(ARGV[11]) - tonumber(more[2] or cur[4])
+end
 if stock < held + sold then
   return {-1, held + sold}
 end
 local logged_stock = ARGV[2]
 if ARGV[11] ~= '' then
-  cur[4] = rcall('HGET', KEYS[1], 'total_stock') or cur[4]
+  cur[4] = more[2] or cur[4]  -- the change log shows the SKU's totals
   logged_stock = ARGV[11]
   rcall('HSET', KEYS[1], 'total_stock', ARGV[11])
 end
-if ARGV[10] ~= '' then
+if ARGV[10] ~= '' and ARGV[10] ~= '1' then
   rcall('HSET', KEYS[1], 'buckets', ARGV[10])
 end
 local t = rcall('TIME')

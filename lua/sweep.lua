@@ -7,7 +7,8 @@
   KEYS[4] fg:{S}:events (stream)
   ARGV[1] now_ms ("" = server TIME)   ARGV[2] batch size   ARGV[3] order-record prefix "fg:{S}:o:"
 
-  Returns {released, units, selected} (selected == batch size: call again)
+  Returns {released, units, selected, removed from the index} (selected == batch size and
+  something removed: call again)
 ]]
 local rcall = redis.call
 local now
@@ -19,7 +20,7 @@ else
 end
 local now_s = string.format('%d', now)
 local due = rcall('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
-local released, units = 0, 0
+local released, units, removed = 0, 0, 0
 for _, oid in ipairs(due) do
   local dot = string.find(oid, '.', 1, true) or (#oid + 1)
   local key = ARGV[3] .. string.sub(oid, 1, dot - 1)
@@ -47,9 +48,12 @@ for _, oid in ipairs(due) do
     units = units + qty
   end
   -- Released, not held any more, or a corrupt record (checked before any write: it keeps its
-  -- units held, never oversold, and the audit reports the mismatch): out of the index.
-  if o[1] ~= 'HELD' or o[8] ~= '1' then
+  -- units held, never oversold, and the audit reports the mismatch): out of the index. A
+  -- record that is not there stays in: during a cluster slot migration it may simply not have
+  -- moved yet, and dropping its hold would strand its units.
+  if o[1] and (o[1] ~= 'HELD' or o[8] ~= '1') then
     rcall('ZREM', KEYS[3], oid)
+    removed = removed + 1
   end
 end
-return {released, units, #due}
+return {released, units, #due, removed}

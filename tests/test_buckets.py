@@ -243,3 +243,31 @@ async def test_a_gateway_that_never_saw_the_layout_learns_it(
     assert keys.split_order_id(json.loads(body)["order_id"])[1] == keys.bucket_tags("hot", 3)[2]  # type: ignore[index]
     assert fresh.layouts.known("hot") == 3
     assert [f[2] for f in await bucket_figures(redis)] == [0, 0, 1]
+
+
+async def test_two_changes_at_once_apply_one_total(redis: Redis, settings: Settings) -> None:
+    """Two PUTs of the same new total at once (a double submit): the difference is taken
+    against the stored total inside bucket 0's script, so it is applied once."""
+    inv = await inventory(redis, settings, stock=100)
+    cfg = SkuConfig(promotion_id="p", stock=120, per_user_limit=5, buckets=3)
+    results = await asyncio.gather(inv.configure_sku("hot", cfg), inv.configure_sku("hot", cfg))
+    assert [r for r, _ in results] == [ConfigureResult.UPDATED] * 2
+    view = await inv.get_sku("hot")
+    assert view is not None and (view.stock, view.available, view.in_transit) == (120, 120, 0)
+    row = await inv.audit_sku("hot")
+    assert row is not None and row.breaches() == []
+
+
+async def test_a_refused_change_writes_nothing_in_any_bucket(
+    redis: Redis, settings: Settings
+) -> None:
+    inv = await inventory(redis, settings, stock=9)
+    for u in ("a", "b", "c", "d", "e", "f", "g", "h", "i"):
+        assert (await inv.create_order(order(u), str(uuid.uuid4())))[0] is CreateResult.CREATED
+    before = [await redis.hgetall(keys.SkuKeys(t).sku) for t in keys.bucket_tags("hot", 3)]
+    lower = SkuConfig(promotion_id="p2", stock=5, per_user_limit=1, buckets=3)
+    assert await inv.configure_sku("hot", lower) == (ConfigureResult.STOCK_BELOW_COMMITTED, 9)
+    plain = SkuConfig(promotion_id="p2", stock=50, per_user_limit=1)  # buckets 1
+    assert await inv.configure_sku("hot", plain) == (ConfigureResult.BUCKETS_FIXED, 3)
+    after = [await redis.hgetall(keys.SkuKeys(t).sku) for t in keys.bucket_tags("hot", 3)]
+    assert after == before

@@ -274,3 +274,33 @@ async def test_noscript_on_every_node_is_answered(cluster_url: str) -> None:
         if fast is not None:
             await fast.aclose()
         await client.aclose()
+
+
+async def test_a_cluster_out_of_reach_is_a_503_not_a_500(tmp_path: Path) -> None:
+    """With every node gone, the cluster client raises its own errors (not redis-py's
+    RedisError): they are outages like any other, every time, and a finalizer waits them
+    out."""
+    from gateway.finalizer import Finalizer
+
+    cluster = LocalCluster(tmp_path / "gone", primaries=3)
+    url = cluster.start()
+    settings = Settings(redis_url=url, redis_cluster=True, redis_timeout_ms=500)
+    client = create_client(settings)
+    try:
+        inv = Inventory(client, ScriptRegistry(), settings)
+        await inv.configure_sku("g", SkuConfig(promotion_id="p", stock=5, per_user_limit=5))
+        cluster.stop()
+        for _ in range(3):
+            with pytest.raises(BackendUnavailable):
+                await inv.get_sku("g")
+        assert not await inv.ping()
+        stop = asyncio.Event()
+        fin = Finalizer(client, ScriptRegistry(), settings)
+        running = asyncio.create_task(fin.run(stop))
+        await asyncio.sleep(1.5)
+        assert not running.done()  # still waiting for the cluster, not crashed
+        stop.set()
+        await asyncio.wait_for(running, 5)
+    finally:
+        cluster.stop()
+        await client.aclose()

@@ -219,3 +219,15 @@ async def test_payment_id_is_claimed_across_skus(redis: Redis, settings: Setting
     assert await inv.confirm_payment(unknown, "pay-2") is PaymentResult.UNKNOWN_ORDER
     assert await redis.exists(keys.payment_guard("pay-2")) == 0
     assert await inv.confirm_payment(b_id, "pay-2") is PaymentResult.ACCEPTED
+
+
+async def test_a_payment_id_is_never_left_on_an_unknown_order(
+    redis: Redis, settings: Settings
+) -> None:
+    """The guard was claimed for an order that does not exist (an earlier attempt whose
+    answer was lost): the unknown order releases it all the same."""
+    inv = await two_phase(redis, settings)
+    unknown = "aaaaaaaaaaaaaaaaaaaaaaaaaa.a"
+    await redis.set(keys.payment_guard("pay-9"), unknown)
+    assert await inv.confirm_payment(unknown, "pay-9") is PaymentResult.UNKNOWN_ORDER
+    assert await redis.exists(keys.payment_guard("pay-9")) == 0
