@@ -26,9 +26,10 @@ from gateway.store import AckedWrites, Multiplexed
 SCRIPT = "redis.call('HINCRBY', KEYS[1], 'held', 1) return redis.call('XADD', KEYS[2], '*', 'o', ARGV[1])"  # noqa: E501
 
 
-async def run(url: str, wait: bool) -> dict[str, Any]:
+async def run(url: str, wait: bool, replicas: int = 0) -> dict[str, Any]:
     mux = Multiplexed(url, timeout_s=10)
-    client: Any = AckedWrites(mux, local=1, replicas=0, timeout_ms=5000) if wait else mux
+    local = 0 if replicas else 1
+    client: Any = AckedWrites(mux, local=local, replicas=replicas, timeout_ms=5000) if wait else mux
     sha = await mux.execute_command("SCRIPT", "LOAD", SCRIPT)
 
     async def order(i: int) -> None:
@@ -68,6 +69,53 @@ def main() -> None:
                     label = f"appendfsync {fsync:8} WAITAOF {'1 0' if wait else 'off'}"
                     print(label, out, file=sys.stdout)
             finally:
+                proc.terminate()
+                proc.wait(10)
+    replica_run()
+
+
+def replica_run() -> None:
+    """`WAITAOF 0 1` on a primary with one replica (both `appendfsync always`): the wait goes
+    out after the command's reply (see AckedWrites), so the replica's acknowledgement comes at
+    once instead of with its next periodic one."""
+    with tempfile.TemporaryDirectory(prefix="flashgate-durability-") as d:
+        procs = []
+        ports = [free_port(), free_port()]
+        try:
+            for i, port in enumerate(ports):
+                extra = ["--replicaof", "127.0.0.1", str(ports[0])] if i else []
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            server_binary(),
+                            "--port",
+                            str(port),
+                            "--bind",
+                            "127.0.0.1",
+                            "--dir",
+                            f"{d}",
+                            "--appendfilename",
+                            f"a{i}.aof",
+                            "--appenddirname",
+                            f"aof{i}",
+                            "--save",
+                            "",
+                            "--appendonly",
+                            "yes",
+                            "--appendfsync",
+                            "always",
+                            *extra,
+                        ],
+                        stdout=subprocess.DEVNULL,
+                    )  # fmt: skip
+                )
+                wait_for_ping(f"redis://127.0.0.1:{port}/0", 10, procs[-1])
+            url = f"redis://127.0.0.1:{ports[0]}/0"
+            time.sleep(1.0)  # the replica's first sync
+            out = uvloop.run(run(url, True, replicas=1))
+            print("appendfsync always    WAITAOF 0 1 (1 replica)", out, file=sys.stdout)
+        finally:
+            for proc in procs:
                 proc.terminate()
                 proc.wait(10)
 

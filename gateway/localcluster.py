@@ -49,6 +49,7 @@ class LocalCluster:
         appendonly: bool = False,
         *,
         node_timeout_ms: int = NODE_TIMEOUT_MS,
+        appendfsync: str = "everysec",
     ) -> None:
         if primaries < 1:
             raise ValueError("a cluster needs at least one primary")
@@ -67,6 +68,7 @@ class LocalCluster:
         self.replicas = replicas
         self.appendonly = appendonly
         self.node_timeout_ms = node_timeout_ms
+        self.appendfsync = appendfsync  # with appendonly: "everysec" or "always"
         self._fixed_ports = list(ports) if ports is not None else None
         self._ports: list[int] = []
         self._bus_ports: dict[int, int] = {}
@@ -251,6 +253,7 @@ class LocalCluster:
             "--cluster-node-timeout", str(self.node_timeout_ms),
             "--save", "",
             "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", self.appendfsync,
             "--dir", str(data),
             # A replica's first full sync would wait 5 s for other replicas to join it.
             "--repl-diskless-sync-delay", "0",
@@ -352,6 +355,15 @@ class LocalCluster:
         return None
 
     # -- slots -----------------------------------------------------------------------------
+
+    def kill_node(self, port: int) -> None:
+        """SIGKILL one node (a crash: its replica, if any, takes over after the node timeout)."""
+        proc = self._procs[port]
+        proc.kill()
+        proc.wait(10)
+        client = self._clients.pop(port, None)
+        if client is not None:
+            client.close()
 
     def owner_port(self, slot: int) -> int:
         """The port of the primary that serves `slot`, as the first node sees it."""

@@ -144,7 +144,9 @@ class AckedWrites:
 
     async def execute_command(self, *args: Any, **_options: Any) -> Any:
         if isinstance(self.client, (Multiplexed, ClusterMux)):
-            reply, acks = await self.client.execute_with_barrier(self.barrier, *args)
+            reply, acks = await self.client.execute_with_barrier(
+                self.barrier, *args, after_reply=self.replicas > 0
+            )
         else:
             async with self.client.pipeline(transaction=False) as pipe:
                 pipe.execute_command(*args)
@@ -239,6 +241,24 @@ class _Wire(asyncio.Protocol):
             self._barrier = (barrier, done)
         return fut, self._barrier[1]
 
+    def send_barrier(self, barrier: bytes) -> asyncio.Future[Any]:
+        """Queue `barrier` alone, at the end of this tick's write (one for every caller of the
+        tick): for a barrier that must follow replies already received on this connection
+        (WAITAOF for replicas: sent in the same write as the command, the replica's
+        acknowledgement of it would come only with its next periodic one, about a second
+        later)."""
+        if self.lost:
+            failed: asyncio.Future[Any] = self._loop.create_future()
+            failed.set_exception(RedisConnectionError(f"Connection to {self.name} lost"))
+            return failed
+        if self._barrier is None:
+            done: asyncio.Future[Any] = self._loop.create_future()
+            done.add_done_callback(lambda f: None if f.cancelled() else f.exception())
+            self._barrier = (barrier, done)
+            if not self._out:  # nothing else queued this tick: no flush is scheduled yet
+                self._loop.call_soon(self._flush)
+        return self._barrier[1]
+
     def _flush(self) -> None:
         if self._barrier is not None:
             command, done = self._barrier
@@ -301,6 +321,17 @@ class _Wire(asyncio.Protocol):
             self.transport.abort()
 
 
+async def _with_barrier(wire: _Wire, command: bytes, barrier: bytes, after_reply: bool) -> Any:
+    if after_reply:
+        reply = await wire.send(command)
+        done = wire.send_barrier(barrier)  # the same connection: it covers that write
+    else:
+        fut, done = wire.send_with_barrier(command, barrier)
+        reply = await fut
+    # shared by every caller of the tick: one caller cancelled must not cancel the rest
+    return reply, await asyncio.shield(done)
+
+
 class Multiplexed:
     """A Redis client for the order path: one pipelined connection shared by every request
     of the process. Commands are written in order and their replies matched in order, so no
@@ -331,18 +362,20 @@ class Multiplexed:
             wire = await self._connect()
         return await wire.send(_encode(args))
 
-    async def execute_with_barrier(self, barrier: tuple[Any, ...], *args: Any) -> Any:
+    async def execute_with_barrier(
+        self, barrier: tuple[Any, ...], *args: Any, after_reply: bool = False
+    ) -> Any:
         """One command, then `barrier` (sent once after every command of this event-loop
-        tick that asks for it, in the same write): (the command's reply, the barrier's)."""
+        tick that asks for it, in the same write; with `after_reply`, once the command's reply
+        is in, on the same connection): (the command's reply, the barrier's)."""
         wire = self._wire
         if wire is None or wire.lost:
             wire = await self._connect()
-        fut, done = wire.send_with_barrier(_encode(args), _encode(barrier))
-        reply = await fut
-        # shared by every caller of the tick: one caller cancelled must not cancel the rest
-        return reply, await asyncio.shield(done)
+        return await _with_barrier(wire, _encode(args), _encode(barrier), after_reply)
 
-    async def execute_asking(self, args: tuple[Any, ...], barrier: tuple[Any, ...] | None) -> Any:
+    async def execute_asking(
+        self, args: tuple[Any, ...], barrier: tuple[Any, ...] | None, after_reply: bool = False
+    ) -> Any:
         """`ASKING` then one command, adjacent on the connection (ASKING applies to the next
         command only): how a command follows an ASK redirect to a slot being imported. With
         `barrier`, as `execute_with_barrier`."""
@@ -353,9 +386,7 @@ class Multiplexed:
         asking.add_done_callback(lambda f: None if f.cancelled() else f.exception())
         if barrier is None:
             return await wire.send(_encode(args))
-        fut, done = wire.send_with_barrier(_encode(args), _encode(barrier))
-        reply = await fut
-        return reply, await asyncio.shield(done)
+        return await _with_barrier(wire, _encode(args), _encode(barrier), after_reply)
 
     async def _connect(self) -> _Wire:
         if self._closed:
@@ -445,6 +476,7 @@ class ClusterMux:
         self._seed = f"{parts.hostname or '127.0.0.1'}:{parts.port or 6379}"
         self._nodes: dict[str, Multiplexed] = {}
         self._owner: list[str | None] = [None] * SLOTS
+        self._known: list[str] = []  # every node the last CLUSTER SLOTS named
         self._refreshing: asyncio.Task[None] | None = None
         self._loaded = False
         # redirects followed and slot-moving refusals: MOVED, ASK, SLOT_MOVING
@@ -462,7 +494,7 @@ class ClusterMux:
 
     async def refresh(self) -> None:
         """Reload the slot map from CLUSTER SLOTS (the seed node first, then any known one)."""
-        addresses = [self._seed, *(a for a in self._nodes if a != self._seed)]
+        addresses = list(dict.fromkeys([self._seed, *self._known, *self._nodes]))
         last: Exception | None = None
         for address in addresses:
             try:
@@ -472,11 +504,14 @@ class ClusterMux:
                 continue
             owner: list[str | None] = [None] * SLOTS
             host = address.rpartition(":")[0]
-            for start, end, primary, *_ in reply:
+            known: list[str] = []
+            for start, end, primary, *replicas in reply:
                 ip = text(primary[0]) or host  # an empty host means the node we asked
                 node = f"{ip}:{int(primary[1])}"
                 owner[int(start) : int(end) + 1] = [node] * (int(end) - int(start) + 1)
+                known += [node, *(f"{text(r[0]) or host}:{int(r[1])}" for r in replicas)]
             self._owner = owner
+            self._known = list(dict.fromkeys(known))  # asked next time if the seed is down
             self._loaded = True
             return
         raise NotSent(f"no cluster node answered CLUSTER SLOTS: {last}")
@@ -504,24 +539,32 @@ class ClusterMux:
     async def execute_command(self, *args: Any, **_options: Any) -> Any:
         return await self._execute(args, None)
 
-    async def execute_with_barrier(self, barrier: tuple[Any, ...], *args: Any) -> Any:
+    async def execute_with_barrier(
+        self, barrier: tuple[Any, ...], *args: Any, after_reply: bool = False
+    ) -> Any:
         """`Multiplexed.execute_with_barrier` on the node that owns the command's keys."""
-        return await self._execute(args, barrier)
+        return await self._execute(args, barrier, after_reply)
 
-    async def _execute(self, args: tuple[Any, ...], barrier: tuple[Any, ...] | None) -> Any:
+    async def _execute(
+        self, args: tuple[Any, ...], barrier: tuple[Any, ...] | None, after_reply: bool = False
+    ) -> Any:
         node = await self._route(args)
         try:
             if barrier is None:
                 return await node.execute_command(*args)
-            return await node.execute_with_barrier(barrier, *args)
+            return await node.execute_with_barrier(barrier, *args, after_reply=after_reply)
         except ResponseError as exc:
-            return await self._redirected(exc, args, barrier)
+            return await self._redirected(exc, args, barrier, after_reply)
         except RedisConnectionError:
             self._refresh_soon()  # a failover may have promoted a replica
             raise
 
     async def _redirected(
-        self, exc: ResponseError, args: tuple[Any, ...], barrier: tuple[Any, ...] | None
+        self,
+        exc: ResponseError,
+        args: tuple[Any, ...],
+        barrier: tuple[Any, ...] | None,
+        after_reply: bool,
     ) -> Any:
         message = str(exc)
         if message.startswith(("TRYAGAIN", "CLUSTERDOWN")):
@@ -533,10 +576,10 @@ class ClusterMux:
         target = self._node(self._learn(exc))
         try:
             if message.startswith("ASK "):
-                return await target.execute_asking(args, barrier)
+                return await target.execute_asking(args, barrier, after_reply)
             if barrier is None:
                 return await target.execute_command(*args)
-            return await target.execute_with_barrier(barrier, *args)
+            return await target.execute_with_barrier(barrier, *args, after_reply=after_reply)
         except ResponseError as again:
             if str(again).startswith((*_REDIRECTS, "TRYAGAIN", "CLUSTERDOWN")):
                 self._refresh_soon()

@@ -5,6 +5,7 @@ moving between nodes in the middle of a sale."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import json
@@ -304,3 +305,78 @@ async def test_a_cluster_out_of_reach_is_a_503_not_a_500(tmp_path: Path) -> None
     finally:
         cluster.stop()
         await client.aclose()
+
+
+async def test_a_primary_failover_loses_no_accepted_order(tmp_path: Path) -> None:
+    """The hot SKU's primary is SIGKILLed mid-sale; one of its two replicas takes over. With
+    FLASHGATE_WAITAOF_REPLICAS=1 a 202 means a replica has the order, so every order answered
+    202 is there after the failover, none twice, and orders are accepted again once the new
+    primary has a replica. Meanwhile the answers are 503s (nothing held)."""
+    with LocalCluster(
+        tmp_path / "fo", primaries=3, replicas=2, appendonly=True, appendfsync="always"
+    ) as cluster:
+        settings = Settings(
+            redis_url=cluster.url, redis_cluster=True, redis_timeout_ms=1000, waitaof_replicas=1
+        )
+        sku = next(  # a SKU not on the seed node, which this test keeps alive
+            s
+            for s in (f"fo{i}" for i in range(100))
+            if cluster.owner_port(key_slot(s.encode())) != cluster.primary_ports[0]
+        )
+        victim = cluster.owner_port(key_slot(sku.encode()))
+        redis = create_client(settings)
+        fast = create_script_client(settings)
+        assert isinstance(fast, ClusterMux)
+        try:
+            inv = Inventory(redis, ScriptRegistry(), settings, fast=fast)
+            cfg = SkuConfig(promotion_id="p", stock=100_000, per_user_limit=100)
+            await inv.configure_sku(sku, cfg)
+            accepted: dict[str, str] = {}  # key -> order id
+            refused = 0
+            crashed_at = after_crash = 0.0
+            deadline = time.monotonic() + 30
+
+            async def shopper(n: int) -> None:
+                nonlocal refused, after_crash
+                i = 0
+                while time.monotonic() < deadline and after_crash < 50:
+                    key, i = str(uuid.uuid4()), i + 1
+                    req = OrderRequest(
+                        user_id=f"s{n}-{i}", sku_id=sku, quantity=1, promotion_id="p"
+                    )
+                    while time.monotonic() < deadline:
+                        try:
+                            result, body = await inv.create_order(req, key)
+                        except BackendUnavailable:  # 503: the retry with the same key decides
+                            refused += 1
+                            await asyncio.sleep(0.05)
+                            continue
+                        if result in (CreateResult.CREATED, CreateResult.REPLAYED):
+                            accepted[key] = json.loads(body)["order_id"]
+                            after_crash += bool(crashed_at)
+                            break
+                        await asyncio.sleep(0.05)  # 409 in use: an earlier try's claim
+
+            async def crash() -> None:
+                nonlocal crashed_at
+                await asyncio.sleep(1.0)
+                await asyncio.to_thread(cluster.kill_node, victim)
+                crashed_at = time.monotonic()
+
+            await asyncio.gather(crash(), *(shopper(n) for n in range(10)))
+            assert refused > 0  # the outage was seen
+            assert after_crash >= 50  # and orders were accepted again after it
+            assert cluster.owner_port(key_slot(sku.encode())) != victim
+            # The general client never resends either: its first call after the failover may
+            # fail (a 503) and reloads its map; the next is served.
+            with contextlib.suppress(BackendUnavailable):
+                await inv.get_sku(sku)
+            for order_id in accepted.values():  # every 202 survived the failover
+                assert await inv.get_order(order_id) is not None
+            view = await inv.get_sku(sku)
+            assert view is not None and view.held == len(accepted)
+            stream = await redis.xrange(keys.SkuKeys(sku).stream)
+            assert len(stream) == len(accepted)  # none twice
+        finally:
+            await fast.aclose()
+            await redis.aclose()
