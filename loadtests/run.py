@@ -29,6 +29,7 @@ import httpx
 import redis
 
 from gateway.embedded import free_port
+from gateway.localcluster import LocalCluster
 from loadtests.procs import Locust, Serve, Tracker
 from loadtests.report import LocustStats, read_locust, report_files
 from loadtests.verify import Findings, check_records, check_skus, drain, read_records
@@ -53,6 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="gateway worker processes (default 1)")
     p.add_argument("--processes", type=int, default=1, help="Locust processes (default 1)")
     p.add_argument("--stock", type=int, default=100, help="stock of the hot SKU (default 100)")
+    p.add_argument(
+        "--cluster", type=int, default=0, metavar="N",
+        help="run on a local Redis Cluster of N primaries (default 0: the embedded server)",
+    )  # fmt: skip
+    p.add_argument("--hot-buckets", type=int, default=1, help="stock buckets of the hot SKU (1)")
     p.add_argument("--hot-limit", type=int, default=1, help="per-user limit, hot SKU (default 1)")
     p.add_argument("--skus", type=int, default=3, help="ordinary SKUs (default 3)")
     p.add_argument("--sku-stock", type=int, default=2000, help="stock of each (default 2000)")
@@ -95,10 +101,14 @@ def prepare(out: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def configure(base: str, token: str, skus: dict[str, tuple[int, int]]) -> None:
+def configure(
+    base: str, token: str, skus: dict[str, tuple[int, int]], hot_buckets: int = 1
+) -> None:
     headers = {"Authorization": f"Bearer {token}"}
     for sku, (stock, limit) in skus.items():
         body = {"promotion_id": PROMOTION, "stock": stock, "per_user_limit": limit}
+        if sku == HOT and hot_buckets > 1:
+            body["buckets"] = hot_buckets
         r = httpx.put(f"{base}/api/v1/admin/skus/{sku}", json=body, headers=headers, timeout=10)
         if r.status_code != 201:
             raise RuntimeError(f"PUT SKU {sku}: {r.status_code} {r.text}")
@@ -195,6 +205,10 @@ class LoadRun:
             HOT: (args.stock, args.hot_limit),
             **{s: (args.sku_stock, args.sku_limit) for s in self.skus},
         }
+        self.cluster: LocalCluster | None = None
+        if args.cluster:
+            self.cluster = LocalCluster(out / "cluster", primaries=args.cluster)
+            self.env.update(REDIS_URL=self.cluster.start(), FLASHGATE_REDIS_CLUSTER="1")
         port = args.port or free_port()
         self.serve = Serve(
             out, port=port, workers=args.workers, env=self.env, options=args.serve_opt
@@ -222,7 +236,7 @@ class LoadRun:
         )
         serve.start(self.scan)
         self.scan()
-        configure(serve.base, self.token, self.catalogue)
+        configure(serve.base, self.token, self.catalogue, args.hot_buckets)
         print(f"serve: {serve.base}, data in {serve.data_dir}, log {serve.log_path}")
         print(
             f"SKUs: {HOT} stock {args.stock} limit {args.hot_limit}; {', '.join(self.skus)} "
@@ -247,7 +261,11 @@ class LoadRun:
         if r.status_code != 200:
             raise RuntimeError(f"switch back to NORMAL: {r.status_code} {r.text}")
         findings = Findings()
-        client = redis.Redis.from_url(serve.redis_url(), decode_responses=True)
+        client: Any
+        if self.cluster is not None:
+            client = redis.RedisCluster.from_url(self.cluster.url, decode_responses=True)
+        else:
+            client = redis.Redis.from_url(serve.redis_url(), decode_responses=True)
         try:
             waited = drain(client, self.catalogue, args.drain_timeout)
             if waited is None:
@@ -312,6 +330,8 @@ class LoadRun:
         self.scan()
         self.locust.stop()
         serve_rc = self.serve.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
         left = self.tracker.wait_gone(15)
         for pid in left:
             with contextlib.suppress(ProcessLookupError):

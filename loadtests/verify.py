@@ -59,6 +59,11 @@ class Findings:
         }
 
 
+def tags_of(client: Any, sku: str) -> list[str]:
+    """The SKU's bucket tags (just the SKU when it is not bucketed)."""
+    return keys.bucket_tags(sku, int(client.hget(keys.SkuKeys(sku).sku, "buckets") or 1))
+
+
 def _add(problems: Problems, subject: str, reason: str) -> None:
     problems.setdefault(subject, []).append(reason)
 
@@ -70,11 +75,12 @@ def drain(client: redis.Redis, skus: Iterable[str], timeout_s: float) -> float |
     while True:
         busy = 0
         for sku in skus:
-            sk = keys.SkuKeys(sku)
-            busy += int(client.hget(sk.sku, "backlog") or 0)
-            if client.exists(sk.stream):
-                for group in client.xinfo_groups(sk.stream):
-                    busy += int(group.get("pending") or 0) + int(group.get("lag") or 0)
+            for tag in tags_of(client, sku):
+                sk = keys.SkuKeys(tag)
+                busy += int(client.hget(sk.sku, "backlog") or 0)
+                if client.exists(sk.stream):
+                    for group in client.xinfo_groups(sk.stream):
+                        busy += int(group.get("pending") or 0) + int(group.get("lag") or 0)
         waited = time.monotonic() - start
         if not busy:
             return waited
@@ -118,12 +124,30 @@ def _order_records(client: redis.Redis, sku: str) -> Iterator[tuple[str, list[An
         yield from flush()
 
 
+def _figures(client: Any, sku: str, findings: Findings) -> tuple[dict[str, int], list[str], int]:
+    """The SKU's figures (its buckets added up, units in transit counted as available), its
+    bucket tags and per-user limit; a bucket whose own equation fails is oversold."""
+    home = client.hgetall(keys.SkuKeys(sku).sku)
+    names = ("stock", "available", "held", "sold", "backlog")
+    fig = dict.fromkeys(names, 0)
+    tags = tags_of(client, sku)
+    for tag in tags:
+        h = client.hgetall(keys.SkuKeys(tag).sku)
+        b = {k: int(h.get(k, 0)) for k in names}
+        if b["stock"] != b["available"] + b["held"] + b["sold"]:
+            _add(findings.oversold, tag, f"stock != available + held + sold {b}")
+        fig = {k: fig[k] + b[k] for k in names}
+    if len(tags) > 1:  # units between buckets: neither held nor sold, still for sale
+        in_transit = int(home.get("total_stock", 0)) - fig["stock"]
+        fig["stock"] += in_transit
+        fig["available"] += in_transit
+    return fig, tags, int(home.get("per_user_limit", 0))
+
+
 def check_skus(client: redis.Redis, skus: Iterable[str], findings: Findings) -> None:
     """Oversold and per-user limit, from the SKU counters and every order record."""
     for sku in skus:
-        h = client.hgetall(keys.SkuKeys(sku).sku)
-        fig = {k: int(h.get(k, 0)) for k in ("stock", "available", "held", "sold", "backlog")}
-        limit = int(h.get("per_user_limit", 0))
+        fig, tags, limit = _figures(client, sku, findings)
         findings.skus[sku] = fig
         stock, available, held, sold = (fig[k] for k in ("stock", "available", "held", "sold"))
         if held + sold > stock:
@@ -134,7 +158,8 @@ def check_skus(client: redis.Redis, skus: Iterable[str], findings: Findings) -> 
             _add(findings.oversold, sku, f"negative counter {fig}")
         units: Counter[str] = Counter()
         per_user: Counter[str] = Counter()
-        for key, (status, user, qty) in _order_records(client, sku):
+        records = (r for tag in tags for r in _order_records(client, tag))
+        for key, (status, user, qty) in records:
             findings.records += 1
             findings.statuses[status or "?"] += 1
             if status in ACTIVE:
