@@ -38,6 +38,7 @@ log = logging.getLogger("flashgate")
 Entry = tuple[bytes, dict[bytes, bytes]]
 STREAMS_REFRESH_S = 1.0  # how soon a new SKU's stream is read
 TRIM_EVERY_S = 5.0
+CLAIM_EVERY_S = 1.0  # cluster mode: how often entries left by a dead finalizer are looked for
 # Error replies that say nothing about the entry: its slot is moving (ASK and MOVED that
 # redis-py did not follow, TRYAGAIN), or the cluster or a primary is down or read-only.
 CLUSTER_MOMENTS = (AskError, TryAgainError, ClusterDownError, ReadOnlyError)
@@ -76,6 +77,9 @@ class Finalizer:
         self.mover = Mover(redis, scripts)
         self._streams_read_at = -1e9
         self._trimmed_at = -1e9
+        self._claimed_at = -1e9
+        self.claim_every_s = CLAIM_EVERY_S if settings.redis_cluster else 0.0
+        self._claimed = False  # the last look for idle entries found some
         self.applied = 0
         self.dead_lettered = 0
 
@@ -105,9 +109,17 @@ class Finalizer:
                 await asyncio.sleep(self.block_ms / 1000)
             return 0
         handled = 0
-        for stream, sku in self._streams.items():
-            for entry in await self._claim(stream):
-                handled += await self.apply(stream, sku, entry)
+        # Reclaiming looks for entries idle for claim_idle_ms. On a cluster an idle round
+        # comes every 50 ms: once a second is soon enough there, unless the last look found
+        # some (there may be more).
+        if self._claimed or self.clock() - self._claimed_at >= self.claim_every_s:
+            self._claimed_at = self.clock()
+            claimed = 0
+            for stream, sku in self._streams.items():
+                for entry in await self._claim(stream):
+                    claimed += 1
+                    handled += await self.apply(stream, sku, entry)
+            self._claimed = claimed > 0
         handled += await self._read_new(block and not handled)
         if self.clock() - self._trimmed_at > TRIM_EVERY_S:
             await self.trim()
