@@ -36,27 +36,27 @@ class Layouts:
 
     def __init__(self, redis: Client) -> None:
         self.redis = redis
-        self._counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {}  # sku_id -> bucket count, once read
         self._tags: dict[str, list[str]] = {}
 
     def known(self, sku_id: str) -> int | None:
         """The cached bucket count (no round trip), None when not read yet."""
-        return self._counts.get(sku_id)
+        return self.counts.get(sku_id)
 
     async def count(self, sku_id: str) -> int | None:
         """The SKU's bucket count, None for a SKU not configured (not cached: it may be soon)."""
-        count = self._counts.get(sku_id)
+        count = self.counts.get(sku_id)
         if count is not None:
             return count
         sk = keys.SkuKeys(sku_id)
         promotion, buckets = await self.redis.hmget(sk.sku, "promotion_id", "buckets")
         if promotion is None:
             return None
-        count = self._counts[sku_id] = int(buckets or 1)
+        count = self.counts[sku_id] = int(buckets or 1)
         return count
 
     def remember(self, sku_id: str, count: int) -> None:
-        self._counts[sku_id] = count
+        self.counts[sku_id] = count
 
     def tags(self, sku_id: str, count: int) -> list[str]:
         tags = self._tags.get(sku_id)

@@ -187,6 +187,7 @@ class Inventory:
         self.two_phase = settings.redis_cluster if two_phase is None else two_phase
         self._stale_ms = settings.claim_stale_ms
         self.layouts = Layouts(redis)
+        self._bucket_counts = self.layouts.counts  # read on the hot path without a call
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._idem_ttl_ms = settings.idempotency_ttl_s * 1000
         # what a 202 promises (orders, payments) runs on this: with WAITAOF when asked
@@ -213,7 +214,7 @@ class Inventory:
 
         Returns (result, payload); the payload is described in lua/create_order.lua.
         """
-        count = self.layouts.known(req.sku_id) or 1
+        count = self._bucket_counts.get(req.sku_id, 1)
         ks, args, tags, bucket = self._order_call(req, idempotency_key, count, queue_only, now_ms)
         if self.two_phase:
             result, payload = await self._create_two_phase(req, idempotency_key, ks, args)

@@ -140,18 +140,16 @@ class SkuKeys:
         "events",
         "holds",
         "orders_prefix",
-        "received",
         "sku",
         "sku_id",
         "stream",
         "tag",
-        "transfers",
         "users",
     )
 
     def __init__(self, tag: str) -> None:
         self.bucket_tag = tag
-        self.sku_id = sku_of(tag)
+        self.sku_id = tag.partition(BUCKET_SEP)[0]
         self.tag = f"{PREFIX}:{{{tag}}}"
         self.sku = f"{self.tag}:sku"
         self.users = f"{self.tag}:users"
@@ -161,9 +159,15 @@ class SkuKeys:
         self.events = f"{self.tag}:events"
         self.dead = f"{self.tag}:dead"
         self.changes = f"{self.tag}:changes"
-        self.transfers = f"{self.tag}:transfers"
-        self.received = f"{self.tag}:received"
         self.orders_prefix = f"{self.tag}:o:"
+
+    @property
+    def transfers(self) -> str:
+        return f"{self.tag}:transfers"
+
+    @property
+    def received(self) -> str:
+        return f"{self.tag}:received"
 
     def order(self, order_id: str) -> str:
         return f"{self.tag}:o:{order_id.partition('.')[0]}"
