@@ -90,6 +90,15 @@ async def test_concurrent_keys_across_skus_make_one_order(redis: Redis, settings
     assert await orders_made(redis) == 1
 
 
+async def phase_two(inv: Inventory, redis: Redis, key: str, token: str, now_ms: int) -> int:
+    """SKU a's script for user u's order with claim `token`, as a gateway sends it: a late
+    delivery of an abandoned request, or one whose gateway dies before settling."""
+    ks, args, _, _ = inv._order_call(order(), key, 1, False, now_ms)
+    args[12] = token
+    code, _ = await inv._create(redis, ks, args)
+    return int(code)
+
+
 async def abandon(inv: Inventory, redis: Redis, key: str, *, created: bool) -> str:
     """A gateway that claimed (user, key) for SKU a and died: before its SKU script ran, or
     (created) after it and before settling. Returns the abandoned token."""
@@ -117,37 +126,8 @@ async def test_an_abandoned_claim_is_in_use_until_stale_then_recovered(
     result, _ = await inv.create_order(order("b"), key, now_ms=T0 + STALE_MS)
     assert result is CreateResult.CREATED
     # the abandoned request arriving late on SKU a can never make a second order
-    sk = keys.SkuKeys("a")
-    late = await inv._create(
-        redis,
-        [
-            sk.sku,
-            sk.users,
-            sk.holds,
-            sk.stream,
-            sk.order("zzzzzzzzzzzzzzzzzzzzzzzzzz.a"),
-            sk.idempotency("u", key),
-            sk.accepted,
-        ],
-        [
-            "zzzzzzzzzzzzzzzzzzzzzzzzzz.a",
-            "u",
-            "a",
-            1,
-            "p",
-            "a|1|p",
-            900_000,
-            86_400_000,
-            T0 + STALE_MS + 1,
-            "hold",
-            50_000,
-            f"{key}:u",
-            token,
-            "",
-            1,
-        ],
-    )
-    assert late[0] == CreateResult.CLAIM_LOST
+    late = await phase_two(inv, redis, key, token, T0 + STALE_MS + 1)
+    assert late == CreateResult.CLAIM_LOST
     assert await orders_made(redis) == 1
     assert (await inv.create_order(order(), key, now_ms=T0 + STALE_MS + 2))[
         0
@@ -162,37 +142,8 @@ async def test_a_claim_abandoned_after_its_order_is_recovered_as_accepted(
     token = "abandonedtoken0000000000ab"
     guard = keys.key_guard("u", key)
     await inv._claim(redis, [guard], (token, "a|1|p", STALE_MS, 86_400_000, T0))
-    sk = keys.SkuKeys("a")
-    made = await inv._create(
-        redis,
-        [
-            sk.sku,
-            sk.users,
-            sk.holds,
-            sk.stream,
-            sk.order("qqqqqqqqqqqqqqqqqqqqqqqqqq.a"),
-            sk.idempotency("u", key),
-            sk.accepted,
-        ],
-        [
-            "qqqqqqqqqqqqqqqqqqqqqqqqqq.a",
-            "u",
-            "a",
-            1,
-            "p",
-            "a|1|p",
-            900_000,
-            86_400_000,
-            T0,
-            "hold",
-            50_000,
-            f"{key}:u",
-            token,
-            "",
-            1,
-        ],
-    )
-    assert made[0] == CreateResult.CREATED  # ... and the gateway died before settling
+    made = await phase_two(inv, redis, key, token, T0)
+    assert made == CreateResult.CREATED  # ... and the gateway died before settling
     # the same request again within the stale window: the order answers (a replay)
     assert (await inv.create_order(order(), key, now_ms=T0 + 1))[0] is CreateResult.REPLAYED
     # another body once stale: recovery finds the order, so the key stays taken
