@@ -108,8 +108,7 @@ async def abandon(inv: Inventory, redis: Redis, key: str, *, created: bool) -> s
     )
     assert code == 1
     if created:
-        result, _ = await inv.create_order(order(), key, now_ms=T0)
-        assert result is CreateResult.REPLAYED or result is CreateResult.IN_USE
+        assert await phase_two(inv, redis, key, token, T0) == CreateResult.CREATED
     return token
 
 
@@ -139,11 +138,8 @@ async def test_a_claim_abandoned_after_its_order_is_recovered_as_accepted(
 ) -> None:
     inv = await two_phase(redis, settings)
     key = str(uuid.uuid4())
-    token = "abandonedtoken0000000000ab"
     guard = keys.key_guard("u", key)
-    await inv._claim(redis, [guard], (token, "a|1|p", STALE_MS, 86_400_000, T0))
-    made = await phase_two(inv, redis, key, token, T0)
-    assert made == CreateResult.CREATED  # ... and the gateway died before settling
+    await abandon(inv, redis, key, created=True)  # the gateway died before settling
     # the same request again within the stale window: the order answers (a replay)
     assert (await inv.create_order(order(), key, now_ms=T0 + 1))[0] is CreateResult.REPLAYED
     # another body once stale: recovery finds the order, so the key stays taken
