@@ -210,7 +210,9 @@ class Inventory:
         queue_only: bool = False,
         now_ms: int | None = None,
     ) -> tuple[CreateResult, bytes]:
-        """Hold stock for one order (or, queue_only, just enqueue it) in one round trip.
+        """Hold stock for one order (or, queue_only, just enqueue it): one round trip on one
+        server; in cluster mode three (claim, order, settle; see `_create_two_phase`). A
+        bucketed SKU's order goes to the shopper's bucket, refilled from the others when short.
 
         Returns (result, payload); the payload is described in lua/create_order.lua.
         """
