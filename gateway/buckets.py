@@ -136,6 +136,18 @@ class Mover:
         self.moved += moved
         return moved, in_flight, arrivals
 
+    async def move(self, from_tag: str, to_tag: str, units: int) -> int:
+        """Move up to `units` available units from one bucket to another (a journaled
+        transfer); returns the units moved."""
+        donor = keys.SkuKeys(from_tag)
+        transfer_id = secrets.token_hex(8)
+        taken, _, _ = await self._take(
+            self.client, [donor.sku, donor.transfers], (transfer_id, units, to_tag, "")
+        )
+        if int(taken):
+            await self.complete(donor, Transfer(transfer_id, int(taken), to_tag, 0))
+        return int(taken)
+
     async def complete(self, donor: keys.SkuKeys, transfer: Transfer) -> None:
         """Give a journaled transfer's units to its bucket (once), then drop the entry."""
         to = keys.SkuKeys(transfer.to_tag)

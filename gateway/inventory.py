@@ -466,42 +466,50 @@ class Inventory:
         self, sku_id: str, cfg: SkuConfig, args: list[Any]
     ) -> tuple[int, int]:
         """A bucketed SKU: every bucket gets the configuration; bucket 0 holds the total and
-        the change log, and decides (a refusal writes nothing anywhere). Created: the stock
-        is split evenly, buckets 1..K-1 first, bucket 0 last (the SKU exists from then on).
-        Changed: bucket 0 first, its stock moved by the difference to the stored total inside
-        its script; a decrease first moves available stock into bucket 0; then the other
-        buckets get the new settings."""
+        the change log, and decides (a refusal writes nothing anywhere). Created: buckets
+        1..K-1 empty first, then bucket 0 with the whole stock (the SKU exists from then on),
+        then an even share moved into each other bucket by journaled transfers, so whatever
+        fails or runs twice, the buckets never hold more than the total. Changed: bucket 0
+        first, its stock moved by the difference to the stored total inside its script (a
+        decrease first moves available stock into bucket 0); then the other buckets get the
+        new settings."""
         tags = self.layouts.tags(sku_id, cfg.buckets)
         count = len(tags)
         home = keys.SkuKeys(sku_id)
-        shares = [cfg.stock // count + (1 if b < cfg.stock % count else 0) for b in range(count)]
-        total, available0 = await self._run(self.redis.hmget(home.sku, "total_stock", "available"))
-        creating = total is None
+        promotion, stored, total, available0 = await self._run(
+            self.redis.hmget(home.sku, "promotion_id", "buckets", "total_stock", "available")
+        )
+        if promotion is not None and int(stored or 1) != count:
+            return ConfigureResult.BUCKETS_FIXED, int(stored or 1)  # nothing written
+        creating = promotion is None
 
         async def others() -> None:
-            for b in range(1, count):
-                bk = keys.SkuKeys(tags[b])
+            for tag in tags[1:]:
+                bk = keys.SkuKeys(tag)
                 await self._call(
                     self._configure,
                     [bk.sku, bk.changes],
-                    (*args[:1], shares[b], *args[2:], "init", count, "", "0"),
+                    (*args[:1], 0, *args[2:], "init", count, "", "0"),  # a new bucket: empty
                 )
 
         if creating:
             await others()
         elif cfg.stock < int(total) and int(available0 or 0) < int(total) - cfg.stock:
-            await self._run(
-                self.mover.refill(tags, 0, int(total) - cfg.stock - int(available0 or 0))
-            )
+            short = int(total) - cfg.stock - int(available0 or 0)
+            await self._run(self.mover.refill(tags, 0, short))
         code, detail = await self._call(
             self._configure,
             [home.sku, home.changes],
-            (*args[:1], shares[0], *args[2:], "total", count, cfg.stock, "1"),
+            (*args[:1], cfg.stock, *args[2:], "total", count, cfg.stock, "1"),
         )
         if code == ConfigureResult.STOCK_BELOW_COMMITTED:
             view = await self.get_sku(sku_id)
             return code, 0 if view is None else view.held + view.sold
-        if code > 0 and not creating:
+        if code == ConfigureResult.CREATED:
+            for b, tag in enumerate(tags[1:], 1):  # bucket 0 keeps the first share
+                share = cfg.stock // count + (1 if b < cfg.stock % count else 0)
+                await self._run(self.mover.move(sku_id, tag, share))
+        elif code > 0:
             await others()
         return code, detail
 

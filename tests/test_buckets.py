@@ -5,6 +5,7 @@ stock == available + held + sold in every bucket and as a whole, transfers in fl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -16,6 +17,7 @@ from redis.crc import key_slot
 
 from gateway import keys
 from gateway.config import Settings
+from gateway.errors import BackendUnavailable
 from gateway.finalizer import Finalizer
 from gateway.inventory import ConfigureResult, CreateResult, Inventory, PaymentResult
 from gateway.schemas import OrderRequest, SkuConfig
@@ -126,7 +128,7 @@ async def test_a_transfer_left_halfway_is_counted_then_completed(
     tags = keys.bucket_tags("hot", 3)
     donor = keys.SkuKeys(tags[1])
     taken = await inv.mover._take(redis, [donor.sku, donor.transfers], ("t1", 4, tags[0], ""))
-    assert taken == [4, 0, 0]  # what was needed, no more
+    assert taken == [4, 0, 1]  # what was needed, no more (it received its share once)
     view = await inv.get_sku("hot")
     assert view is not None
     assert (view.stock, view.available, view.in_transit) == (30, 30, 4)
@@ -271,3 +273,38 @@ async def test_a_refused_change_writes_nothing_in_any_bucket(
     assert await inv.configure_sku("hot", plain) == (ConfigureResult.BUCKETS_FIXED, 3)
     after = [await redis.hgetall(keys.SkuKeys(t).sku) for t in keys.bucket_tags("hot", 3)]
     assert after == before
+
+
+async def test_creations_that_race_or_fail_never_put_more_stock_in_buckets(
+    redis: Redis, settings: Settings
+) -> None:
+    """Two creations at once with different stock, or a creation retried after it stopped
+    halfway: the buckets never hold more than the total the SKU reports, and it sells exactly
+    that."""
+    inv = Inventory(redis, ScriptRegistry(), settings)
+    small = SkuConfig(promotion_id="p", stock=100, per_user_limit=1, buckets=3)
+    big = SkuConfig(promotion_id="p", stock=1000, per_user_limit=1, buckets=3)
+    await asyncio.gather(inv.configure_sku("hot", big), inv.configure_sku("hot", small))
+    row = await inv.audit_sku("hot")
+    assert row is not None and row.breaches() == []
+    total = row.stock
+    assert total in (100, 1000)
+    await asyncio.sleep(0)  # spreading done: configure_sku returned
+    gate = asyncio.Semaphore(50)  # the cluster client's pool has 64 connections per node
+
+    async def buy(i: int) -> CreateResult:
+        key = str(uuid.uuid4())
+        async with gate:
+            for _ in range(50):  # a 503 (stock still moving at the very end): the same key again
+                with contextlib.suppress(BackendUnavailable):
+                    return (await inv.create_order(order(f"s{i}"), key))[0]
+                await asyncio.sleep(0.01)
+        raise AssertionError("no answer but 503 for 50 tries")
+
+    results = await asyncio.gather(*(buy(i) for i in range(total + 50)))
+    assert Counter(results) == {
+        CreateResult.CREATED: total,
+        CreateResult.SOLD_OUT: 50,
+    }
+    row = await inv.audit_sku("hot")
+    assert row is not None and row.breaches() == [] and row.held == total
