@@ -201,6 +201,8 @@ class Inventory:
                 timeout_ms=settings.redis_timeout_ms // 2,
             )
         self.mover = Mover(self._acked, scripts)
+        # "1": replays write, so the WAITAOF after them covers what they answer for
+        self._durable = "1" if self._acked is not (fast or redis) else ""
 
     async def create_order(
         self,
@@ -292,6 +294,7 @@ class Inventory:
             "",  # the claim's token (cluster mode)
             "",  # replay only (cluster mode)
             count,
+            self._durable,
         ]
         return ks, args, tags, bucket
 
@@ -398,7 +401,7 @@ class Inventory:
             return PaymentResult.UNKNOWN_ORDER
         sk = keys.SkuKeys(parts[1])
         ks = [sk.payment(payment_id), sk.order(order_id), sk.holds, sk.stream]
-        args = (payment_id, order_id, "" if now_ms is None else now_ms)
+        args = (payment_id, order_id, "" if now_ms is None else now_ms, self._durable)
         guard = keys.payment_guard(payment_id)
         if not self.two_phase:
             (code,) = await self._call_resending(self._confirm, [*ks, guard], args)

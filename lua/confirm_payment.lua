@@ -9,6 +9,8 @@
   KEYS[4] fg:{S}:stream    (stream) the order stream
   KEYS[5] optional fg:{p:<payment_id>} (string) order_id: the payment_id across SKUs
   ARGV[1] payment_id   ARGV[2] order_id   ARGV[3] now_ms ("" = server TIME)
+  ARGV[4] "1": the gateway waits for durability (WAITAOF): a replay counts itself on KEYS[1]
+          (a write), so the wait covers the payment it answers for
 
   Returns {code}: 1 ACCEPTED, 2 REPLAYED (same payment, same order), -1 UNKNOWN_ORDER,
                   -2 PAYMENT_REUSED (this payment_id confirmed another order)
@@ -17,6 +19,9 @@ local rcall = redis.call
 local seen = rcall('HGET', KEYS[1], 'order_id')
 if seen then
   if seen == ARGV[2] then
+    if ARGV[4] == '1' then
+      rcall('HINCRBY', KEYS[1], 'replays', 1)
+    end
     return {2}
   end
   return {-2}

@@ -23,7 +23,9 @@
   ARGV[13] cluster mode: the token of this request's claim on (user, key) (claim_key.lua), "" if none
   ARGV[14] "1": only a replay may answer (another request with this key is in progress)
   ARGV[15] how many stock buckets the gateway takes the SKU to have ("1": not bucketed); when
-           KEYS[1] says otherwise nothing is read or written and the gateway asks again
+           KEYS[1] says otherwise nothing is written and the gateway asks again
+  ARGV[16] "1": the gateway waits for this connection's writes to be durable (WAITAOF): a
+           replay then touches its record (a write), so the wait covers the order it answers
 
   Returns {code, payload}:
      1 CREATED         payload: the 202 body (also stored for replays)
@@ -61,12 +63,19 @@ end
 if stored then
   local nl = string.find(stored, '\n', 1, true)
   if string.sub(stored, 1, nl - 1) == ARGV[6] then
+    if ARGV[16] == '1' then
+      rcall('PEXPIRE', KEYS[6], rcall('PTTL', KEYS[6]))
+    end
     local nl2 = string.find(stored, '\n', nl + 1, true)
     return {2, answer(string.sub(stored, nl + 1, nl2 - 1), string.sub(stored, nl2 + 1))}
   end
   return {-5, ''}
 end
 if ARGV[14] == '1' then
+  local buckets = rcall('HGET', KEYS[1], 'buckets') or '1'
+  if buckets ~= ARGV[15] then
+    return {-9, buckets}  -- not found here because these may be another shopper's bucket
+  end
   return {-8, ''}
 end
 if KEYS[8] then

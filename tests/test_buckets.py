@@ -308,3 +308,19 @@ async def test_creations_that_race_or_fail_never_put_more_stock_in_buckets(
     }
     row = await inv.audit_sku("hot")
     assert row is not None and row.breaches() == [] and row.held == total
+
+
+async def test_a_retry_on_a_process_that_never_saw_the_layout_replays(
+    redis: Redis, settings: Settings
+) -> None:
+    """Two-phase intake: the retry finds the key's claim accepted and may only replay; on a
+    process that has not learnt the SKU's buckets it asks bucket 0's keys first, which answer
+    with the bucket count (not 409 for ever), and the replay comes from the shopper's bucket."""
+    first = Inventory(redis, ScriptRegistry(), settings, two_phase=True)
+    cfg = SkuConfig(promotion_id="p", stock=9, per_user_limit=5, buckets=3)
+    await first.configure_sku("hot", cfg)
+    user, key = users_of_bucket(2, 3, 1)[0], str(uuid.uuid4())
+    created = await first.create_order(order(user), key)
+    assert created[0] is CreateResult.CREATED
+    fresh = Inventory(redis, ScriptRegistry(), settings, two_phase=True)
+    assert await fresh.create_order(order(user), key) == (CreateResult.REPLAYED, created[1])

@@ -144,3 +144,32 @@ def test_settings_refuse_impossible_waits() -> None:
         Settings(waitaof_replicas=-1)
     with pytest.raises(ConfigError, match="FLASHGATE_APPENDFSYNC"):
         Settings(appendfsync="no")
+
+
+async def command_calls(url: str, name: str) -> int:
+    r = Redis.from_url(url)
+    stats: dict[str, Any] = await r.info("commandstats")
+    await r.aclose()
+    return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
+
+
+async def test_a_replay_writes_so_its_wait_covers_the_order(primary: Server) -> None:
+    """WAITAOF covers what its own connection wrote. A replay reaching another worker (or a
+    new connection after a lost answer) wrote nothing there, so it touches its record first:
+    the wait then covers the order it answers for. Payments alike."""
+    settings = Settings(
+        redis_url=primary.url, admin_token=ADMIN_TOKEN, redis_timeout_ms=10_000, waitaof_local=1
+    )
+    key = str(uuid.uuid4())
+    async with gateway(settings) as c:
+        assert (await put_sku(c, stock=5)).status_code == 201
+        assert (await create(c, key)).status_code == 202
+        touched = await command_calls(primary.url, "pexpire")
+    async with gateway(settings) as other:  # another worker: its own connection
+        again = await create(other, key)
+        assert again.status_code == 202 and again.headers["idempotent-replayed"] == "true"
+    assert await command_calls(primary.url, "pexpire") == touched + 1
+    r = Redis.from_url(primary.url)
+    ttl = await r.pttl(f"fg:{{sku-42}}:idem:u1:{key}")
+    await r.aclose()
+    assert 86_300_000 < ttl <= 86_400_000  # the same deadline, not a new one
