@@ -38,10 +38,14 @@ log = logging.getLogger("flashgate")
 Entry = tuple[bytes, dict[bytes, bytes]]
 STREAMS_REFRESH_S = 1.0  # how soon a new SKU's stream is read
 TRIM_EVERY_S = 5.0
+REFILL_LOOKS = 10  # a QUEUED order of a bucketed SKU: refills tried while stock is in flight
 CLAIM_EVERY_S = 1.0  # cluster mode: how often entries left by a dead finalizer are looked for
 # Error replies that say nothing about the entry: its slot is moving (ASK and MOVED that
 # redis-py did not follow, TRYAGAIN), or the cluster or a primary is down or read-only.
 CLUSTER_MOMENTS = (AskError, TryAgainError, ClusterDownError, ReadOnlyError)
+# Error replies of a server that cannot write now (out of memory, no replica, a failed save,
+# a long script, loading): nothing about the entry either.
+SERVER_STATES = ("OOM", "NOREPLICAS", "MISCONF", "BUSY", "LOADING", "MASTERDOWN")
 CLUSTER_POLL_MS = 50  # cluster mode: how long an idle finalizer waits before reading again
 
 
@@ -184,6 +188,9 @@ class Finalizer:
         except CLUSTER_MOMENTS:
             raise  # a slot moving or a failover: waited out like an outage, not held against it
         except ResponseError as exc:  # the script refused: this entry's fault, not Redis's
+            if str(exc).startswith(SERVER_STATES):
+                raise  # ... unless the server says it cannot write now: waited out
+
             return await self._failed(stream, sku_id, entry, str(exc))
         self.applied += 1
         if applied and status == b"PAID_AFTER_EXPIRY":
@@ -202,7 +209,13 @@ class Finalizer:
         if available < int(quantity):
             count = self.layouts.known(sk.sku_id) or 1
             tags = self.layouts.tags(sk.sku_id, count)
-            await self.mover.refill(tags, tags.index(sk.bucket_tag), int(quantity) - available)
+            for _ in range(REFILL_LOOKS):  # -1: stock still moving; it settles within moments
+                moved = await self.mover.refill(
+                    tags, tags.index(sk.bucket_tag), int(quantity) - available
+                )
+                if moved >= 0:
+                    break
+                await asyncio.sleep(0.05)
 
     async def _failed(self, stream: str, sku_id: str, entry: Entry, reason: str) -> int:
         info = await self.redis.xpending_range(

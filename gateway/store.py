@@ -264,7 +264,10 @@ class _Wire(asyncio.Protocol):
             command, done = self._barrier
             self._barrier = None
             self._out.append(command)
-            self.pending.append((done, self._loop.time() + self.timeout_s, self.received))
+            deadline = self._loop.time() + self.timeout_s
+            self.pending.append((done, deadline, self.received))
+            if self._timer is None:  # a barrier alone (send_barrier): nothing armed it yet
+                self._timer = self._loop.call_at(deadline, self._expire)
         out, self._out = self._out, []
         if self.transport is not None and not self.lost:
             self.transport.write(b"".join(out))

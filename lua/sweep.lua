@@ -6,9 +6,10 @@
   KEYS[1] fg:{S}:sku (hash)   KEYS[2] fg:{S}:users (hash)   KEYS[3] fg:{S}:holds (zset)
   KEYS[4] fg:{S}:events (stream)
   ARGV[1] now_ms ("" = server TIME)   ARGV[2] batch size   ARGV[3] order-record prefix "fg:{S}:o:"
+  ARGV[4] how many due holds to skip (kept in the index by an earlier call of this sweep)
 
-  Returns {released, units, selected, removed from the index} (selected == batch size and
-  something removed: call again)
+  Returns {released, units, selected, removed from the index} (selected == batch size: call
+  again, skipping the ones kept)
 ]]
 local rcall = redis.call
 local now
@@ -19,7 +20,8 @@ else
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
 local now_s = string.format('%d', now)
-local due = rcall('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local due = rcall('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', tonumber(ARGV[4] or '0'),
+  tonumber(ARGV[2]))
 local released, units, removed = 0, 0, 0
 for _, oid in ipairs(due) do
   local dot = string.find(oid, '.', 1, true) or (#oid + 1)
