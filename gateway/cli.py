@@ -365,7 +365,10 @@ async def _run_role(settings: Settings, role: str) -> int:
             if role == "finalizer"
             else Sweeper(client, scripts, settings)
         )
-        await worker.run(stop)
+        try:
+            await worker.run(stop)
+        finally:
+            await worker.aclose()
         return 0
     finally:
         await client.aclose()

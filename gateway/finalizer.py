@@ -31,7 +31,7 @@ from gateway import keys
 from gateway.buckets import Layouts, Mover
 from gateway.config import Settings
 from gateway.scripts import ScriptRegistry
-from gateway.store import REDIS_FAILURES, Client, text
+from gateway.store import REDIS_FAILURES, Client, acked, create_script_client, text
 
 log = logging.getLogger("flashgate")
 
@@ -78,7 +78,10 @@ class Finalizer:
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._streams: dict[str, str] = {}  # stream key -> its bucket's tag (the sku_id)
         self.layouts = Layouts(redis)
-        self.mover = Mover(redis, scripts)
+        # Stock moved between buckets is as durable as an order (WAITAOF when asked): on the
+        # order path's kind of client, so the wait reaches the node that ran the write.
+        self._fast = create_script_client(settings) if acked(settings, redis) is not redis else None
+        self.mover = Mover(acked(settings, self._fast or redis), scripts)
         self._streams_read_at = -1e9
         self._trimmed_at = -1e9
         self._claimed_at = -1e9
@@ -262,6 +265,11 @@ class Finalizer:
                 dropped += await self.redis.xtrim(stream, minid=floor, approximate=False)
         self._trimmed_at = self.clock()
         return dropped
+
+    async def aclose(self) -> None:
+        """Close the client of durable stock moves, if one was made."""
+        if self._fast is not None:
+            await self._fast.aclose()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Drain until `stop` is set; Redis outages are waited out."""

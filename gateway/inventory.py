@@ -29,7 +29,7 @@ from gateway.schemas import (
     SkuView,
 )
 from gateway.scripts import Executor, ScriptRegistry
-from gateway.store import REDIS_FAILURES, AckedWrites, Client, NotSent, SlotMoving, call, text
+from gateway.store import REDIS_FAILURES, Client, NotSent, SlotMoving, acked, call, text
 
 log = logging.getLogger("flashgate")
 
@@ -191,15 +191,7 @@ class Inventory:
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._idem_ttl_ms = settings.idempotency_ttl_s * 1000
         # what a 202 promises (orders, payments) runs on this: with WAITAOF when asked
-        self._acked: Executor = fast or redis
-        if settings.waitaof_local or settings.waitaof_replicas:
-            self._acked = AckedWrites(
-                fast or redis,
-                local=settings.waitaof_local,
-                replicas=settings.waitaof_replicas,
-                # answered by the server before the client's deadline gives up on it
-                timeout_ms=settings.redis_timeout_ms // 2,
-            )
+        self._acked: Executor = acked(settings, fast or redis)
         self.mover = Mover(self._acked, scripts)
         # "1": replays write, so the WAITAOF after them covers what they answer for
         self._durable = "1" if self._acked is not (fast or redis) else ""

@@ -166,6 +166,20 @@ class AckedWrites:
         return reply
 
 
+def acked(settings: Settings, client: Any) -> Any:
+    """`client`, or `client` wrapped in AckedWrites when the settings ask for durable writes
+    (FLASHGATE_WAITAOF_LOCAL / _REPLICAS): what a 202 promises runs on this."""
+    if not (settings.waitaof_local or settings.waitaof_replicas):
+        return client
+    return AckedWrites(
+        client,
+        local=settings.waitaof_local,
+        replicas=settings.waitaof_replicas,
+        # answered by the server before the client's deadline gives up on it
+        timeout_ms=settings.redis_timeout_ms // 2,
+    )
+
+
 def tls_context(query: str) -> ssl.SSLContext:
     """TLS for `rediss://`, with redis-py's URL options: the system's CAs and the host name
     checked by default; `ssl_ca_certs=<file>` for a private CA; `ssl_certfile` and

@@ -14,7 +14,7 @@ from gateway import keys
 from gateway.buckets import Layouts, Mover
 from gateway.config import Settings
 from gateway.scripts import ScriptRegistry
-from gateway.store import REDIS_FAILURES, Client, text
+from gateway.store import REDIS_FAILURES, Client, acked, create_script_client, text
 
 log = logging.getLogger("flashgate")
 
@@ -26,7 +26,10 @@ class Sweeper:
         self.batch = settings.sweep_batch
         self._sweep = scripts["sweep"]
         self.layouts = Layouts(redis)
-        self.mover = Mover(redis, scripts)
+        # Stock moved between buckets is as durable as an order (WAITAOF when asked): on the
+        # order path's kind of client, so the wait reaches the node that ran the write.
+        self._fast = create_script_client(settings) if acked(settings, redis) is not redis else None
+        self.mover = Mover(acked(settings, self._fast or redis), scripts)
         self.stale_ms = settings.claim_stale_ms
         self.transfers_completed = 0
         self.released = 0
@@ -65,6 +68,11 @@ class Sweeper:
                 log.error("sweeper: SKU %s: %s", text(raw), exc)
         self.released += total
         return total
+
+    async def aclose(self) -> None:
+        """Close the client of durable stock moves, if one was made."""
+        if self._fast is not None:
+            await self._fast.aclose()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Sweep every `interval_s` until `stop` is set; Redis outages are waited out."""

@@ -173,3 +173,37 @@ async def test_a_replay_writes_so_its_wait_covers_the_order(primary: Server) -> 
     ttl = await r.pttl(f"fg:{{sku-42}}:idem:u1:{key}")
     await r.aclose()
     assert 86_300_000 < ttl <= 86_400_000  # the same deadline, not a new one
+
+
+async def test_a_sweeper_completes_stock_transfers_durably(primary: Server) -> None:
+    """Stock moved between buckets is waited for like an order: the sweeper completing a
+    transfer left halfway does it on a multiplexed client, each write followed by WAITAOF."""
+    from gateway import keys
+    from gateway.inventory import Inventory
+    from gateway.schemas import SkuConfig
+    from gateway.scripts import ScriptRegistry
+    from gateway.store import create_client
+    from gateway.sweeper import Sweeper
+
+    settings = Settings(
+        redis_url=primary.url, redis_timeout_ms=10_000, waitaof_local=1, claim_stale_ms=1
+    )
+    client = create_client(settings)
+    sweeper = Sweeper(client, ScriptRegistry(), settings)
+    try:
+        inv = Inventory(client, ScriptRegistry(), settings)
+        cfg = SkuConfig(promotion_id="p", stock=30, per_user_limit=5, buckets=3)
+        await inv.configure_sku("hot", cfg)
+        tags = keys.bucket_tags("hot", 3)
+        donor = keys.SkuKeys(tags[1])
+        await inv.mover._take(client, [donor.sku, donor.transfers], ("t1", 4, tags[0], ""))
+        await asyncio.sleep(0.01)
+        before = await waitaof_calls(primary.url)
+        await sweeper.sweep_once()
+        assert sweeper.transfers_completed == 1
+        assert await waitaof_calls(primary.url) > before
+        view = await inv.get_sku("hot")
+        assert view is not None and (view.stock, view.available, view.in_transit) == (30, 30, 0)
+    finally:
+        await sweeper.aclose()
+        await client.aclose()
