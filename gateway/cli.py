@@ -29,6 +29,8 @@ from gateway.embedded import (
     discover,
     kill_group,
 )
+from gateway.errors import GatewayError
+from gateway.store import REDIS_FAILURES
 
 log = logging.getLogger("flashgate")
 
@@ -524,3 +526,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, EmbeddedError) as exc:
         print(f"flashgate: {exc}", file=sys.stderr)
         return 2
+    except (GatewayError, *REDIS_FAILURES) as exc:  # audit, status, dead: Redis out of reach
+        print(f"flashgate: Redis is not answering ({type(exc).__name__})", file=sys.stderr)
+        return 1

@@ -609,3 +609,10 @@ def test_dead_lists_dead_letters(serve: Serve, data_dir: Path) -> None:
     assert "malformed entry" in shown.stdout and "1 dead letter(s)" in shown.stdout
     none = flashgate("dead", "--data-dir", str(data_dir), "--sku", "other")
     assert none.stdout.strip() == "0 dead letter(s)"
+
+
+def test_audit_without_redis_says_so() -> None:
+    for env in ({}, {"FLASHGATE_REDIS_CLUSTER": "1"}):
+        out = flashgate("audit", REDIS_URL="redis://127.0.0.1:1/0", **env)
+        assert out.returncode == 1
+        assert "Redis is not answering" in out.stderr and "Traceback" not in out.stderr
