@@ -65,11 +65,18 @@ def signed(body: bytes) -> dict[str, str]:
 
 
 async def post_order(c: httpx.AsyncClient, base: str, key: str, **fields: object) -> httpx.Response:
-    return await c.post(
-        f"{base}/api/v1/order/create",
-        json=order_body(**fields),
-        headers={"X-Idempotency-Key": key},
-    )
+    """One shopper's order, sent again with the same key after a 503 (as the contract asks:
+    at the very end of a bucketed sale, stock still moving is a 503, not a sold_out)."""
+    for _ in range(20):
+        r = await c.post(
+            f"{base}/api/v1/order/create",
+            json=order_body(**fields),
+            headers={"X-Idempotency-Key": key},
+        )
+        if r.status_code != 503:
+            break
+        await asyncio.sleep(float(r.headers["retry-after"]) / 10)
+    return r
 
 
 async def wait_for(check, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
