@@ -117,6 +117,11 @@ class BackendUnavailable(GatewayError):
     status, code, overload = 503, "unavailable", True
 
 
+class StockMoving(BackendUnavailable):
+    """A bucketed SKU's stock was still moving between buckets at the end of a sale: not known
+    to be sold out yet. Redis is fine, so the circuit breaker does not count it."""
+
+
 class NotApplied(BackendUnavailable):
     """Redis surely did not run the command (no connection, or its cluster slot is moving)."""
 

@@ -18,7 +18,7 @@ from redis.exceptions import (
 from gateway import keys
 from gateway.buckets import Layouts, Mover, journal
 from gateway.config import Settings
-from gateway.errors import BackendUnavailable, NotApplied
+from gateway.errors import BackendUnavailable, NotApplied, StockMoving
 from gateway.operators import DEFAULT_OPERATOR
 from gateway.schemas import (
     OrderRequest,
@@ -231,11 +231,11 @@ class Inventory:
         tries = REFILL_TRIES
         while result is CreateResult.SOLD_OUT and tags is not None and not queue_only:
             if not tries:  # stock kept moving to other shoppers: not known to be sold out
-                raise BackendUnavailable()
+                raise StockMoving()
             need = req.quantity - int(payload)
             moved = await self._run(self.mover.refill(tags, bucket, need))
             if moved < 0:
-                raise BackendUnavailable()  # a transfer stayed in flight: ask again shortly
+                raise StockMoving()  # a transfer stayed in flight: ask again shortly
             result, payload = await self._send_order(req, idempotency_key, ks, args)
             tries -= 1
             if not moved:

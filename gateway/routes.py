@@ -133,6 +133,9 @@ async def create_order(gw: Gateway, scope: Scope, receive: Receive) -> Response:
     try:
         result, payload = await gw.inventory.create_order(req, key, queue_only=queue_only)
         failed = False
+    except errors.StockMoving:
+        failed = False  # Redis answered: not the breaker's business
+        raise
     finally:
         elapsed = breaker.clock() - started
         breaker.record(elapsed, failed=failed)

@@ -330,3 +330,23 @@ async def test_outage_answers_within_the_deadline_then_recovers(
                 r = await create(c)
                 assert (r.status_code, r.json()["status"]) == (202, "QUEUED")  # mode kept
     assert await redis.hget(keys.SkuKeys("sku-42").sku, "held") == b"0"
+
+
+async def test_stock_still_moving_does_not_open_the_breaker(make_client: MakeClient) -> None:
+    """At the very end of a bucketed sale a shopper may get 503 while stock moves between
+    buckets: Redis answered, so those 503s must not open the breaker for every SKU."""
+    from gateway.breaker import State
+    from gateway.errors import StockMoving
+
+    c = await make_client(breaker_min_calls=3)
+    await put_sku(c)
+    gw = c._transport.app.state.gateway  # type: ignore[attr-defined]
+
+    async def moving(*_: object, **__: object) -> tuple[object, bytes]:
+        raise StockMoving()
+
+    gw.inventory.create_order = moving
+    answers = [await create(c) for _ in range(10)]
+    assert {(a.status_code, a.json()["error"]) for a in answers} == {(503, "unavailable")}
+    assert all(a.headers["retry-after"] for a in answers)
+    assert gw.breaker.state is State.CLOSED
