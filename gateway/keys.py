@@ -89,11 +89,6 @@ def bucket_of(user_id: str, count: int) -> int:
     return zlib.crc32(user_id.encode()) % count if count > 1 else 0
 
 
-def sku_of(tag: str) -> str:
-    """The sku_id of a bucket tag (the SKU's own tag for bucket 0)."""
-    return tag.partition(BUCKET_SEP)[0]
-
-
 def _random_parts(batch: int = 256) -> Iterator[str]:
     """26 base32 characters (130 bits from os.urandom) each, encoded a batch at a time: one
     b32encode of 256 ids costs what a few single ones did."""

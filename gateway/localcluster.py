@@ -21,9 +21,9 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from gateway.embedded import die_with_parent, free_port, kill_group, server_binary
+from gateway.keys import SLOTS
 
 HOST = "127.0.0.1"
-SLOTS = 16384
 NODE_TIMEOUT_MS = 5000
 """A node unreachable this long is flagged failing; short enough for tests that kill one."""
 _UNSETTLED_FLAGS = frozenset({"fail", "fail?", "handshake", "noaddr"})

@@ -32,6 +32,7 @@ from redis.exceptions import (
 
 from gateway.config import Settings
 from gateway.errors import BackendUnavailable
+from gateway.keys import SLOTS
 
 T = TypeVar("T")
 log = logging.getLogger("flashgate")
@@ -459,7 +460,6 @@ class SlotMoving(RedisError):
     retry with the same idempotency key is safe."""
 
 
-SLOTS = 16384
 _REDIRECTS = ("MOVED ", "ASK ")
 
 

@@ -34,7 +34,7 @@ def test_bucket_tags_spread_over_the_slot_space() -> None:
         tags = keys.bucket_tags("hot", count)
         assert tags == keys.bucket_tags("hot", count)  # deterministic: every process agrees
         assert tags[0] == "hot" and len(set(tags)) == count
-        assert all(keys.sku_of(t) == "hot" for t in tags)
+        assert all(keys.SkuKeys(t).sku_id == "hot" for t in tags)
         base, width = key_slot(b"hot"), keys.SLOTS // count
         for b, tag in enumerate(tags):
             assert (key_slot(tag.encode()) - base - b * width) % keys.SLOTS < width
