@@ -19,9 +19,9 @@ from typing import Any
 
 import uvloop
 
-from gateway.config import Settings
-from gateway.embedded import EmbeddedServer
-from gateway.store import Multiplexed, create_client
+from gateway.ops.embedded import EmbeddedServer
+from gateway.settings import Settings
+from gateway.transport.client import Multiplexed, create_client
 
 SCRIPT = "return redis.call('INCR', KEYS[1])"
 

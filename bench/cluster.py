@@ -27,13 +27,13 @@ from typing import Any
 import redis
 import uvloop
 
-from gateway.config import Settings
-from gateway.embedded import free_port, server_binary, wait_for_ping
-from gateway.inventory import CreateResult, Inventory
-from gateway.localcluster import LocalCluster
+from gateway.ops.embedded import free_port, server_binary, wait_for_ping
+from gateway.ops.localcluster import LocalCluster
 from gateway.schemas import OrderRequest, SkuConfig
-from gateway.scripts import ScriptRegistry
-from gateway.store import create_client, create_script_client
+from gateway.settings import Settings
+from gateway.store.inventory import CreateResult, Inventory
+from gateway.transport.client import create_client, create_script_client
+from gateway.transport.scripts import ScriptRegistry
 
 
 def shard_stats(port: int) -> tuple[float, int, dict[str, int]]:

@@ -22,11 +22,11 @@ from collections import Counter
 import uvloop
 
 from bench.openloop import clock, percentiles
-from gateway.config import Settings
-from gateway.inventory import Inventory
 from gateway.schemas import OrderRequest
-from gateway.scripts import ScriptRegistry
-from gateway.store import Multiplexed, create_client
+from gateway.settings import Settings
+from gateway.store.inventory import Inventory
+from gateway.transport.client import Multiplexed, create_client
+from gateway.transport.scripts import ScriptRegistry
 
 SKU = "bench-direct"
 

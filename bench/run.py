@@ -48,7 +48,7 @@ from typing import Any
 import redis as redis_sync
 
 from bench.countproxy import CountingProxy
-from gateway.embedded import EmbeddedServer, free_port
+from gateway.ops.embedded import EmbeddedServer, free_port
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"

@@ -1,5 +1,5 @@
 from __future__ import annotations
 
-from gateway.cli import main
+from gateway.ops.cli import main
 
 raise SystemExit(main())

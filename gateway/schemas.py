@@ -10,8 +10,8 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta, Struct
 
-from gateway.keys import ID_PATTERN
-from gateway.mode import Mode
+from gateway.intake.mode import Mode
+from gateway.store.keys import ID_PATTERN
 
 Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=ID_PATTERN)]
 EpochSeconds = Annotated[int, Meta(ge=0, le=253_402_300_799)]

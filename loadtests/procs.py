@@ -20,7 +20,7 @@ from typing import IO
 import httpx
 import psutil
 
-from gateway.embedded import die_with_parent
+from gateway.ops.embedded import die_with_parent
 
 
 class Tracker:

@@ -28,8 +28,8 @@ from typing import Any, NoReturn
 import httpx
 import redis
 
-from gateway.embedded import free_port
-from gateway.localcluster import LocalCluster
+from gateway.ops.embedded import free_port
+from gateway.ops.localcluster import LocalCluster
 from loadtests.procs import Locust, Serve, Tracker
 from loadtests.report import LocustStats, read_locust, report_files
 from loadtests.verify import Findings, check_records, check_skus, drain, read_records

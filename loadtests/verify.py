@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 import redis
 
-from gateway import keys
+from gateway.store import keys
 
 ACTIVE = ("HELD", "CONFIRMED")  # statuses whose units count against stock and the limit
 

@@ -14,12 +14,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from gateway.app import create_app
-from gateway.config import Settings
-from gateway.embedded import free_port, server_binary, wait_for_ping
-from gateway.inventory import Inventory
-from gateway.scripts import ScriptRegistry
-from gateway.store import create_client
+from gateway.ops.embedded import free_port, server_binary, wait_for_ping
+from gateway.settings import Settings
+from gateway.store.inventory import Inventory
+from gateway.transport.client import create_client
+from gateway.transport.scripts import ScriptRegistry
+from gateway.web.app import create_app
 
 ADMIN_TOKEN = "test-admin-token"
 
@@ -73,7 +73,7 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if url := os.environ.get("FLASHGATE_TEST_CLUSTER_URL"):
         yield url
         return
-    from gateway.localcluster import LocalCluster
+    from gateway.ops.localcluster import LocalCluster
 
     with LocalCluster(tmp_path_factory.mktemp("cluster"), primaries=3) as cluster:
         yield cluster.url

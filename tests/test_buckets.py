@@ -16,14 +16,14 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from gateway import keys
-from gateway.config import Settings
 from gateway.errors import BackendUnavailable
-from gateway.finalizer import Finalizer
-from gateway.inventory import ConfigureResult, CreateResult, Inventory, PaymentResult
 from gateway.schemas import OrderRequest, SkuConfig
-from gateway.scripts import ScriptRegistry
-from gateway.sweeper import Sweeper
+from gateway.settings import Settings
+from gateway.store import keys
+from gateway.store.inventory import ConfigureResult, CreateResult, Inventory, PaymentResult
+from gateway.transport.scripts import ScriptRegistry
+from gateway.workers.finalizer import Finalizer
+from gateway.workers.sweeper import Sweeper
 from tests.conftest import ADMIN, BOTH_BACKENDS, Client, create, put_sku
 
 pytestmark = BOTH_BACKENDS

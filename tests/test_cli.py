@@ -19,9 +19,9 @@ import httpx
 import pytest
 import redis
 
-from gateway.cli import RestartBackoff, Supervisor
-from gateway.config import Settings
-from gateway.embedded import EmbeddedError, EmbeddedServer, free_port
+from gateway.ops.cli import RestartBackoff, Supervisor
+from gateway.ops.embedded import EmbeddedError, EmbeddedServer, free_port
+from gateway.settings import Settings
 from tests.conftest import ADMIN, ADMIN_TOKEN, order_body
 
 pytestmark = pytest.mark.integration
@@ -483,7 +483,7 @@ def test_worker_factory_freezes_the_start_up_heap() -> None:
     """The worker's start-up heap is out of the collector's sight, so a full collection under
     load scans only what was made since (the latency spikes `bench/` measured)."""
     probe = (
-        "import gc; from gateway.app import app_from_env; "
+        "import gc; from gateway.web.app import app_from_env; "
         "before = gc.get_freeze_count(); app_from_env(); print(before, gc.get_freeze_count())"
     )
     env = {**os.environ, "REDIS_URL": "redis://127.0.0.1:1/0"}

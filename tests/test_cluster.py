@@ -19,14 +19,14 @@ import httpx
 import pytest
 from redis.crc import key_slot
 
-from gateway import keys
-from gateway.config import Settings
 from gateway.errors import BackendUnavailable
-from gateway.inventory import CreateResult, Inventory
-from gateway.localcluster import LocalCluster
+from gateway.ops.localcluster import LocalCluster
 from gateway.schemas import OrderRequest, SkuConfig
-from gateway.scripts import ScriptRegistry
-from gateway.store import ClusterMux, create_client, create_script_client
+from gateway.settings import Settings
+from gateway.store import keys
+from gateway.store.inventory import CreateResult, Inventory
+from gateway.transport.client import ClusterMux, create_client, create_script_client
+from gateway.transport.scripts import ScriptRegistry
 from tests.conftest import ADMIN, order_body
 from tests.test_cli import Serve, alive, descendants, flashgate, wait_gone
 
@@ -288,7 +288,7 @@ async def test_a_cluster_out_of_reach_is_a_503_not_a_500(tmp_path: Path) -> None
     """With every node gone, the cluster client raises its own errors (not redis-py's
     RedisError): they are outages like any other, every time, and a finalizer waits them
     out."""
-    from gateway.finalizer import Finalizer
+    from gateway.workers.finalizer import Finalizer
 
     cluster = LocalCluster(tmp_path / "gone", primaries=3)
     url = cluster.start()

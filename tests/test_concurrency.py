@@ -8,8 +8,8 @@ from collections import Counter
 
 from redis.asyncio import Redis
 
-from gateway.cli import _audit
-from gateway.config import Settings
+from gateway.ops.cli import _audit
+from gateway.settings import Settings
 from tests.conftest import ADMIN, BOTH_BACKENDS, Client, create, put_sku
 
 pytestmark = BOTH_BACKENDS

@@ -18,9 +18,9 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from gateway.app import create_app
-from gateway.config import ConfigError, Settings
-from gateway.embedded import free_port, server_binary, wait_for_ping
+from gateway.ops.embedded import free_port, server_binary, wait_for_ping
+from gateway.settings import ConfigError, Settings
+from gateway.web.app import create_app
 from tests.conftest import ADMIN_TOKEN, create, put_sku
 
 pytestmark = pytest.mark.integration
@@ -178,12 +178,12 @@ async def test_a_replay_writes_so_its_wait_covers_the_order(primary: Server) -> 
 async def test_a_sweeper_completes_stock_transfers_durably(primary: Server) -> None:
     """Stock moved between buckets is waited for like an order: the sweeper completing a
     transfer left halfway does it on a multiplexed client, each write followed by WAITAOF."""
-    from gateway import keys
-    from gateway.inventory import Inventory
     from gateway.schemas import SkuConfig
-    from gateway.scripts import ScriptRegistry
-    from gateway.store import create_client
-    from gateway.sweeper import Sweeper
+    from gateway.store import keys
+    from gateway.store.inventory import Inventory
+    from gateway.transport.client import create_client
+    from gateway.transport.scripts import ScriptRegistry
+    from gateway.workers.sweeper import Sweeper
 
     settings = Settings(
         redis_url=primary.url, redis_timeout_ms=10_000, waitaof_local=1, claim_stale_ms=1

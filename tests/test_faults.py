@@ -37,8 +37,8 @@ import httpx
 import pytest
 import redis
 
-from gateway import keys
-from gateway.config import DEFAULT_BUSY_MESSAGE
+from gateway.settings import DEFAULT_BUSY_MESSAGE
+from gateway.store import keys
 from loadtests.verify import Findings, check_records, check_skus, drain
 from tests.conftest import ADMIN
 from tests.faultproxy import FaultProxy

@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway import keys, status
-from gateway.config import Settings
-from gateway.finalizer import Finalizer
-from gateway.inventory import CreateResult, Inventory, PaymentResult, history_problem
+from gateway.ops import status
 from gateway.schemas import OrderRequest, SkuConfig
-from gateway.scripts import ScriptRegistry
-from gateway.sweeper import Sweeper
+from gateway.settings import Settings
+from gateway.store import keys
+from gateway.store.inventory import CreateResult, Inventory, PaymentResult, history_problem
+from gateway.transport.scripts import ScriptRegistry
+from gateway.workers.finalizer import Finalizer
+from gateway.workers.sweeper import Sweeper
 from tests.conftest import ADMIN, BOTH_BACKENDS, MakeClient, create, put_sku
 
 SECRET = "test-payment-secret"

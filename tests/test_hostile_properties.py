@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 from redis.asyncio import Redis
 
-from gateway.app import create_app
-from gateway.config import Settings
+from gateway.settings import Settings
+from gateway.web.app import create_app
 from tests.conftest import ADMIN, ADMIN_TOKEN, snapshot
 
 SECRET = "prop-secret"

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import uvicorn
 
-from gateway import http
-from gateway.embedded import free_port
+from gateway.ops.embedded import free_port
+from gateway.web import protocol as http
 
 
 async def slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:

@@ -7,8 +7,8 @@ import os
 
 from hypothesis import given, settings, strategies as st
 
-from gateway import keys
-from gateway.keys import new_order_id, split_order_id
+from gateway.store import keys
+from gateway.store.keys import new_order_id, split_order_id
 
 
 def test_order_ids_are_well_formed_and_distinct() -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from gateway.limiter import TokenBucket
+from gateway.intake.limiter import TokenBucket
 from tests.conftest import Clock
 
 Make = Callable[..., TokenBucket]

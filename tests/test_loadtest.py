@@ -16,8 +16,8 @@ import psutil
 import pytest
 import redis
 
-from gateway import keys
-from gateway.embedded import free_port
+from gateway.ops.embedded import free_port
+from gateway.store import keys
 from loadtests.procs import Serve
 from loadtests.verify import Findings, check_records, check_skus
 from tests.conftest import ADMIN, ADMIN_TOKEN

@@ -12,7 +12,7 @@ import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from gateway.localcluster import SLOTS, LocalCluster
+from gateway.ops.localcluster import SLOTS, LocalCluster
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from gateway.logs import JsonFormatter
+from gateway.telemetry.logs import JsonFormatter
 from tests.conftest import ADMIN_TOKEN
 from tests.test_cli import Serve
 

@@ -158,7 +158,7 @@ def test_batched_observations_equal_prometheus_own() -> None:
     """What `observe` + `flush` write is what prometheus-client's `observe` would have."""
     from prometheus_client import CollectorRegistry, Histogram
 
-    from gateway import metrics
+    from gateway.telemetry import metrics
 
     registry = CollectorRegistry()
     ours = Histogram("ours_seconds", "x", ["l"], buckets=metrics.SLO_BUCKETS, registry=registry)

@@ -20,7 +20,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-from gateway.store import Multiplexed, NotSent, _encode
+from gateway.transport.client import Multiplexed, NotSent, _encode
 from tests.faultproxy import FaultProxy
 
 
@@ -109,7 +109,7 @@ async def test_a_reset_fails_the_callers_and_the_next_command_reconnects(
 
 
 async def test_refused_connect_is_not_sent_and_fast() -> None:
-    from gateway.embedded import free_port
+    from gateway.ops.embedded import free_port
 
     mux = Multiplexed(f"redis://127.0.0.1:{free_port()}/0", timeout_s=5)
     start = time.monotonic()

@@ -17,10 +17,11 @@ import schemathesis
 from schemathesis.core.errors import InvalidSchema
 from starlette.routing import Route
 
-from gateway import errors, openapi
-from gateway.app import ORDER_PATH, create_app
-from gateway.config import Settings
+from gateway import errors
 from gateway.errors import GatewayError
+from gateway.settings import Settings
+from gateway.web import openapi
+from gateway.web.app import ORDER_PATH, create_app
 from tests.conftest import ADMIN, Client, MakeClient, create, put_sku
 
 SECRET = "openapi-secret"

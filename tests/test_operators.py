@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway import keys
-from gateway.operators import RefusalLog
+from gateway.store import keys
+from gateway.web.operators import RefusalLog
 from tests.conftest import (
     ADMIN,
     ADMIN_TOKEN,

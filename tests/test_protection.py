@@ -12,12 +12,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from gateway import keys
-from gateway.app import create_app
-from gateway.config import DEFAULT_BUSY_MESSAGE, Settings
-from gateway.mode import ModeStore, NoticeWatcher
-from gateway.scripts import ScriptRegistry
-from gateway.soldout import SoldOutMemo
+from gateway.intake.mode import ModeStore, NoticeWatcher
+from gateway.intake.soldout import SoldOutMemo
+from gateway.settings import DEFAULT_BUSY_MESSAGE, Settings
+from gateway.store import keys
+from gateway.transport.scripts import ScriptRegistry
+from gateway.web.app import create_app
 from tests.conftest import ADMIN, BOTH_BACKENDS, Client, MakeClient, create, put_sku, snapshot
 from tests.faultproxy import FaultProxy
 
@@ -335,8 +335,8 @@ async def test_outage_answers_within_the_deadline_then_recovers(
 async def test_stock_still_moving_does_not_open_the_breaker(make_client: MakeClient) -> None:
     """At the very end of a bucketed sale a shopper may get 503 while stock moves between
     buckets: Redis answered, so those 503s must not open the breaker for every SKU."""
-    from gateway.breaker import State
     from gateway.errors import StockMoving
+    from gateway.intake.breaker import State
 
     c = await make_client(breaker_min_calls=3)
     await put_sku(c)

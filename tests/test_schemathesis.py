@@ -22,10 +22,10 @@ from schemathesis.config import SchemathesisConfig
 from schemathesis.python import asgi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import openapi
-from gateway.app import Gateway, create_app
-from gateway.config import Settings
-from gateway.store import create_client
+from gateway.settings import Settings
+from gateway.transport.client import create_client
+from gateway.web import openapi
+from gateway.web.app import Gateway, create_app
 from tests.conftest import ADMIN, ADMIN_TOKEN, audit_breaches
 
 T = TypeVar("T")
@@ -171,7 +171,7 @@ def test_linked_flows_conform_to_the_document(app: ASGIApp, redis_url: str) -> N
     class Flows(schema.include(operation_id=LINKED).as_state_machine()):  # type: ignore[misc]
         def setup(self) -> None:
             flush.flushall()
-            gateway.memo.clear()  # a SKU sold out in the last sequence is not any more
+            gateway.intake.memo.clear()  # a SKU sold out in the last sequence is not any more
 
         def get_call_kwargs(self, case: Any) -> dict[str, Any]:
             return {"app": app, "headers": ADMIN}

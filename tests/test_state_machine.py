@@ -53,21 +53,21 @@ from hypothesis.stateful import (
 )
 from redis.asyncio import Redis
 
-from gateway import keys
-from gateway.config import Settings
-from gateway.finalizer import Finalizer
-from gateway.inventory import (
+from gateway.intake.mode import Mode, ModeStore
+from gateway.schemas import OrderRequest, SkuConfig
+from gateway.settings import Settings
+from gateway.store import keys
+from gateway.store.inventory import (
     AuditRow,
     ConfigureResult,
     CreateResult,
     Inventory,
     PaymentResult,
 )
-from gateway.mode import Mode, ModeStore
-from gateway.schemas import OrderRequest, SkuConfig
-from gateway.scripts import LuaScript, ScriptRegistry
-from gateway.store import create_client
-from gateway.sweeper import Sweeper
+from gateway.transport.client import create_client
+from gateway.transport.scripts import LuaScript, ScriptRegistry
+from gateway.workers.finalizer import Finalizer
+from gateway.workers.sweeper import Sweeper
 from tests.conftest import BOTH_BACKENDS
 
 T = TypeVar("T")

@@ -8,12 +8,12 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from gateway.config import Settings
 from gateway.errors import BackendUnavailable
-from gateway.inventory import CreateResult, Inventory
 from gateway.schemas import OrderRequest
-from gateway.scripts import ScriptRegistry
-from gateway.store import create_client, create_script_client
+from gateway.settings import Settings
+from gateway.store.inventory import CreateResult, Inventory
+from gateway.transport.client import create_client, create_script_client
+from gateway.transport.scripts import ScriptRegistry
 from tests.conftest import ADMIN, MakeClient, create, put_sku
 from tests.faultproxy import FaultProxy
 
@@ -98,15 +98,15 @@ async def test_http_answer_when_redis_is_gone(
     await put_sku(c)
     proxy = FaultProxy(settings.redis_url or "", mode="reset")
     async with proxy as url:
-        from gateway.app import Gateway
+        from gateway.web.app import Gateway
 
         app = c._transport.app  # type: ignore[attr-defined]
         gw: Gateway = app.state.gateway
-        live = gw.inventory
-        gw.inventory = inventory_on(url, live.scripts, settings, kind)
+        live = gw.intake.inventory
+        gw.intake.inventory = inventory_on(url, live.scripts, settings, kind)
         r = await create(c)
-        await close(gw.inventory)
-        gw.inventory = live
+        await close(gw.intake.inventory)
+        gw.intake.inventory = live
     assert (r.status_code, r.json()["error"]) == (503, "unavailable")
     assert r.json()["message"] == "活动火爆,请稍后再试"
     assert int(r.headers["retry-after"]) >= 1
@@ -120,7 +120,7 @@ async def test_breaker_opens_on_slow_redis_and_closes_after(
 
     import httpx
 
-    from gateway.app import create_app
+    from gateway.web.app import create_app
 
     proxy = FaultProxy(settings.redis_url or "")
     async with proxy as url:
@@ -153,7 +153,7 @@ async def test_breaker_opens_on_slow_redis_and_closes_after(
 async def test_readyz_turns_503_when_redis_stops_answering(settings: Settings) -> None:
     import httpx
 
-    from gateway.app import create_app
+    from gateway.web.app import create_app
 
     proxy = FaultProxy(settings.redis_url or "", marker=b"PING")
     async with proxy as url:
@@ -173,8 +173,8 @@ async def test_readyz_turns_503_when_redis_stops_answering(settings: Settings) -
 
 @KINDS
 async def test_refused_connect_is_never_resent(kind: str, loaded: ScriptRegistry) -> None:
-    from gateway.embedded import free_port
-    from gateway.inventory import _maybe_sent
+    from gateway.ops.embedded import free_port
+    from gateway.store.inventory import _maybe_sent
 
     url = f"redis://127.0.0.1:{free_port()}/0"
     inv = inventory_on(url, loaded, Settings(redis_timeout_ms=300), kind)

@@ -9,11 +9,11 @@ import uuid
 
 from redis.asyncio import Redis
 
-from gateway import keys
-from gateway.config import Settings
-from gateway.inventory import CreateResult, Inventory, PaymentResult
 from gateway.schemas import OrderRequest, SkuConfig
-from gateway.scripts import ScriptRegistry
+from gateway.settings import Settings
+from gateway.store import keys
+from gateway.store.inventory import CreateResult, Inventory, PaymentResult
+from gateway.transport.scripts import ScriptRegistry
 from tests.conftest import BOTH_BACKENDS
 
 T0 = 1_800_000_000_000  # injected server time (ms) so staleness is exact

@@ -18,12 +18,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from gateway import keys
-from gateway.config import Settings
-from gateway.finalizer import Finalizer
-from gateway.inventory import Inventory
 from gateway.schemas import OrderRequest, SkuConfig
-from gateway.scripts import ScriptRegistry
+from gateway.settings import Settings
+from gateway.store import keys
+from gateway.store.inventory import Inventory
+from gateway.transport.scripts import ScriptRegistry
+from gateway.workers.finalizer import Finalizer
 from tests.conftest import ADMIN
 from tests.test_cli import Serve, flashgate
 

@@ -7,11 +7,11 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway import keys
-from gateway.config import Settings
-from gateway.inventory import ConfigureResult, CreateResult, Inventory
 from gateway.schemas import OrderRequest, SkuConfig
-from gateway.scripts import ScriptRegistry
+from gateway.settings import Settings
+from gateway.store import keys
+from gateway.store.inventory import ConfigureResult, CreateResult, Inventory
+from gateway.transport.scripts import ScriptRegistry
 
 pytestmark = pytest.mark.lua
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from redis.asyncio import Redis
 
-from gateway import keys
-from gateway.config import Settings
-from gateway.inventory import CreateResult, Inventory
 from gateway.schemas import OrderRequest, SkuConfig
-from gateway.scripts import ScriptRegistry
+from gateway.settings import Settings
+from gateway.store import keys
+from gateway.store.inventory import CreateResult, Inventory
+from gateway.transport.scripts import ScriptRegistry
 
 pytestmark = pytest.mark.lua
 

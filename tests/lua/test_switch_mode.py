@@ -7,9 +7,9 @@ import json
 import pytest
 from redis.asyncio import Redis
 
-from gateway import keys
-from gateway.mode import Mode, ModeStore
-from gateway.scripts import ScriptRegistry
+from gateway.intake.mode import Mode, ModeStore
+from gateway.store import keys
+from gateway.transport.scripts import ScriptRegistry
 
 pytestmark = pytest.mark.lua
 

@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import keys
-from gateway.scripts import Executor, ScriptRegistry
-from gateway.store import Client, text
+from gateway.store import keys
+from gateway.transport.client import Client, text
+from gateway.transport.scripts import Executor, ScriptRegistry
 
 log = logging.getLogger("flashgate")
 

@@ -13,11 +13,8 @@ from typing import Any
 import msgspec
 
 from gateway import __version__, errors
-from gateway.config import Settings
 from gateway.errors import GatewayError
-from gateway.http import HEAD_TOO_LARGE, MALFORMED, TOO_SLOW
-from gateway.keys import ORDER_ID_PATTERN
-from gateway.mode import ModeSwitch, ModeView
+from gateway.intake.mode import ModeSwitch, ModeView
 from gateway.schemas import (
     ConsoleSku,
     ConsoleView,
@@ -36,6 +33,9 @@ from gateway.schemas import (
     SkuConfig,
     SkuView,
 )
+from gateway.settings import Settings
+from gateway.store.keys import ORDER_ID_PATTERN
+from gateway.web.protocol import HEAD_TOO_LARGE, MALFORMED, TOO_SLOW
 
 Json = dict[str, Any]
 REF = "#/components/schemas/{name}"

@@ -16,12 +16,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope
 
-from gateway import errors, metrics, status
-from gateway.inventory import ConfigureResult, CreateResult, PaymentResult, accepted_member
-from gateway.keys import ID_PATTERN
-from gateway.mode import Mode
-from gateway.operators import Operator, client_address, log_change, operator_of
-from gateway.responses import MsgspecResponse, RawJSONResponse
+from gateway import errors
+from gateway.intake.mode import Mode
+from gateway.ops import status
 from gateway.schemas import (
     ConsoleSku,
     ConsoleView,
@@ -34,10 +31,15 @@ from gateway.schemas import (
     payment_decoder,
     sku_config_decoder,
 )
-from gateway.store import call
+from gateway.store.inventory import ConfigureResult, PaymentResult
+from gateway.store.keys import ID_PATTERN
+from gateway.telemetry import metrics
+from gateway.transport.client import call
+from gateway.web.operators import Operator, client_address, log_change, operator_of
+from gateway.web.responses import MsgspecResponse, RawJSONResponse
 
 if TYPE_CHECKING:
-    from gateway.app import Gateway
+    from gateway.web.app import Gateway
 
 T = TypeVar("T")
 _ID = re.compile(ID_PATTERN)
@@ -117,56 +119,10 @@ async def create_order(gw: Gateway, scope: Scope, receive: Receive) -> Response:
     except msgspec.ValidationError as exc:
         raise errors.InvalidRequest(str(exc)) from None
 
-    queue_only = gw.watcher.mode is Mode.QUEUE_ONLY
-    member = accepted_member(req.user_id, key)
-    if not queue_only and gw.memo.refuses(req.sku_id, req.promotion_id, member):
-        raise errors.SoldOut(available=0)
-    wait_s = gw.limiter.take()
-    if wait_s > 0:
-        metrics.BUCKET_REFUSALS.inc()
-        raise gw.rate_limited(wait_s)
-    breaker = gw.breaker
-    if not breaker.allow():
-        raise errors.BreakerOpen(retry_after_s=breaker.retry_after_s())
-    started = breaker.clock()
-    failed = True
-    try:
-        result, payload = await gw.inventory.create_order(req, key, queue_only=queue_only)
-        failed = False
-    except errors.StockMoving:
-        failed = False  # Redis answered: not the breaker's business
-        raise
-    finally:
-        elapsed = breaker.clock() - started
-        breaker.record(elapsed, failed=failed)
-        metrics.observe(metrics.SCRIPT_LATENCY, "create_order", elapsed)
-    if result is CreateResult.CREATED:
-        gw.memo.forget(req.sku_id)  # if this was a re-check: stock came back
-        return RawJSONResponse(payload, status_code=202)
-    if result is CreateResult.REPLAYED:
+    replayed, payload = await gw.intake.create(req, key)
+    if replayed:
         return RawJSONResponse(payload, status_code=202, headers=_REPLAYED)
-    if result is CreateResult.SOLD_OUT:
-        available = int(payload)
-        if available == 0 and not queue_only:
-            await gw.learn_sold_out(req.sku_id, req.promotion_id)
-        raise errors.SoldOut(available=available)
-    raise _refusal(result, payload)
-
-
-def _refusal(result: CreateResult, payload: bytes) -> errors.GatewayError:
-    if result is CreateResult.LIMIT_EXCEEDED:
-        return errors.LimitExceeded()
-    if result is CreateResult.UNKNOWN_SKU:
-        return errors.UnknownSku()
-    if result is CreateResult.NOT_ACTIVE:
-        reason = payload.decode()
-        text = "the sale has not started" if reason == "not_started" else "the sale has ended"
-        return errors.SaleNotActive(text, reason=reason)
-    if result is CreateResult.QUEUE_FULL:
-        return errors.QueueFull(backlog=int(payload))
-    if result in (CreateResult.IN_USE, CreateResult.CLAIM_LOST):
-        return errors.KeyInUse(headers={"Retry-After": "1"})
-    return errors.KeyReused()
+    return RawJSONResponse(payload, status_code=202)
 
 
 async def get_order(request: Request) -> Response:
@@ -338,7 +294,7 @@ def resource(path: str, **handlers: Endpoint) -> Route:
     return Route(path, by_method, methods=list(handlers))
 
 
-_CONSOLE_PAGE = (resources.files("gateway") / "console.html").read_bytes()
+_CONSOLE_PAGE = (resources.files("gateway.web") / "console.html").read_bytes()
 _CONSOLE_HEADERS = {
     # the page's own script and styles only; data comes from this origin with the token
     "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "

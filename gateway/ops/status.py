@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from gateway import keys
-from gateway.store import Client
+from gateway.store import keys
+from gateway.transport.client import Client
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,8 +41,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway import status
-from gateway.store import REDIS_FAILURES
+from gateway.ops import status
+from gateway.transport.client import REDIS_FAILURES
 
 log = logging.getLogger("flashgate")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"

@@ -20,17 +20,18 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from gateway import __version__, logs
-from gateway.config import ConfigError, Settings, env_name
-from gateway.embedded import (
+from gateway import __version__
+from gateway.errors import GatewayError
+from gateway.ops.embedded import (
     EmbeddedError,
     EmbeddedServer,
     die_with_parent,
     discover,
     kill_group,
 )
-from gateway.errors import GatewayError
-from gateway.store import REDIS_FAILURES
+from gateway.settings import ConfigError, Settings, env_name
+from gateway.telemetry import logs
+from gateway.transport.client import REDIS_FAILURES
 
 log = logging.getLogger("flashgate")
 
@@ -107,7 +108,7 @@ def bucket_path(port: int) -> Path:
 def prepare_multiprocess(directory: Path) -> None:
     """Before uvicorn starts: an empty directory for every worker's metrics files, named in
     the environment the workers inherit (gateway/metrics.py). Totals start again with the
-    instance. Here, not in gateway.metrics: prometheus-client must not be imported before
+    instance. Here, not in gateway.telemetry.metrics: prometheus-client must not be imported before
     the variable is set, or this process would count in memory only."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return  # the operator chose one
@@ -127,13 +128,13 @@ def run_gateway(settings: Settings) -> int:
     # every worker's metrics files, added up by whichever worker answers GET /metrics
     prepare_multiprocess(Path(settings.data_dir).resolve() / f"metrics-{settings.port}")
     uvicorn.run(
-        "gateway.app:app_from_env",
+        "gateway.web.app:app_from_env",
         factory=True,
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
         loop="uvloop",
-        http="gateway.http:GatewayHttpProtocol",  # httptools, parser errors as JSON
+        http="gateway.web.protocol:GatewayHttpProtocol",  # httptools, parser errors as JSON
         lifespan="on",
         access_log=False,  # the gateway's own access log, when asked for (gateway/logs.py)
         log_config=logs.uvicorn_config(settings.log_format, settings.log_level),
@@ -302,8 +303,8 @@ class Supervisor:
     def _load_scripts(self, url: str) -> None:
         """SCRIPT LOAD into the restarted server (scripts are not in its AOF), so /readyz is
         200 again at once; the gateway's NOSCRIPT fallback would otherwise load them lazily."""
-        from gateway.scripts import ScriptRegistry
-        from gateway.store import REDIS_FAILURES, create_client
+        from gateway.transport.client import REDIS_FAILURES, create_client
+        from gateway.transport.scripts import ScriptRegistry
 
         async def load() -> None:
             client = create_client(self.settings, url)
@@ -338,10 +339,10 @@ class Supervisor:
 
 async def _run_role(settings: Settings, role: str) -> int:
     """`flashgate finalizer | sweeper`: one background worker until SIGTERM/SIGINT."""
-    from gateway.finalizer import Finalizer
-    from gateway.scripts import ScriptRegistry
-    from gateway.store import REDIS_FAILURES, create_client
-    from gateway.sweeper import Sweeper
+    from gateway.transport.client import REDIS_FAILURES, create_client
+    from gateway.transport.scripts import ScriptRegistry
+    from gateway.workers.finalizer import Finalizer
+    from gateway.workers.sweeper import Sweeper
 
     if role == "finalizer":
         # Blocking reads wait up to finalizer_block_ms on top of the usual deadline.
@@ -380,10 +381,10 @@ AUDIT_SWEEP_MARGIN_MS = 5000  # a hold may outlive its deadline by one sweep int
 
 
 async def _audit(settings: Settings) -> int:
-    from gateway.inventory import Inventory
-    from gateway.scripts import ScriptRegistry
-    from gateway.status import text_table
-    from gateway.store import create_client
+    from gateway.ops.status import text_table
+    from gateway.store.inventory import Inventory
+    from gateway.transport.client import create_client
+    from gateway.transport.scripts import ScriptRegistry
 
     client = create_client(settings)
     try:
@@ -416,8 +417,8 @@ async def _audit(settings: Settings) -> int:
 
 
 async def _dead(settings: Settings, sku_ids: list[str] | None, limit: int) -> int:
-    from gateway import status
-    from gateway.store import create_client
+    from gateway.ops import status
+    from gateway.transport.client import create_client
 
     client = create_client(settings)
     try:
@@ -431,8 +432,8 @@ async def _dead(settings: Settings, sku_ids: list[str] | None, limit: int) -> in
 
 
 async def _status(settings: Settings, watch_s: float, count: int | None) -> int:
-    from gateway import status
-    from gateway.store import create_client
+    from gateway.ops import status
+    from gateway.transport.client import create_client
 
     client = create_client(settings)
     try:
@@ -446,7 +447,7 @@ async def _status(settings: Settings, watch_s: float, count: int | None) -> int:
 def local_cluster(directory: str, primaries: int, replicas: int, first_port: int) -> int:
     """`flashgate local-cluster`: start a cluster, print how to point flashgate at it, stop
     it on SIGINT or SIGTERM."""
-    from gateway.localcluster import LocalCluster
+    from gateway.ops.localcluster import LocalCluster
 
     shutil.rmtree(directory, ignore_errors=True)
     ports = list(range(first_port, first_port + primaries * (1 + replicas)))

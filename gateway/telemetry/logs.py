@@ -64,7 +64,7 @@ def configure(fmt: str, *, force: bool = True) -> None:
 def uvicorn_config(fmt: str, level: str) -> dict[str, Any]:
     """uvicorn's `log_config`: its own loggers in the same format, its access log off (the
     gateway writes its own)."""
-    factory = "gateway.logs.JsonFormatter" if fmt == "json" else "logging.Formatter"
+    factory = "gateway.telemetry.logs.JsonFormatter" if fmt == "json" else "logging.Formatter"
     spec: dict[str, Any] = {"()": factory}
     if fmt != "json":
         spec["fmt"] = TEXT_FORMAT

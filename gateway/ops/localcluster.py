@@ -20,8 +20,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gateway.embedded import die_with_parent, free_port, kill_group, server_binary
-from gateway.keys import SLOTS
+from gateway.ops.embedded import die_with_parent, free_port, kill_group, server_binary
+from gateway.store.keys import SLOTS
 
 HOST = "127.0.0.1"
 NODE_TIMEOUT_MS = 5000

@@ -27,11 +27,11 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from gateway import keys
-from gateway.buckets import Layouts, Mover
-from gateway.config import Settings
-from gateway.scripts import ScriptRegistry
-from gateway.store import REDIS_FAILURES, Client, acked, create_script_client, text
+from gateway.settings import Settings
+from gateway.store import keys
+from gateway.store.buckets import Layouts, Mover
+from gateway.transport.client import REDIS_FAILURES, Client, acked, create_script_client, text
+from gateway.transport.scripts import ScriptRegistry
 
 log = logging.getLogger("flashgate")
 

@@ -17,10 +17,11 @@ from typing import Any
 
 import msgspec
 
-from gateway import keys, metrics
-from gateway.operators import DEFAULT_OPERATOR
-from gateway.soldout import SoldOutMemo
-from gateway.store import REDIS_FAILURES, Client
+from gateway.intake.soldout import SoldOutMemo
+from gateway.store import keys
+from gateway.telemetry import metrics
+from gateway.transport.client import REDIS_FAILURES, Client
+from gateway.web.operators import DEFAULT_OPERATOR
 
 log = logging.getLogger("flashgate")
 
@@ -176,4 +177,4 @@ class NoticeWatcher:
                 await asyncio.sleep(self.refresh_s)
             finally:
                 with contextlib.suppress(*REDIS_FAILURES):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await pubsub.aclose()

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import math
 import re
 import time
 import uuid
@@ -21,21 +20,28 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway import errors, logs, metrics
-from gateway.breaker import CircuitBreaker, State
-from gateway.config import ConfigError, Settings
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
-from gateway.inventory import Inventory
-from gateway.keys import ID_PATTERN
-from gateway.limiter import TokenBucket
-from gateway.mode import ModeStore, NoticeWatcher
-from gateway.openapi import render as render_openapi
-from gateway.operators import RefusalLog
-from gateway.responses import MsgspecResponse
-from gateway.routes import create_order, routes
-from gateway.scripts import ScriptRegistry
-from gateway.soldout import SoldOutMemo
-from gateway.store import Client, ClusterMux, Multiplexed, create_client, create_script_client
+from gateway.intake.breaker import CircuitBreaker
+from gateway.intake.limiter import TokenBucket
+from gateway.intake.mode import ModeStore, NoticeWatcher
+from gateway.intake.service import Intake, log_transition
+from gateway.intake.soldout import SoldOutMemo
+from gateway.settings import ConfigError, Settings
+from gateway.store.inventory import Inventory
+from gateway.store.keys import ID_PATTERN
+from gateway.telemetry import logs, metrics
+from gateway.transport.client import (
+    Client,
+    ClusterMux,
+    Multiplexed,
+    create_client,
+    create_script_client,
+)
+from gateway.transport.scripts import ScriptRegistry
+from gateway.web.openapi import render as render_openapi
+from gateway.web.operators import RefusalLog
+from gateway.web.responses import MsgspecResponse
+from gateway.web.routes import create_order, routes
 
 log = logging.getLogger("flashgate")
 
@@ -52,22 +58,29 @@ class Gateway:
     ) -> None:
         self.settings = settings
         self.inventory = Inventory(redis, scripts, settings, fast=fast)
-        self.limiter = TokenBucket(settings.qps, settings.burst, path=settings.bucket_file)
-        self.breaker = CircuitBreaker(
+        breaker = CircuitBreaker(
             rt_ms=settings.breaker_rt_ms,
             slow_ratio=settings.breaker_slow_ratio,
             min_calls=settings.breaker_min_calls,
             window_ms=settings.breaker_window_ms,
             open_s=settings.breaker_open_s,
-            on_transition=_log_transition,
+            on_transition=log_transition,
         )
         metrics.BREAKER_STATE.set(0)  # this worker's series exists from the start
-        self.memo = SoldOutMemo(settings.soldout_recheck_ms / 1000)
+        memo = SoldOutMemo(settings.soldout_recheck_ms / 1000)
         self.modes = ModeStore(redis, scripts)
         self.watcher = NoticeWatcher(
-            redis, self.modes, self.memo, refresh_s=settings.mode_refresh_ms / 1000
+            redis, self.modes, memo, refresh_s=settings.mode_refresh_ms / 1000
         )
-        self._policy = f'"intake";q={max(1, round(settings.qps))};w=1'
+        self.intake = Intake(
+            self.inventory,
+            limiter=TokenBucket(settings.qps, settings.burst, path=settings.bucket_file),
+            breaker=breaker,
+            memo=memo,
+            watcher=self.watcher,
+            qps=settings.qps,
+        )
+        self.breaker = breaker
         # Refused credentials, logged at most once per 10 s per kind (operators.RefusalLog).
         self.admin_refusals = RefusalLog("admin calls (401 unauthorized)")
         self.signature_refusals = RefusalLog("payment signatures (401 bad_signature)")
@@ -79,34 +92,10 @@ class Gateway:
             self._openapi = render_openapi(self.settings)
         return self._openapi
 
-    def rate_limited(self, wait_s: float) -> errors.RateLimited:
-        """429 with Retry-After from the refill and the IETF RateLimit headers."""
-        retry = max(1, math.ceil(wait_s))
-        return errors.RateLimited(
-            retry_after_s=retry,
-            headers={"RateLimit-Policy": self._policy, "RateLimit": f'"intake";r=0;t={retry}'},
-        )
-
-    async def learn_sold_out(self, sku_id: str, promotion_id: str) -> None:
-        """Remember a sold-out SKU, with the accepted shoppers whose replays must still pass."""
-        try:
-            accepted, until_ms = await self.inventory.accepted_since(
-                sku_id, self.memo.accepted_since(sku_id)
-            )
-        except errors.BackendUnavailable:
-            return  # not remembered: the next request asks Redis again
-        self.memo.sold_out(sku_id, promotion_id, accepted, until_ms)
-
     def close(self) -> None:
         self.admin_refusals.flush()
         self.signature_refusals.flush()
-        self.limiter.close()
-
-
-def _log_transition(old: State, new: State) -> None:
-    log.warning("circuit breaker %s -> %s", old.value, new.value)
-    metrics.BREAKER_STATE.set(metrics.BREAKER_CODES[new.value])
-    metrics.BREAKER_TRANSITIONS.labels(new.value).inc()
+        self.intake.limiter.close()
 
 
 def error_response(exc: GatewayError, settings: Settings) -> Response:

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.types import Scope
 
 from gateway import errors
-from gateway.keys import ID_PATTERN
+from gateway.store.keys import ID_PATTERN
 
 log = logging.getLogger("flashgate")
 

@@ -59,7 +59,7 @@ def _lua_dir() -> Path:
     packaged = resources.files("gateway") / "lua"
     if packaged.is_dir():
         return Path(str(packaged))
-    return Path(__file__).resolve().parent.parent / "lua"
+    return Path(__file__).resolve().parents[2] / "lua"
 
 
 class ScriptRegistry:

@@ -30,9 +30,9 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-from gateway.config import Settings
 from gateway.errors import BackendUnavailable
-from gateway.keys import SLOTS
+from gateway.settings import Settings
+from gateway.store.keys import SLOTS
 
 T = TypeVar("T")
 log = logging.getLogger("flashgate")

@@ -15,11 +15,7 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-from gateway import keys
-from gateway.buckets import Layouts, Mover, journal
-from gateway.config import Settings
 from gateway.errors import BackendUnavailable, NotApplied, StockMoving
-from gateway.operators import DEFAULT_OPERATOR
 from gateway.schemas import (
     OrderRequest,
     OrderView,
@@ -28,8 +24,12 @@ from gateway.schemas import (
     SkuSettings,
     SkuView,
 )
-from gateway.scripts import Executor, ScriptRegistry
-from gateway.store import REDIS_FAILURES, Client, NotSent, SlotMoving, acked, call, text
+from gateway.settings import Settings
+from gateway.store import keys
+from gateway.store.buckets import Layouts, Mover, journal
+from gateway.transport.client import REDIS_FAILURES, Client, NotSent, SlotMoving, acked, call, text
+from gateway.transport.scripts import Executor, ScriptRegistry
+from gateway.web.operators import DEFAULT_OPERATOR
 
 log = logging.getLogger("flashgate")
 
