@@ -6,8 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -16,22 +15,10 @@ from redis.asyncio import Redis
 
 from gateway.ops.embedded import free_port, server_binary, wait_for_ping
 from gateway.settings import Settings
-from gateway.store.inventory import Inventory
 from gateway.transport.client import create_client
-from gateway.transport.scripts import ScriptRegistry
 from gateway.web.app import create_app
-
-ADMIN_TOKEN = "test-admin-token"
-
-
-class Clock:
-    """An injected monotonic clock (seconds) that tests move by hand."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.support.api import ADMIN_TOKEN, Client, MakeClient
+from tests.support.state import Clock, audit_breaches
 
 
 @pytest.fixture
@@ -79,12 +66,6 @@ def cluster_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield cluster.url
 
 
-# Tests that take `settings` run on one server; those of a module (or a test) marked
-# `BOTH_BACKENDS` run on one server and on the 3-primary cluster.
-# FLASHGATE_TEST_BACKEND=cluster runs everything on the cluster.
-BOTH_BACKENDS = pytest.mark.both_backends
-
-
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     node = metafunc.definition
     if (
@@ -127,23 +108,6 @@ async def redis(settings: Settings, request: pytest.FixtureRequest) -> AsyncIter
         await client.aclose()
 
 
-async def audit_breaches(client: Redis, settings: Settings) -> dict[str, list[str]]:
-    scripts = ScriptRegistry()
-    await scripts.load_all(client)
-    inventory = Inventory(client, scripts, settings)
-    found: dict[str, list[str]] = {}
-    for sku_id in await inventory.sku_ids():
-        row = await inventory.audit_sku(sku_id)
-        problems = ["registered, no config"] if row is None else row.breaches()
-        if problems:
-            found[sku_id] = problems
-    return found
-
-
-Client = httpx.AsyncClient
-MakeClient = Callable[..., Awaitable[Client]]
-
-
 @pytest.fixture
 async def make_client(redis: Redis, settings: Settings) -> AsyncIterator[MakeClient]:
     """make_client(**setting_overrides) -> an httpx client on a started app."""
@@ -164,40 +128,3 @@ async def make_client(redis: Redis, settings: Settings) -> AsyncIterator[MakeCli
 @pytest.fixture
 async def client(make_client: MakeClient) -> Client:
     return await make_client()
-
-
-ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-async def put_sku(client: Client, sku_id: str = "sku-42", **cfg: Any) -> httpx.Response:
-    body = {"promotion_id": "promo-1", "stock": 10, "per_user_limit": 5, **cfg}
-    return await client.put(f"/api/v1/admin/skus/{sku_id}", json=body, headers=ADMIN)
-
-
-def order_body(**fields: Any) -> dict[str, Any]:
-    return {"user_id": "u1", "sku_id": "sku-42", "quantity": 1, "promotion_id": "promo-1", **fields}
-
-
-async def create(client: Client, key: str | None = None, **fields: Any) -> httpx.Response:
-    headers = {"X-Idempotency-Key": key or str(uuid.uuid4())}
-    return await client.post("/api/v1/order/create", json=order_body(**fields), headers=headers)
-
-
-async def snapshot(redis: Redis) -> dict[bytes, Any]:
-    """Every key with its type and value: to prove a refused request changed nothing."""
-    out: dict[bytes, Any] = {}
-    async for key in redis.scan_iter(count=1000):
-        kind = (await redis.type(key)).decode()
-        if kind == "string":
-            out[key] = await redis.get(key)
-        elif kind == "hash":
-            out[key] = await redis.hgetall(key)
-        elif kind == "zset":
-            out[key] = await redis.zrange(key, 0, -1, withscores=True)
-        elif kind == "set":
-            out[key] = await redis.smembers(key)
-        elif kind == "stream":
-            out[key] = await redis.xrange(key)
-        else:
-            out[key] = kind
-    return out

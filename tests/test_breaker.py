@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.intake.breaker import CircuitBreaker, State
-from tests.conftest import Clock
+from tests.support.state import Clock
 
 
 @pytest.fixture

@@ -24,7 +24,8 @@ from gateway.store.inventory import ConfigureResult, CreateResult, Inventory, Pa
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.finalizer import Finalizer
 from gateway.workers.sweeper import Sweeper
-from tests.conftest import ADMIN, BOTH_BACKENDS, Client, create, put_sku
+from tests.support.api import ADMIN, Client, create, put_sku
+from tests.support.state import BOTH_BACKENDS
 
 pytestmark = BOTH_BACKENDS
 

@@ -27,8 +27,8 @@ from gateway.store import keys
 from gateway.store.inventory import CreateResult, Inventory
 from gateway.transport.client import ClusterMux, create_client, create_script_client
 from gateway.transport.scripts import ScriptRegistry
-from tests.conftest import ADMIN, order_body
-from tests.test_cli import Serve, alive, descendants, flashgate, wait_gone
+from tests.support.api import ADMIN, order_body
+from tests.support.processes import Serve, alive, descendants, flashgate, wait_gone
 
 SECRET = "cluster-payment-secret"
 pytestmark = pytest.mark.integration

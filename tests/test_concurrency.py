@@ -10,7 +10,8 @@ from redis.asyncio import Redis
 
 from gateway.ops.cli import _audit
 from gateway.settings import Settings
-from tests.conftest import ADMIN, BOTH_BACKENDS, Client, create, put_sku
+from tests.support.api import ADMIN, Client, create, put_sku
+from tests.support.state import BOTH_BACKENDS
 
 pytestmark = BOTH_BACKENDS
 

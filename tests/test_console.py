@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import ADMIN, Client, create, put_sku
-from tests.test_cli import Serve, stampede
+from tests.support.api import ADMIN, Client, create, put_sku
+from tests.support.processes import Serve, stampede
 
 
 async def test_the_console_data_needs_the_token_and_adds_up(client: Client) -> None:

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from gateway.ops.embedded import free_port, server_binary, wait_for_ping
 from gateway.settings import ConfigError, Settings
 from gateway.web.app import create_app
-from tests.conftest import ADMIN_TOKEN, create, put_sku
+from tests.support.api import ADMIN_TOKEN, create, put_sku
 
 pytestmark = pytest.mark.integration
 

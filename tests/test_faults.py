@@ -40,9 +40,9 @@ import redis
 from gateway.settings import DEFAULT_BUSY_MESSAGE
 from gateway.store import keys
 from loadtests.verify import Findings, check_records, check_skus, drain
-from tests.conftest import ADMIN
-from tests.faultproxy import FaultProxy
-from tests.test_cli import Serve, descendants, flashgate, server_pid, wait_gone
+from tests.support.api import ADMIN
+from tests.support.faultproxy import FaultProxy
+from tests.support.processes import Serve, descendants, flashgate, server_pid, wait_gone
 
 pytestmark = pytest.mark.integration
 

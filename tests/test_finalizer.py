@@ -21,7 +21,8 @@ from gateway.store.inventory import CreateResult, Inventory, PaymentResult, hist
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.finalizer import Finalizer
 from gateway.workers.sweeper import Sweeper
-from tests.conftest import ADMIN, BOTH_BACKENDS, MakeClient, create, put_sku
+from tests.support.api import ADMIN, MakeClient, create, put_sku
+from tests.support.state import BOTH_BACKENDS
 
 SECRET = "test-payment-secret"
 T0 = 1_800_000_000_000

@@ -8,7 +8,8 @@ import msgspec
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import BOTH_BACKENDS, Client, MakeClient, put_sku, snapshot
+from tests.support.api import Client, MakeClient, put_sku
+from tests.support.state import BOTH_BACKENDS, snapshot
 
 GOOD = b'{"user_id": "u1", "sku_id": "sku-42", "quantity": 1, "promotion_id": "promo-1"}'
 

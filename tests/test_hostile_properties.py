@@ -21,7 +21,8 @@ from redis.asyncio import Redis
 
 from gateway.settings import Settings
 from gateway.web.app import create_app
-from tests.conftest import ADMIN, ADMIN_TOKEN, snapshot
+from tests.support.api import ADMIN, ADMIN_TOKEN
+from tests.support.state import snapshot
 
 SECRET = "prop-secret"
 EXAMPLES = settings(

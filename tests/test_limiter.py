@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.intake.limiter import TokenBucket
-from tests.conftest import Clock
+from tests.support.state import Clock
 
 Make = Callable[..., TokenBucket]
 

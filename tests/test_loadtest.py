@@ -20,7 +20,7 @@ from gateway.ops.embedded import free_port
 from gateway.store import keys
 from loadtests.procs import Serve
 from loadtests.verify import Findings, check_records, check_skus
-from tests.conftest import ADMIN, ADMIN_TOKEN
+from tests.support.api import ADMIN, ADMIN_TOKEN
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ import httpx
 import pytest
 
 from gateway.telemetry.logs import JsonFormatter
-from tests.conftest import ADMIN_TOKEN
-from tests.test_cli import Serve
+from tests.support.api import ADMIN_TOKEN
+from tests.support.processes import Serve
 
 pytestmark = pytest.mark.integration
 

@@ -14,8 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from tests.conftest import ADMIN, BOTH_BACKENDS, Client, MakeClient, create, put_sku
-from tests.test_cli import Serve, descendants, stampede
+from tests.support.api import ADMIN, Client, MakeClient, create, put_sku
+from tests.support.processes import Serve, descendants, stampede
+from tests.support.state import BOTH_BACKENDS
 
 pytestmark = BOTH_BACKENDS
 

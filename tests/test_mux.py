@@ -21,7 +21,7 @@ from redis.exceptions import (
 )
 
 from gateway.transport.client import Multiplexed, NotSent, _encode
-from tests.faultproxy import FaultProxy
+from tests.support.faultproxy import FaultProxy
 
 
 async def test_replies_reach_their_own_callers_under_concurrency(redis_url: str) -> None:

@@ -22,7 +22,7 @@ from gateway.errors import GatewayError
 from gateway.settings import Settings
 from gateway.web import openapi
 from gateway.web.app import ORDER_PATH, create_app
-from tests.conftest import ADMIN, Client, MakeClient, create, put_sku
+from tests.support.api import ADMIN, Client, MakeClient, create, put_sku
 
 SECRET = "openapi-secret"
 METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}

@@ -14,17 +14,8 @@ from redis.asyncio import Redis
 
 from gateway.store import keys
 from gateway.web.operators import RefusalLog
-from tests.conftest import (
-    ADMIN,
-    ADMIN_TOKEN,
-    BOTH_BACKENDS,
-    Client,
-    Clock,
-    MakeClient,
-    create,
-    put_sku,
-    snapshot,
-)
+from tests.support.api import ADMIN, ADMIN_TOKEN, Client, MakeClient, create, put_sku
+from tests.support.state import BOTH_BACKENDS, Clock, snapshot
 
 SWITCH = "/api/v1/order/switch"
 CHANGES = "/api/v1/admin/skus/sku-42/changes"

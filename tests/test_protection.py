@@ -18,8 +18,9 @@ from gateway.settings import DEFAULT_BUSY_MESSAGE, Settings
 from gateway.store import keys
 from gateway.transport.scripts import ScriptRegistry
 from gateway.web.app import create_app
-from tests.conftest import ADMIN, BOTH_BACKENDS, Client, MakeClient, create, put_sku, snapshot
-from tests.faultproxy import FaultProxy
+from tests.support.api import ADMIN, Client, MakeClient, create, put_sku
+from tests.support.faultproxy import FaultProxy
+from tests.support.state import BOTH_BACKENDS, snapshot
 
 SWITCH = "/api/v1/order/switch"
 

@@ -8,16 +8,8 @@ import uuid
 import pytest
 from redis.asyncio import Redis
 
-from tests.conftest import (
-    ADMIN,
-    BOTH_BACKENDS,
-    Client,
-    MakeClient,
-    create,
-    order_body,
-    put_sku,
-    snapshot,
-)
+from tests.support.api import ADMIN, Client, MakeClient, create, order_body, put_sku
+from tests.support.state import BOTH_BACKENDS, snapshot
 
 pytestmark = BOTH_BACKENDS
 

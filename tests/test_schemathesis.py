@@ -26,7 +26,8 @@ from gateway.settings import Settings
 from gateway.transport.client import create_client
 from gateway.web import openapi
 from gateway.web.app import Gateway, create_app
-from tests.conftest import ADMIN, ADMIN_TOKEN, audit_breaches
+from tests.support.api import ADMIN, ADMIN_TOKEN
+from tests.support.state import audit_breaches
 
 T = TypeVar("T")
 SECRET = "fuzz-secret"

@@ -68,7 +68,7 @@ from gateway.transport.client import create_client
 from gateway.transport.scripts import LuaScript, ScriptRegistry
 from gateway.workers.finalizer import Finalizer
 from gateway.workers.sweeper import Sweeper
-from tests.conftest import BOTH_BACKENDS
+from tests.support.state import BOTH_BACKENDS
 
 T = TypeVar("T")
 

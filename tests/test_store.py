@@ -14,8 +14,8 @@ from gateway.settings import Settings
 from gateway.store.inventory import CreateResult, Inventory
 from gateway.transport.client import create_client, create_script_client
 from gateway.transport.scripts import ScriptRegistry
-from tests.conftest import ADMIN, MakeClient, create, put_sku
-from tests.faultproxy import FaultProxy
+from tests.support.api import ADMIN, MakeClient, create, put_sku
+from tests.support.faultproxy import FaultProxy
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from gateway.settings import Settings
 from gateway.store import keys
 from gateway.store.inventory import CreateResult, Inventory, PaymentResult
 from gateway.transport.scripts import ScriptRegistry
-from tests.conftest import BOTH_BACKENDS
+from tests.support.state import BOTH_BACKENDS
 
 T0 = 1_800_000_000_000  # injected server time (ms) so staleness is exact
 STALE_MS = 5000

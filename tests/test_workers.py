@@ -24,8 +24,8 @@ from gateway.store import keys
 from gateway.store.inventory import Inventory
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.finalizer import Finalizer
-from tests.conftest import ADMIN
-from tests.test_cli import Serve, flashgate
+from tests.support.api import ADMIN
+from tests.support.processes import Serve, flashgate
 
 pytestmark = pytest.mark.integration
 

@@ -76,7 +76,7 @@ async def test_created_writes_every_record(inv: Inventory, redis: Redis) -> None
 
 
 async def test_replay_returns_first_answer_and_writes_nothing(inv: Inventory, redis: Redis) -> None:
-    from tests.conftest import snapshot
+    from tests.support.state import snapshot
 
     _, first = await inv.create_order(req(), KEY, now_ms=T0)
     before = await snapshot(redis)
@@ -93,7 +93,7 @@ async def test_replay_returns_first_answer_and_writes_nothing(inv: Inventory, re
 async def test_same_key_different_request_is_refused(
     inv: Inventory, redis: Redis, second: OrderRequest, why: str
 ) -> None:
-    from tests.conftest import snapshot
+    from tests.support.state import snapshot
 
     await inv.configure_sku("sku-2", SkuConfig(promotion_id="p", stock=5, per_user_limit=3))
     await inv.create_order(req(), KEY, now_ms=T0)
@@ -129,7 +129,7 @@ async def test_refusals_leave_no_trace(
     expected: CreateResult,
     payload: bytes,
 ) -> None:
-    from tests.conftest import snapshot
+    from tests.support.state import snapshot
 
     before = await snapshot(redis)
     result, detail = await inv.create_order(request_, KEY, now_ms=now)
