@@ -106,7 +106,7 @@ async def test_bounds_that_are_settings_follow_them(make_client: MakeClient) -> 
 def test_every_route_is_documented(settings: Settings) -> None:
     """A route added without its documentation (or documented and gone) fails here."""
     app = create_app(settings)
-    served = {(ORDER_PATH, "post")}  # the bare handler in front of Starlette (app.GatewayApp)
+    served = {(ORDER_PATH, "post")}  # the bare handler in front of Starlette (front.GatewayApp)
     for route in app.routes:
         assert isinstance(route, Route), route
         assert route.methods, route.path
