@@ -1,4 +1,7 @@
-"""The error hierarchy and the single error -> HTTP mapping (`{"error": CODE, "message": TEXT}`)."""
+"""The error hierarchy and, beside it, the single error -> HTTP mapping: the status is the
+class's, the body `{"error": CODE, "message": TEXT, ...detail}` (`error_body`), the headers
+the error's own plus Retry-After on every 429 and 503 (`error_headers`). The web layer only
+turns these into a response; intake and store raise the errors and know no HTTP."""
 
 from __future__ import annotations
 
@@ -134,3 +137,24 @@ class AdminDisabled(GatewayError):
 class PaymentsDisabled(GatewayError):
     status, code = 503, "payments_disabled"
     default_message = "payment confirmation is disabled: FLASHGATE_PAYMENT_SECRET is not set"
+
+
+RETRY_AFTER_STATUSES = (429, 503)  # every answer with one of these carries Retry-After
+
+
+def error_body(exc: GatewayError, busy_message: str) -> dict[str, Any]:
+    """The JSON body of an error: code, message, detail fields. An overload answer's message
+    is the shopper's `busy_message` (a setting), whatever the error says."""
+    body: dict[str, Any] = {"error": exc.code, "message": exc.message, **exc.extra}
+    if exc.overload:
+        body["message"] = busy_message
+    return body
+
+
+def error_headers(exc: GatewayError) -> dict[str, str]:
+    """The headers of an error: its own, and `Retry-After` in whole seconds (at least 1) on
+    every 429 and 503."""
+    headers = dict(exc.headers)
+    if exc.status in RETRY_AFTER_STATUSES:
+        headers["Retry-After"] = str(max(1, exc.retry_after_s or 1))
+    return headers

@@ -1,6 +1,6 @@
 """msgspec schemas for every body the gateway reads or writes; one Encoder/Decoder per type.
 
-They are also the source of the OpenAPI document (`gateway/openapi.py`): a field changed here is
+They are also the source of the OpenAPI document (`web/openapi.py`): a field changed here is
 changed there."""
 
 from __future__ import annotations

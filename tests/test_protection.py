@@ -262,7 +262,7 @@ class TestSwitch:
         # Polling slowed down (after the poll already waiting is over) so that only the
         # published notice can be this fast.
         for w in workers:
-            w._transport.app.state.gateway.watcher.refresh_s = 60  # type: ignore[attr-defined]
+            w._transport.app.state.services.watcher.refresh_s = 60  # type: ignore[attr-defined]
         await asyncio.sleep(0.6)
         await workers[0].post(SWITCH, params={"mode": "QUEUE_ONLY"}, headers=ADMIN)
 
@@ -341,7 +341,7 @@ async def test_stock_still_moving_does_not_open_the_breaker(make_client: MakeCli
 
     c = await make_client(breaker_min_calls=3)
     await put_sku(c)
-    gw = c._transport.app.state.gateway  # type: ignore[attr-defined]
+    gw = c._transport.app.state.services  # type: ignore[attr-defined]
 
     async def moving(*_: object, **__: object) -> tuple[object, bytes]:
         raise StockMoving()

@@ -24,8 +24,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.settings import Settings
 from gateway.transport.client import create_client
-from gateway.web import openapi
-from gateway.web.app import Gateway, create_app
+from gateway.web.app import create_app
+from gateway.web.services import Services
 from tests.support.api import ADMIN, ADMIN_TOKEN
 from tests.support.state import audit_breaches
 
@@ -111,7 +111,9 @@ def fuzz_settings(redis_url: str = "") -> Settings:
 
 # Loaded at import for `parametrize` (schemathesis' fixture-loaded schemas do not run under
 # pytest 9); the `app` fixture checks that the app serves this very document.
-schema = schemathesis.openapi.from_dict(openapi.build(fuzz_settings()), config=CONFIG)
+schema = schemathesis.openapi.from_dict(
+    create_app(fuzz_settings()).state.document.build(), config=CONFIG
+)
 
 
 async def _seed(settings: Settings) -> None:
@@ -167,7 +169,7 @@ def test_linked_flows_conform_to_the_document(app: ASGIApp, redis_url: str) -> N
     server, so that the same draws meet the same answers (Hypothesis replays them)."""
     flush = SyncRedis.from_url(redis_url)
     assert isinstance(app, SignPayments)
-    gateway: Gateway = app.app.state.gateway  # type: ignore[attr-defined]
+    gateway: Services = app.app.state.services  # type: ignore[attr-defined]
 
     class Flows(schema.include(operation_id=LINKED).as_state_machine()):  # type: ignore[misc]
         def setup(self) -> None:

@@ -98,10 +98,10 @@ async def test_http_answer_when_redis_is_gone(
     await put_sku(c)
     proxy = FaultProxy(settings.redis_url or "", mode="reset")
     async with proxy as url:
-        from gateway.web.app import Gateway
+        from gateway.web.services import Services
 
         app = c._transport.app  # type: ignore[attr-defined]
-        gw: Gateway = app.state.gateway
+        gw: Services = app.state.services
         live = gw.intake.inventory
         gw.intake.inventory = inventory_on(url, live.scripts, settings, kind)
         r = await create(c)

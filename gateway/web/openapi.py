@@ -1,6 +1,7 @@
-"""The OpenAPI 3.1 document of `GET /openapi.json`, built from the msgspec Structs the gateway
+"""The OpenAPI 3.1 document of `GET /openapi.json`, built from the route declarations
+(`routing.Operation`: body, answers, raised errors), the msgspec Structs the gateway
 validates and encodes with (`schemas.py`, `mode.py`) and the error classes (`errors.py`), so
-a field, a bound or an error code cannot change in one place only. `tests/test_openapi.py`
+a route, a field, a bound or an error code cannot change in one place only. `tests/test_openapi.py`
 checks it against the OpenAPI 3.1 schema, the app's routes and `errors.py`, and schemathesis
 checks the app's answers against it."""
 
@@ -21,7 +22,6 @@ from gateway.schemas import (
     ErrorBody,
     Health,
     Id,
-    IdempotencyKey,
     OrderAccepted,
     OrderRequest,
     OrderTransition,
@@ -34,10 +34,22 @@ from gateway.schemas import (
     SkuView,
 )
 from gateway.settings import Settings
-from gateway.store.keys import ORDER_ID_PATTERN
 from gateway.web.protocol import HEAD_TOO_LARGE, MALFORMED, TOO_SLOW
+from gateway.web.routing import (
+    ADMIN,
+    HEALTH,
+    OPERATOR,
+    PAYMENT,
+    SHOPPER,
+    SIGNATURE,
+    Answer,
+    Json,
+    Operation,
+    PathItem,
+    header_parameter,
+    schema_of,
+)
 
-Json = dict[str, Any]
 REF = "#/components/schemas/{name}"
 STRUCTS = (
     OrderRequest,
@@ -63,26 +75,23 @@ RAW_LISTS: dict[tuple[str, str], str] = {
     ("ModeView", "history"): "ModeSwitch",
     ("ConsoleView", "history"): "ModeSwitch",
 }
-# Answered by the HTTP layer (`gateway/http.py`) to any request, before routing.
+# Answered by the HTTP layer (`web/protocol.py`) to any request, before routing.
 HTTP_LAYER: dict[int, Json] = {
     status: msgspec.json.decode(body) for status, body in (MALFORMED, TOO_SLOW, HEAD_TOO_LARGE)
 }
 # Answered by routing, not by an operation: a path no route matches, a method a path lacks.
 ROUTING_ERRORS = (errors.NotFound, errors.MethodNotAllowed)
 
-SHOPPER, PAYMENT, OPERATOR, HEALTH = "shopper", "payment provider", "operator", "health"
-ADMIN_SECURITY: list[Json] = [{"adminToken": []}]
-OVERLOAD = (errors.RateLimited, errors.BreakerOpen, errors.QueueFull, errors.BackendUnavailable)
+ADMIN_SECURITY: list[Json] = [{ADMIN: []}]
+OPERATOR_HEADER = header_parameter(
+    "X-Operator",
+    schema_of(Id),
+    "who makes the call (self-declared; recorded with admin changes); default `operator`",
+)
 
 
 def ref(name: str) -> Json:
     return {"$ref": REF.format(name=name)}
-
-
-def _schema(type_: Any) -> Json:
-    """The JSON Schema of an annotated type (no components)."""
-    schema: Json = msgspec.json.schema(type_)
-    return schema
 
 
 def _components(settings: Settings) -> Json:
@@ -98,14 +107,10 @@ def _error_schema(codes: list[str]) -> Json:
     return {"allOf": [ref("ErrorBody"), {"properties": {"error": {"enum": codes}}}]}
 
 
-def _integer_header(description: str) -> Json:
-    return {"description": description, "schema": {"type": "integer", "minimum": 1}}
-
-
-RETRY_AFTER = _integer_header("seconds to wait before trying again")
-REPLAYED = {
-    "description": "`true` when this is the first answer again (same key or payment_id)",
-    "schema": {"type": "string", "enum": ["true"]},
+RETRY_AFTER = {
+    "description": "seconds to wait before trying again",
+    "schema": {"type": "integer", "minimum": 1},
+    "required": True,
 }
 
 
@@ -114,7 +119,8 @@ def _json(schema: Json) -> Json:
 
 
 def error_responses(classes: Iterable[type[GatewayError]], settings: Settings) -> Json:
-    """One response per status, its `error` an enum of the codes answered with it."""
+    """One response per status, its `error` an enum of the codes answered with it, then the
+    HTTP layer's answers to any request."""
     by_status: dict[int, list[type[GatewayError]]] = {}
     for cls in classes:
         by_status.setdefault(cls.status, []).append(cls)
@@ -129,8 +135,8 @@ def error_responses(classes: Iterable[type[GatewayError]], settings: Settings) -
             "content": _json(_error_schema([cls.code for cls in group])),
         }
         headers: Json = {}
-        if status in (429, 503):
-            headers["Retry-After"] = {**RETRY_AFTER, "required": True}
+        if status in errors.RETRY_AFTER_STATUSES:
+            headers["Retry-After"] = RETRY_AFTER
         if status == 429:
             headers["RateLimit-Policy"] = {"schema": {"type": "string"}}
             headers["RateLimit"] = {"schema": {"type": "string"}}
@@ -150,306 +156,50 @@ def error_responses(classes: Iterable[type[GatewayError]], settings: Settings) -
     return out
 
 
-def _ok(
-    status: int,
-    schema: str,
-    description: str,
-    headers: Json | None = None,
-    links: Json | None = None,
-) -> Json:
-    response: Json = {"description": description, "content": _json(ref(schema))}
-    if headers:
-        response["headers"] = headers
-    if links:
-        response["links"] = links
-    return {str(status): response}
-
-
-# Where an answer's ids lead (OpenAPI links; schemathesis follows them in its stateful test).
-ORDER_LINKS = {
-    "GetOrder": {"operationId": "getOrder", "parameters": {"order_id": "$response.body#/order_id"}},
-    "ConfirmPayment": {
-        "operationId": "confirmPayment",
-        "requestBody": {"order_id": "$response.body#/order_id"},
-    },
-}
-SKU_LINKS = {
-    "GetSku": {"operationId": "getSku", "parameters": {"sku_id": "$request.path.sku_id"}},
-    "GetSkuChanges": {
-        "operationId": "getSkuChanges",
-        "parameters": {"sku_id": "$request.path.sku_id"},
-    },
-    "CreateOrder": {
-        "operationId": "createOrder",
-        "requestBody": {
-            "sku_id": "$request.path.sku_id",
-            "promotion_id": "$response.body#/promotion_id",
-        },
-    },
-}
-
-
-def _header(name: str, schema: Json, description: str, *, required: bool = False) -> Json:
-    return {
-        "name": name,
-        "in": "header",
-        "required": required,
-        "schema": schema,
-        "description": description,
-    }
-
-
-OPERATOR_HEADER = _header(
-    "X-Operator",
-    _schema(Id),
-    "who makes the call (self-declared; recorded with admin changes); default `operator`",
-)
-SKU_ID = {
-    "name": "sku_id",
-    "in": "path",
-    "required": True,
-    "schema": _schema(Id),
-    "example": "sku-42",
-}
-ORDER_ID_EXAMPLE = "x3kq7m2a4b6c5d2e4f6g7h2j3n.sku-42"
-
-
-def _admin(op: Json, *extra: type[GatewayError], settings: Settings) -> Json:
-    """An operator endpoint: bearer token, optional X-Operator, the errors every one has."""
-    classes: tuple[type[GatewayError], ...] = (
-        errors.InvalidRequest,
-        errors.Unauthorized,
-        *extra,
-        errors.AdminDisabled,
-        errors.BackendUnavailable,
-    )
-    op["tags"] = [OPERATOR]
-    op["security"] = ADMIN_SECURITY
-    op["parameters"] = [*op.get("parameters", []), OPERATOR_HEADER]
-    op["responses"] = {**op["responses"], **error_responses(classes, settings)}
-    return op
-
-
-def _body(schema: str, example: Json) -> Json:
-    return {
-        "required": True,
-        "content": {"application/json": {"schema": ref(schema), "example": example}},
-    }
-
-
-def _paths(settings: Settings) -> Json:
-    def errs(*classes: type[GatewayError]) -> Json:
-        return error_responses(classes, settings)
-
-    create = {
-        "tags": [SHOPPER],
-        "operationId": "createOrder",
-        "summary": "Hold stock for one order (NORMAL) or queue it (QUEUE_ONLY)",
-        "description": (
-            "The same user, key and request again answers the first `202` byte for byte with "
-            "`Idempotent-Replayed: true`. The key may also be sent as `Idempotency-Key`, and "
-            'quoted (`"<uuid>"`). Content-Type is not enforced.'
-        ),
-        "parameters": [
-            _header(
-                "X-Idempotency-Key",
-                _schema(IdempotencyKey),
-                "a UUID (v4 expected); scope: the user",
-                required=True,
-            )
-            | {"example": "3f2b8c1e-9d4a-4c6b-8e2f-1a7d5c9b0e34"}
-        ],
-        "requestBody": _body(
-            "OrderRequest",
-            {"user_id": "u123", "sku_id": "sku-42", "quantity": 1, "promotion_id": "promo-1111"},
-        ),
-        "responses": {
-            **_ok(
-                202,
-                "OrderAccepted",
-                "held or queued",
-                {"Idempotent-Replayed": REPLAYED},
-                ORDER_LINKS,
-            ),
-            **errs(
-                errors.InvalidRequest,
-                errors.SaleNotActive,
-                errors.UnknownSku,
-                errors.SoldOut,
-                errors.LimitExceeded,
-                errors.KeyInUse,
-                errors.PayloadTooLarge,
-                errors.KeyReused,
-                *OVERLOAD,
-            ),
-        },
-    }
-    get_order = {
-        "tags": [SHOPPER],
-        "operationId": "getOrder",
-        "summary": "An order's status and history",
-        "parameters": [
-            {
-                "name": "order_id",
-                "in": "path",
-                "required": True,
-                "schema": {"type": "string", "pattern": ORDER_ID_PATTERN},
-                "example": ORDER_ID_EXAMPLE,
-            }
-        ],
-        "responses": {
-            **_ok(200, "OrderView", "the order"),
-            **errs(errors.UnknownOrder, errors.NotFound, errors.BackendUnavailable),
-        },
-    }
-    confirm = {
-        "tags": [PAYMENT],
-        "operationId": "confirmPayment",
-        "summary": "Record a payment; a finalizer then confirms the order",
-        "security": [{"paymentSignature": []}],
-        "requestBody": _body(
-            "PaymentConfirmation", {"order_id": ORDER_ID_EXAMPLE, "payment_id": "pay-7781"}
-        ),
-        "responses": {
-            **_ok(
-                202,
-                "PaymentAccepted",
-                "recorded",
-                {"Idempotent-Replayed": REPLAYED},
-                {"GetOrder": ORDER_LINKS["GetOrder"]},
-            ),
-            **errs(
-                errors.InvalidRequest,
-                errors.BadSignature,
-                errors.UnknownOrder,
-                errors.PaymentReused,
-                errors.PayloadTooLarge,
-                errors.PaymentsDisabled,
-                errors.BackendUnavailable,
-            ),
-        },
-    }
-    get_switch = {
-        "operationId": "getMode",
-        "summary": "The intake mode and its last 20 switches, newest first",
-        "responses": _ok(200, "ModeView", "the mode"),
-    }
-    post_switch = {
-        "operationId": "switchMode",
-        "summary": "Switch the intake mode; every gateway applies it within 1 s",
-        "parameters": [
-            {
-                "name": "mode",
-                "in": "query",
-                "required": True,
-                "schema": {"type": "string", "enum": ["QUEUE_ONLY", "NORMAL"]},
-            }
-        ],
-        "responses": _ok(200, "ModeView", "the mode after the switch"),
-    }
-    put_sku = {
-        "operationId": "configureSku",
-        "summary": "Create or change a SKU; the change is recorded in its change log",
-        "parameters": [SKU_ID],
-        "requestBody": _body(
-            "SkuConfig", {"promotion_id": "promo-1111", "stock": 100, "per_user_limit": 2}
-        ),
-        "responses": {
-            **_ok(200, "SkuView", "updated", links=SKU_LINKS),
-            **_ok(201, "SkuView", "created", links=SKU_LINKS),
-        },
-    }
-    get_sku = {
-        "operationId": "getSku",
-        "summary": "A SKU's figures: stock == available + held + sold",
-        "parameters": [SKU_ID],
-        "responses": _ok(200, "SkuView", "the SKU"),
-    }
-    changes = {
-        "operationId": "getSkuChanges",
-        "summary": "A SKU's configuration changes, newest first",
-        "parameters": [
-            SKU_ID,
-            {
-                "name": "limit",
-                "in": "query",
-                "required": False,
-                "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20},
-            },
-        ],
-        "responses": _ok(200, "SkuChanges", "the changes"),
-    }
-    health = {
-        "tags": [HEALTH],
-        "operationId": "healthz",
-        "summary": "The process runs (never touches Redis)",
-        "responses": {**_ok(200, "Health", "alive"), **errs()},
-    }
-    ready = {
-        "tags": [HEALTH],
-        "operationId": "readyz",
-        "summary": "Redis answers and every script is loaded",
-        "responses": {
-            **_ok(200, "Readiness", "ready"),
-            **errs(errors.BackendUnavailable),
-        },
-    }
-    console_view = {
-        "operationId": "getConsoleView",
-        "summary": "What the ops console shows: mode, switches, this worker's breaker, SKUs",
-        "responses": _ok(200, "ConsoleView", "the console's figures"),
-    }
-
-    def unversioned(operation_id: str, summary: str, description: str, content: Json) -> Json:
-        """An endpoint outside /api/v1 that answers 200 with `content` or the common errors."""
-        return {
-            "tags": [HEALTH],
-            "operationId": operation_id,
-            "summary": summary,
-            "responses": {"200": {"description": description, "content": content}, **errs()},
+def _answers(answers: Iterable[Answer]) -> Json:
+    out: Json = {}
+    for answer in answers:
+        schema = ref(answer.body.__name__) if isinstance(answer.body, type) else answer.body
+        response: Json = {
+            "description": answer.description,
+            "content": {answer.media_type: {"schema": schema}},
         }
+        if answer.headers:
+            response["headers"] = answer.headers
+        if answer.links:
+            response["links"] = answer.links
+        out[str(answer.status)] = response
+    return out
 
-    text = {"schema": {"type": "string"}}
-    console_page = unversioned(
-        "console",
-        "The ops console page (asks for the admin token; no data of its own)",
-        "HTML",
-        {"text/html": text},
-    )
-    prometheus = unversioned(
-        "metrics",
-        "Prometheus text: every worker's counts and what Redis holds now",
-        "Prometheus text exposition format",
-        {"text/plain": text},
-    )
-    document = unversioned("openapi", "This document", "OpenAPI 3.1", _json({"type": "object"}))
+
+def operation(op: Operation, settings: Settings) -> Json:
+    """One operation object. An operator endpoint (`security=ADMIN`) has its tag, security
+    and `X-Operator` parameter after its responses."""
+    admin = op.security == ADMIN
+    out: Json = {} if admin else {"tags": [op.tag]}
+    out["operationId"] = op.operation_id
+    out["summary"] = op.summary
+    if op.description:
+        out["description"] = op.description
+    if op.security and not admin:
+        out["security"] = [{op.security: []}]
+    if op.parameters:
+        out["parameters"] = [*op.parameters, *([OPERATOR_HEADER] if admin else [])]
+    if op.body is not None:
+        content = {"schema": ref(op.body.__name__), "example": op.example}
+        out["requestBody"] = {"required": True, "content": {"application/json": content}}
+    out["responses"] = {**_answers(op.answers), **error_responses(op.raises, settings)}
+    if admin:
+        out["tags"] = [OPERATOR]
+        out["security"] = ADMIN_SECURITY
+        out.setdefault("parameters", [OPERATOR_HEADER])
+    return out
+
+
+def _paths(items: Iterable[PathItem], settings: Settings) -> Json:
     return {
-        "/api/v1/order/create": {"post": create},
-        "/api/v1/order/switch": {
-            "get": _admin(get_switch, settings=settings),
-            "post": _admin(post_switch, settings=settings),
-        },
-        "/api/v1/order/{order_id}": {"get": get_order},
-        "/api/v1/payment/confirm": {"post": confirm},
-        "/api/v1/admin/skus/{sku_id}": {
-            "put": _admin(
-                put_sku,
-                errors.StockBelowCommitted,
-                errors.BucketsFixed,
-                errors.PayloadTooLarge,
-                settings=settings,
-            ),
-            "get": _admin(get_sku, errors.UnknownSku, settings=settings),
-        },
-        "/api/v1/admin/skus/{sku_id}/changes": {
-            "get": _admin(changes, errors.UnknownSku, settings=settings),
-        },
-        "/healthz": {"get": health},
-        "/readyz": {"get": ready},
-        "/openapi.json": {"get": document},
-        "/metrics": {"get": prometheus},
-        "/console": {"get": console_page},
-        "/api/v1/admin/console": {"get": _admin(console_view, settings=settings)},
+        item.path: {op.method.lower(): operation(op, settings) for op in item.operations}
+        for item in items
     }
 
 
@@ -466,8 +216,8 @@ def _ecma_patterns(node: Any) -> None:
             _ecma_patterns(value)
 
 
-def build(settings: Settings) -> Json:
-    """The document as a dict."""
+def build(settings: Settings, items: Iterable[PathItem]) -> Json:
+    """The document of the declared paths (`routing.PathItem`), in their order, as a dict."""
     doc: Json = {
         "openapi": "3.1.0",
         "info": {
@@ -484,7 +234,7 @@ def build(settings: Settings) -> Json:
             ),
         },
         "tags": [{"name": name} for name in (SHOPPER, PAYMENT, OPERATOR, HEALTH)],
-        "paths": _paths(settings),
+        "paths": _paths(items, settings),
         "components": {
             "schemas": _components(settings),
             "responses": {
@@ -495,12 +245,12 @@ def build(settings: Settings) -> Json:
                 for cls in ROUTING_ERRORS
             },
             "securitySchemes": {
-                "adminToken": {
+                ADMIN: {
                     "type": "http",
                     "scheme": "bearer",
                     "description": "FLASHGATE_ADMIN_TOKEN; unset: `503 admin_disabled`",
                 },
-                "paymentSignature": {
+                SIGNATURE: {
                     "type": "apiKey",
                     "in": "header",
                     "name": "X-Signature",
@@ -517,6 +267,25 @@ def build(settings: Settings) -> Json:
     return doc
 
 
-def render(settings: Settings) -> bytes:
-    """The document as JSON bytes, built once per app (`Gateway.openapi`)."""
-    return msgspec.json.encode(build(settings))
+def render(settings: Settings, items: Iterable[PathItem]) -> bytes:
+    """The document as JSON bytes."""
+    return msgspec.json.encode(build(settings, items))
+
+
+class Document:
+    """The document an app serves: built from its declared paths on first use, then the
+    same bytes. `items` is set by `create_app` once every route exists (the document's own
+    route among them)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.items: list[PathItem] = []
+        self._bytes: bytes | None = None
+
+    def build(self) -> Json:
+        return build(self.settings, self.items)
+
+    def __call__(self) -> bytes:
+        if self._bytes is None:
+            self._bytes = render(self.settings, self.items)
+        return self._bytes

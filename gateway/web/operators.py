@@ -1,5 +1,5 @@
-"""Who made an operator change, the log line of each change, and the rate-limited log of
-refused credentials.
+"""The admin token check, who made an operator change, the log line of each change, and the
+rate-limited log of refused credentials.
 
 With one shared admin token, the operator's name (`X-Operator`, default "operator") is
 self-declared: it tells honest operators apart, it proves nothing. The client address is the
@@ -9,6 +9,7 @@ proxy's address. Neither the token nor any header other than `X-Operator` is eve
 
 from __future__ import annotations
 
+import hmac
 import logging
 import re
 import time
@@ -54,6 +55,29 @@ def operator_of(request: Request) -> Operator:
     if not _ID.match(name):
         raise errors.InvalidRequest("X-Operator must be 1-64 characters of [A-Za-z0-9_.:-]")
     return Operator(name, client_address(request.scope))
+
+
+def require_admin(request: Request, token: str | None, refusals: RefusalLog) -> Operator:
+    """Bearer token check in constant time; admin is off (503) when no token is set. Returns
+    who is calling (`X-Operator`, self-declared, and the peer address); a malformed
+    `X-Operator` is `400`, after the token check. A refusal is counted in `refusals`."""
+    if not token:
+        raise errors.AdminDisabled()
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    ok = scheme.lower() == "bearer" and hmac.compare_digest(
+        given.strip().encode("utf-8", "surrogateescape"), token.encode("utf-8")
+    )
+    if not ok:
+        refusals.refused(client_address(request.scope))
+        raise errors.Unauthorized(headers={"WWW-Authenticate": 'Bearer realm="flashgate"'})
+    return operator_of(request)
+
+
+# What every operator endpoint can answer besides its own errors: a malformed X-Operator,
+# a wrong token, admin off, Redis down. `admin_raises(*own)` in a route declaration.
+def admin_raises(*own: type[errors.GatewayError]) -> tuple[type[errors.GatewayError], ...]:
+    return (errors.InvalidRequest, errors.Unauthorized, *own, errors.AdminDisabled,
+            errors.BackendUnavailable)  # fmt: skip
 
 
 def log_change(op: Operator, what: str, **values: object) -> None:

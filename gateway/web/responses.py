@@ -1,12 +1,19 @@
-"""Response classes: msgspec-encoded JSON and pre-rendered JSON bytes."""
+"""Response classes (msgspec-encoded JSON, pre-rendered JSON bytes) and the response of a
+`GatewayError`, from its mapping in `errors.py`."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from starlette.responses import Response
 
+from gateway.errors import GatewayError, error_body, error_headers
 from gateway.schemas import encoder
+
+log = logging.getLogger("flashgate")
+
+REPLAYED_HEADERS = {"Idempotent-Replayed": "true"}  # an idempotent replay's answer
 
 
 class MsgspecResponse(Response):
@@ -20,3 +27,18 @@ class RawJSONResponse(Response):
     """JSON that is already bytes (the stored answer of an order), sent as is."""
 
     media_type = "application/json"
+
+
+def error_response(exc: GatewayError, busy_message: str) -> Response:
+    """The answer to a `GatewayError` (`errors.error_body`, `errors.error_headers`)."""
+    return MsgspecResponse(
+        error_body(exc, busy_message), status_code=exc.status, headers=error_headers(exc)
+    )
+
+
+def internal_error(method: str, path: str) -> Response:
+    """500 for an exception nothing expected (logged with its traceback, never shown)."""
+    log.exception("unhandled error on %s %s", method, path)
+    return MsgspecResponse(
+        {"error": "internal_error", "message": "internal error"}, status_code=500
+    )
