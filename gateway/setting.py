@@ -33,6 +33,10 @@ class Setting:
     def flag(self) -> str:
         return "--" + self.name.replace("_", "-")
 
+    @property
+    def default_text(self) -> str:
+        return "unset" if self.default is None else text_of(self.default)
+
     def accepts(self) -> str:
         """The values it takes, in words ("an integer >= 1", "mux or pool")."""
         if self.kind is bool:
@@ -115,7 +119,7 @@ def reference_page(settings: Iterable[Setting]) -> str:
     """`docs/reference/settings.md`: the settings table, in Markdown."""
     rows = []
     for s in settings:
-        default = "unset" if s.default is None else f"`{text_of(s.default)}`"
+        default = "unset" if s.default is None else f"`{s.default_text}`"
         accepts = s.accepts() + ("; secret: never shown" if s.secret else "")
         cells = (f"`{s.env}`", f"`{s.flag}`", default, accepts, s.description)
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n")
