@@ -1,124 +1,270 @@
-"""Settings: one frozen dataclass, read from the environment (env > .env > default)."""
+"""Settings: one declaration, read from the environment (env > .env > default).
+
+Each field of `Settings` declares one setting whole: its name, its type with bounds or choices
+(`Annotated[int, Meta(ge=1)]`, `Literal[...]`), its default and its description (unit
+included) in `Meta(description=...)`. `SETTINGS` reads these declarations once; from them come
+the environment variables (`FLASHGATE_` + the upper-case name, unless `Meta(extra={"env": ...})`
+names another), the command-line flags (`gateway/ops/cli.py`), the error messages and
+`docs/reference/settings.md` (`python -m gateway.settings --markdown`).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_type_hints
 
-PREFIX = "FLASHGATE_"
+import msgspec
+from msgspec import Meta
+
+from gateway.setting import declare, reference_page, text_of
+
 DEFAULT_BUSY_MESSAGE = "活动火爆,请稍后再试"
-
-# Settings whose environment name is not PREFIX + upper-case field name.
-_ENV_NAMES = {"redis_url": "REDIS_URL"}
 
 
 class ConfigError(ValueError):
     """A setting has a value that cannot be used; the message names the variable."""
 
 
-_CHOICES: dict[str, tuple[object, ...]] = {
-    "redis_client": ("mux", "pool"),
-    "appendfsync": ("everysec", "always"),
-    "waitaof_local": (0, 1),
-    "log_format": ("json", "text"),
-}
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
     """Everything the gateway, finalizer, sweeper and CLI read. Times carry their unit."""
 
-    redis_url: str | None = None
-    redis_cluster: bool = False
-    redis_timeout_ms: int = 1000
-    redis_max_connections: int = 64
-    claim_stale_ms: int = 5000  # cluster mode: an idempotency claim this old may be abandoned
-    redis_client: str = "mux"  # the order path's client: "mux" (one pipelined connection) or "pool"
+    redis_url: Annotated[
+        str | None,
+        Meta(
+            description="`redis://`, `rediss://` or `unix://` URL of Redis >= 7 / Valkey >= 7.2;"
+            " unset: the embedded server",
+            extra={"env": "REDIS_URL"},
+        ),
+    ] = None
+    redis_cluster: Annotated[
+        bool,
+        Meta(
+            description="`1`: `REDIS_URL` (`redis://` or `rediss://`) names any node of a"
+            " Redis/Valkey Cluster; the others are found from it (README, Redis Cluster)"
+        ),
+    ] = False
+    redis_timeout_ms: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="deadline of one Redis call in milliseconds, connect and pool wait"
+            " included; no automatic retry",
+        ),
+    ] = 1000
+    redis_max_connections: Annotated[
+        int,
+        Meta(ge=1, description="pool connections per process (reads, admin, finalizer, sweeper)"),
+    ] = 64
+    claim_stale_ms: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="cluster mode: age in milliseconds after which an idempotency claim"
+            " whose request never finished (its gateway died between the two slots) is"
+            " recovered by the next request with that key; also the age after which the"
+            " sweeper completes a stock transfer between buckets left halfway",
+        ),
+    ] = 5000
+    redis_client: Annotated[
+        Literal["mux", "pool"],
+        Meta(
+            description="the order path's client: `mux`, one pipelined connection per"
+            " process, or `pool`, redis-py's pool (README, The Redis client)"
+        ),
+    ] = "mux"
     # durability of an accepted order or payment before its 202 (README "Durability")
-    appendfsync: str = "everysec"  # the embedded server's: "everysec" or "always"
-    waitaof_local: int = 0  # 1: WAITAOF for the local AOF on disk
-    waitaof_replicas: int = 0  # N: WAITAOF for the AOF of N replicas
+    appendfsync: Annotated[
+        Literal["everysec", "always"],
+        Meta(description="the embedded server's `appendfsync` (README, Durability)"),
+    ] = "everysec"
+    waitaof_local: Annotated[
+        Literal[0, 1],
+        Meta(
+            description="`1`: an order's or payment's `202` waits until it is in the server's"
+            " AOF on disk (`WAITAOF`, Redis/Valkey >= 7.2, AOF on)"
+        ),
+    ] = 0
+    waitaof_replicas: Annotated[
+        int,
+        Meta(ge=0, description="N: the `202` waits until N replicas have it in their AOF"),
+    ] = 0
     # the secrets: never in a repr, so never in a log line or a traceback
-    admin_token: str | None = dataclasses.field(default=None, repr=False)
-    payment_secret: str | None = dataclasses.field(default=None, repr=False)
-    hold_ttl_s: int = 900
-    idempotency_ttl_s: int = 86_400
-    qps: float = 5000.0
-    burst: int = 1000
-    breaker_rt_ms: int = 800
-    breaker_slow_ratio: float = 0.5
-    breaker_min_calls: int = 5
-    breaker_window_ms: int = 1000
-    breaker_open_s: float = 10.0
-    max_quantity: int = 100
-    max_body_bytes: int = 4096
-    client_timeout_s: float = 10.0  # a request's head and body must arrive within it (408)
-    queue_max: int = 50_000
-    mode_refresh_ms: int = 500
-    soldout_recheck_ms: int = 1000
-    bucket_file: str | None = None
-    finalizer_batch: int = 200
-    finalizer_block_ms: int = 1000
-    finalizer_claim_idle_ms: int = 30_000
-    finalizer_max_deliveries: int = 5
-    sweep_interval_ms: int = 1000
-    sweep_batch: int = 100
-    busy_message: str = DEFAULT_BUSY_MESSAGE
-    data_dir: str = ".flashgate"
-    host: str = "127.0.0.1"
-    port: int = 8080
-    workers: int = 1
-    access_log: bool = False
-    log_level: str = "info"
-    log_format: str = "json"  # one JSON object per line, or "text" (gateway/logs.py)
+    admin_token: Annotated[
+        str | None,
+        Meta(
+            description="bearer token of the admin endpoints; unset: they answer"
+            " `503 admin_disabled`"
+        ),
+    ] = dataclasses.field(default=None, repr=False)
+    payment_secret: Annotated[
+        str | None,
+        Meta(
+            description="HMAC-SHA256 secret shared with the payment provider; unset:"
+            " `503 payments_disabled`"
+        ),
+    ] = dataclasses.field(default=None, repr=False)
+    hold_ttl_s: Annotated[
+        int, Meta(ge=1, description="how long an unpaid hold keeps its stock, in seconds")
+    ] = 900
+    idempotency_ttl_s: Annotated[
+        int,
+        Meta(
+            ge=1, description="how long a `202` is replayed for the same user and key, in seconds"
+        ),
+    ] = 86_400
+    qps: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="token-bucket refill in orders per second, per gateway instance (all"
+            " its workers together)",
+        ),
+    ] = 5000.0
+    burst: Annotated[
+        int, Meta(ge=1, description="token-bucket capacity in orders; the bucket starts full")
+    ] = 1000
+    breaker_rt_ms: Annotated[
+        int, Meta(ge=1, description="slow-call threshold of the circuit breaker, in milliseconds")
+    ] = 800
+    breaker_slow_ratio: Annotated[
+        float, Meta(ge=0, le=1, description="share of slow calls above which the breaker opens")
+    ] = 0.5
+    breaker_min_calls: Annotated[
+        int, Meta(ge=1, description="calls in a window before the breaker can open")
+    ] = 5
+    breaker_window_ms: Annotated[
+        int, Meta(ge=1, description="the breaker's statistics window, in milliseconds")
+    ] = 1000
+    breaker_open_s: Annotated[
+        float,
+        Meta(gt=0, description="open time before one half-open probe of the breaker, in seconds"),
+    ] = 10.0
+    max_quantity: Annotated[
+        int, Meta(ge=1, description="largest `quantity` of one order, in units")
+    ] = 100
+    max_body_bytes: Annotated[
+        int, Meta(ge=1, description="largest request body in bytes (`413` above)")
+    ] = 4096
+    client_timeout_s: Annotated[
+        float,
+        Meta(
+            gt=0,
+            description="seconds within which a request's head and body must arrive:"
+            " `408 request_timeout` (a silent connection is closed); request heads over"
+            " 32 KiB: `431 headers_too_large` (`gateway/web/protocol.py`)",
+        ),
+    ] = 10.0
+    queue_max: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="backlog bound per SKU stream: unprocessed orders before `503 queue_full`",
+        ),
+    ] = 50_000
+    mode_refresh_ms: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=1000,  # every worker applies a switch within one second, notice or not
+            description="how often each gateway process re-reads the intake mode, in"
+            " milliseconds (at most 1000: the 1-s switch promise rests on it)",
+        ),
+    ] = 500
+    soldout_recheck_ms: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="how long a process refuses a sold-out SKU from memory before one"
+            " request re-checks, in milliseconds",
+        ),
+    ] = 1000
+    bucket_file: Annotated[
+        str | None,
+        Meta(
+            description="file the workers of one instance share the token bucket through;"
+            " unset: a local bucket with 1 worker, `/dev/shm/flashgate-<uid>-<port>.bucket`"
+            " (else the temp dir) with `--workers` > 1"
+        ),
+    ] = None
+    finalizer_batch: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="`COUNT` of each finalizer read and claim, in entries per stream"
+            " (the prefetch)",
+        ),
+    ] = 200
+    finalizer_block_ms: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="`BLOCK` of the finalizer's read in milliseconds; its Redis deadline"
+            " is the Redis timeout plus this",
+        ),
+    ] = 1000
+    finalizer_claim_idle_ms: Annotated[
+        int,
+        Meta(
+            ge=0,
+            description="milliseconds an entry stays pending (its finalizer died) before"
+            " another finalizer claims it (`XAUTOCLAIM` min-idle)",
+        ),
+    ] = 30_000
+    finalizer_max_deliveries: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="deliveries after which an entry the script refuses goes to the"
+            " dead-letter stream",
+        ),
+    ] = 5
+    sweep_interval_ms: Annotated[
+        int, Meta(ge=1, description="pause between sweeps of every SKU, in milliseconds")
+    ] = 1000
+    sweep_batch: Annotated[int, Meta(ge=1, description="holds released per `sweep.lua` call")] = 100
+    busy_message: Annotated[str, Meta(description="shopper text of overload answers")] = (
+        DEFAULT_BUSY_MESSAGE
+    )
+    data_dir: Annotated[str, Meta(description="the embedded server's data directory")] = (
+        ".flashgate"
+    )
+    host: Annotated[str, Meta(description="address the gateway listens on")] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535, description="TCP port the gateway listens on")] = 8080
+    workers: Annotated[int, Meta(ge=1, description="HTTP worker processes")] = 1
+    access_log: Annotated[
+        bool,
+        Meta(
+            description="one log line per answer on `flashgate.access`: `request_id` (the"
+            " client's `X-Request-Id` when it is an id, else a new one), `method`, `route`"
+            " (the path template), `status`, `code`, `duration_ms`, `order_id` when there is"
+            " one; off by default (a line per request costs about as much as the request)"
+        ),
+    ] = False
+    log_level: Annotated[str, Meta(description="uvicorn's log level")] = "info"
+    log_format: Annotated[
+        Literal["json", "text"],
+        Meta(
+            description="`json`: one object per line from every process (`ts`, `level`,"
+            " `logger`, `pid`, `msg` and the line's own fields such as `request_id`,"
+            " `order_id`, `sku_id`; `exc` for a traceback), uvicorn's lines included; `text`"
+            " for people (`gateway/telemetry/logs.py`). No line carries a token, a secret, a"
+            " body or a header other than `X-Request-Id` and `X-Operator`"
+        ),
+    ] = "json"
 
     def __post_init__(self) -> None:
-        positive = (
-            "redis_timeout_ms",
-            "redis_max_connections",
-            "claim_stale_ms",
-            "hold_ttl_s",
-            "idempotency_ttl_s",
-            "burst",
-            "breaker_rt_ms",
-            "breaker_min_calls",
-            "breaker_window_ms",
-            "max_quantity",
-            "max_body_bytes",
-            "queue_max",
-            "mode_refresh_ms",
-            "soldout_recheck_ms",
-            "finalizer_batch",
-            "finalizer_block_ms",
-            "finalizer_max_deliveries",
-            "sweep_interval_ms",
-            "sweep_batch",
-            "workers",
-        )
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{env_name(name)} must be >= 1, got {getattr(self, name)}")
-        if self.mode_refresh_ms > 1000:
-            # The contract: every worker applies a switch within one second, notice or not.
-            raise ConfigError(f"{env_name('mode_refresh_ms')} must be <= 1000")
-        for name in ("finalizer_claim_idle_ms", "waitaof_replicas"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{env_name(name)} must be >= 0")
-        for name in ("qps", "client_timeout_s", "breaker_open_s"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{env_name(name)} must be > 0, got {getattr(self, name)}")
-        if not 0.0 <= self.breaker_slow_ratio <= 1.0:
-            raise ConfigError(f"{env_name('breaker_slow_ratio')} must be within 0..1")
+        try:
+            msgspec.convert(self, _Values, from_attributes=True)
+        except msgspec.ValidationError as exc:
+            raise _refused(exc, {s.name: getattr(self, s.name) for s in SETTINGS}) from None
         self._check_cluster()
-        for name, allowed in _CHOICES.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"{env_name(name)} must be {' or '.join(map(str, allowed))}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"{env_name('port')} must be a TCP port, got {self.port}")
 
     def _check_cluster(self) -> None:
         if not self.redis_cluster:
@@ -139,14 +285,16 @@ class Settings:
         """Read every setting from `environ` (default os.environ), then `.env`, then defaults."""
         env = dict(read_dotenv(dotenv)) if dotenv else {}
         env.update(os.environ if environ is None else environ)
-        values: dict[str, Any] = {}
-        for field in fields(cls):
-            name = env_name(field.name)
-            raw = env.get(name)
-            if raw is None or raw == "":
-                continue
-            values[field.name] = _parse(name, raw, field.type)
-        return cls(**values)
+        raw = {s.name: env[s.env] for s in SETTINGS if env.get(s.env)}
+        try:
+            values = msgspec.convert(
+                {name: _BY_NAME[name].prepare(text) for name, text in raw.items()},
+                _Values,
+                strict=False,
+            )
+        except msgspec.ValidationError as exc:
+            raise _refused(exc, raw) from None
+        return cls(**msgspec.structs.asdict(values))
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -154,22 +302,15 @@ class Settings:
     def to_env(self) -> dict[str, str]:
         """The environment that makes `from_env` in a child process give these settings."""
         out: dict[str, str] = {}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                value = "1" if value else "0"
-            out[env_name(field.name)] = str(value)
+        for s in SETTINGS:
+            value = getattr(self, s.name)
+            if value is not None:
+                out[s.env] = text_of(value)
         return out
-
-    @property
-    def admin_enabled(self) -> bool:
-        return bool(self.admin_token)
 
 
 def env_name(field_name: str) -> str:
-    return _ENV_NAMES.get(field_name, PREFIX + field_name.upper())
+    return _BY_NAME[field_name].env
 
 
 def read_dotenv(path: str | Path) -> dict[str, str]:
@@ -190,20 +331,30 @@ def read_dotenv(path: str | Path) -> dict[str, str]:
     return out
 
 
-def _parse(name: str, raw: str, annotation: Any) -> Any:
-    kind = str(annotation)
-    try:
-        if kind == "bool":
-            lowered = raw.strip().lower()
-            if lowered in ("1", "true", "yes", "on"):
-                return True
-            if lowered in ("0", "false", "no", "off"):
-                return False
-            raise ValueError(raw)
-        if kind == "int":
-            return int(raw)
-        if kind == "float":
-            return float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}: cannot read {raw!r} as {kind}") from None
-    return raw
+def _refused(exc: msgspec.ValidationError, given: Mapping[str, object]) -> ConfigError:
+    """msgspec's error about a field (`... - at `$.port``) told of its environment variable,
+    with the value it was given."""
+    found = re.search(r"`\$\.(\w+)`", str(exc))
+    if found is None or found[1] not in _BY_NAME:
+        return ConfigError(str(exc))
+    return ConfigError(_BY_NAME[found[1]].refusal(given[found[1]]))
+
+
+_HINTS = get_type_hints(Settings, include_extras=True)
+SETTINGS = tuple(declare(f, _HINTS[f.name]) for f in dataclasses.fields(Settings))
+_BY_NAME = {s.name: s for s in SETTINGS}
+# the fields alone, for msgspec to check and convert (Settings itself would recurse)
+_Values = msgspec.defstruct(
+    "SettingsValues", [(s.name, _HINTS[s.name], s.default) for s in SETTINGS], frozen=True
+)
+
+
+def settings_table() -> str:
+    """`docs/reference/settings.md`, from the declaration above."""
+    return reference_page(SETTINGS)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m gateway.settings --markdown > docs/reference/settings.md")
+    sys.stdout.write(settings_table())

@@ -16,7 +16,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -29,54 +28,35 @@ from gateway.ops.embedded import (
     discover,
     kill_group,
 )
-from gateway.settings import ConfigError, Settings, env_name
+from gateway.setting import text_of
+from gateway.settings import SETTINGS, ConfigError, Settings, env_name
 from gateway.telemetry import logs
 from gateway.transport.client import REDIS_FAILURES
 
 log = logging.getLogger("flashgate")
 
-_HELP = {
-    "redis_url": "Redis/Valkey URL; unset: the embedded server",
-    "redis_cluster": "REDIS_URL names a node of a Redis Cluster",
-    "redis_timeout_ms": "deadline of one Redis call (ms)",
-    "redis_client": "the order path's client: mux (one pipelined connection) or pool",
-    "hold_ttl_s": "how long an unpaid hold keeps its stock (s)",
-    "idempotency_ttl_s": "how long an accepted answer is replayed (s)",
-    "workers": "HTTP worker processes",
-    "data_dir": "directory of the embedded server's data",
-    "access_log": "one log line per request (request id, route, status, order id); costly",
-    "qps": "token bucket refill per second, per gateway instance",
-    "burst": "token bucket capacity",
-    "queue_max": "most unprocessed orders one SKU's stream may hold",
-    "mode_refresh_ms": "how often each worker re-reads the intake mode (ms)",
-    "soldout_recheck_ms": "how long a sold-out SKU is refused from memory (ms)",
-    "bucket_file": "token-bucket file shared by the workers (default: per port, on tmpfs)",
-}
-
 
 def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    for field in fields(Settings):
-        flag = "--" + field.name.replace("_", "-")
-        default = Settings.__dataclass_fields__[field.name].default
-        help_text = f"{_HELP.get(field.name, '')} [env {env_name(field.name)}, default {default!r}]"
-        if str(field.type) == "bool":
+    """A flag per setting (`hold_ttl_s`: `--hold-ttl-s`), its help from the declaration."""
+    for s in SETTINGS:
+        about = f"{s.description} [env {s.env}: {s.accepts()}; default {s.default_text}]"
+        about = about.replace("`", "").replace("%", "%%")  # argparse formats help with %
+        if s.kind is bool:
             parser.add_argument(
-                flag,
-                dest=field.name,
+                s.flag,
+                dest=s.name,
                 default=None,
                 action=argparse.BooleanOptionalAction,
-                help=help_text,
+                help=about,
             )
         else:
-            parser.add_argument(flag, dest=field.name, default=None, metavar="V", help=help_text)
+            parser.add_argument(s.flag, dest=s.name, default=None, metavar="V", help=about)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     """env > .env > default, with command-line flags above all."""
     overrides = {
-        env_name(f.name): str(int(v) if isinstance(v, bool) else v)
-        for f in fields(Settings)
-        if (v := getattr(args, f.name, None)) is not None
+        s.env: text_of(v) for s in SETTINGS if (v := getattr(args, s.name, None)) is not None
     }
     return Settings.from_env({**os.environ, **overrides})
 

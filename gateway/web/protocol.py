@@ -27,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 import weakref
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from gateway.settings import Settings
 
 log = logging.getLogger("flashgate")
 MAX_HEAD_BYTES = 32 * 1024
@@ -48,8 +49,9 @@ _REASONS = {400: b"Bad Request", 408: b"Request Timeout", 431: b"Request Header 
 
 @functools.cache
 def read_timeout_s() -> float:
-    """FLASHGATE_CLIENT_TIMEOUT_S of this worker (set in its environment by `run_gateway`)."""
-    return float(os.environ.get("FLASHGATE_CLIENT_TIMEOUT_S", "10"))
+    """The client timeout of this worker, read once from its settings (FLASHGATE_CLIENT_TIMEOUT_S,
+    set in its environment by `run_gateway`)."""
+    return Settings.from_env().client_timeout_s
 
 
 _sweeping: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()  # loops swept
