@@ -23,7 +23,7 @@ from schemathesis.python import asgi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.settings import Settings
-from gateway.transport.client import create_client
+from gateway.transport.connect import create_client
 from gateway.web import openapi
 from gateway.web.app import Gateway, create_app
 from tests.support.api import ADMIN, ADMIN_TOKEN
