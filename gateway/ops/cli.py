@@ -31,7 +31,7 @@ from gateway.ops.embedded import (
 )
 from gateway.settings import ConfigError, Settings, env_name
 from gateway.telemetry import logs
-from gateway.transport.client import REDIS_FAILURES
+from gateway.transport.replies import REDIS_FAILURES
 
 log = logging.getLogger("flashgate")
 
@@ -303,7 +303,8 @@ class Supervisor:
     def _load_scripts(self, url: str) -> None:
         """SCRIPT LOAD into the restarted server (scripts are not in its AOF), so /readyz is
         200 again at once; the gateway's NOSCRIPT fallback would otherwise load them lazily."""
-        from gateway.transport.client import REDIS_FAILURES, create_client
+        from gateway.transport.connect import create_client
+        from gateway.transport.replies import REDIS_FAILURES
         from gateway.transport.scripts import ScriptRegistry
 
         async def load() -> None:
@@ -339,7 +340,8 @@ class Supervisor:
 
 async def _run_role(settings: Settings, role: str) -> int:
     """`flashgate finalizer | sweeper`: one background worker until SIGTERM/SIGINT."""
-    from gateway.transport.client import REDIS_FAILURES, create_client
+    from gateway.transport.connect import create_client
+    from gateway.transport.replies import REDIS_FAILURES
     from gateway.transport.scripts import ScriptRegistry
     from gateway.workers.finalizer import Finalizer
     from gateway.workers.sweeper import Sweeper
@@ -383,7 +385,7 @@ AUDIT_SWEEP_MARGIN_MS = 5000  # a hold may outlive its deadline by one sweep int
 async def _audit(settings: Settings) -> int:
     from gateway.ops.status import text_table
     from gateway.store.inventory import Inventory
-    from gateway.transport.client import create_client
+    from gateway.transport.connect import create_client
     from gateway.transport.scripts import ScriptRegistry
 
     client = create_client(settings)
@@ -418,7 +420,7 @@ async def _audit(settings: Settings) -> int:
 
 async def _dead(settings: Settings, sku_ids: list[str] | None, limit: int) -> int:
     from gateway.ops import status
-    from gateway.transport.client import create_client
+    from gateway.transport.connect import create_client
 
     client = create_client(settings)
     try:
@@ -433,7 +435,7 @@ async def _dead(settings: Settings, sku_ids: list[str] | None, limit: int) -> in
 
 async def _status(settings: Settings, watch_s: float, count: int | None) -> int:
     from gateway.ops import status
-    from gateway.transport.client import create_client
+    from gateway.transport.connect import create_client
 
     client = create_client(settings)
     try:

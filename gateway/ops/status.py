@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, TextIO
 
 from gateway.store import keys
-from gateway.transport.client import Client
+from gateway.transport.connect import Client
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.ops import status
-from gateway.transport.client import REDIS_FAILURES
+from gateway.transport.replies import REDIS_FAILURES
 
 log = logging.getLogger("flashgate")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
