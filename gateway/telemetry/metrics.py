@@ -4,7 +4,7 @@ Two sources:
 - what each worker counts as it serves (requests and answers, latencies, the breaker, the token
   bucket, the mode it applies): prometheus-client objects. Under `flashgate gateway` /
   `serve`, `PROMETHEUS_MULTIPROC_DIR` is set before any worker starts
-  (`ops.supervisor.prepare_multiprocess`), so every worker writes its own files there and the
+  (`ops.launch.prepare_multiprocess`), so every worker writes its own files there and the
   worker answering a scrape adds them all up. Counters of a worker that died stay in the sum (a
   counter must never go back); its per-process gauges are dropped at the next scrape. Without
   the variable (tests, an app embedded elsewhere) the process's own registry is served.
