@@ -64,6 +64,19 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.from_env({**os.environ, **overrides})
 
 
+def _read(args: argparse.Namespace, settings: Settings) -> int:
+    """`dead`, `status` and `audit`: read what Redis holds (their modules loaded only here)."""
+    if args.command in ("dead", "status"):
+        from gateway.ops import status
+
+        if args.command == "dead":
+            return asyncio.run(status.show_dead(settings, args.sku, args.limit))
+        return asyncio.run(status.show_status(settings, args.watch, args.count))
+    from gateway.ops.audit import audit
+
+    return asyncio.run(audit(settings))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flashgate", description="Flash-sale intake gateway.")
     parser.add_argument("--version", action="version", version=f"flashgate {__version__}")
@@ -110,13 +123,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_gateway(settings)
         if args.command in ("finalizer", "sweeper"):
             return asyncio.run(run_role(resolve_redis(settings), args.command))
-        from gateway.ops import audit, status  # the store's modules: only for these commands
-
-        if args.command == "dead":
-            return asyncio.run(status.show_dead(resolve_redis(settings), args.sku, args.limit))
-        if args.command == "status":
-            return asyncio.run(status.show_status(resolve_redis(settings), args.watch, args.count))
-        return asyncio.run(audit.audit(resolve_redis(settings)))
+        return _read(args, resolve_redis(settings))
     except (ConfigError, EmbeddedError) as exc:
         print(f"flashgate: {exc}", file=sys.stderr)
         return 2
