@@ -21,7 +21,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.schemas import OrderRequest
-from gateway.transport.client import Multiplexed
+from gateway.transport.wire import Multiplexed
 
 PATH = "/api/v1/order/create"
 _decode = msgspec.json.Decoder(OrderRequest).decode

@@ -21,7 +21,8 @@ import uvloop
 
 from gateway.ops.embedded import EmbeddedServer
 from gateway.settings import Settings
-from gateway.transport.client import Multiplexed, create_client
+from gateway.transport.connect import create_client
+from gateway.transport.wire import Multiplexed
 
 SCRIPT = "return redis.call('INCR', KEYS[1])"
 

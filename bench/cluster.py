@@ -32,7 +32,7 @@ from gateway.ops.localcluster import LocalCluster
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
 from gateway.store.inventory import CreateResult, Inventory
-from gateway.transport.client import create_client, create_script_client
+from gateway.transport.connect import create_client, create_script_client
 from gateway.transport.scripts import ScriptRegistry
 
 

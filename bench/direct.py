@@ -25,8 +25,9 @@ from bench.openloop import clock, percentiles
 from gateway.schemas import OrderRequest
 from gateway.settings import Settings
 from gateway.store.inventory import Inventory
-from gateway.transport.client import Multiplexed, create_client
+from gateway.transport.connect import create_client
 from gateway.transport.scripts import ScriptRegistry
+from gateway.transport.wire import Multiplexed
 
 SKU = "bench-direct"
 

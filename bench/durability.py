@@ -21,7 +21,8 @@ from typing import Any
 import uvloop
 
 from gateway.ops.embedded import free_port, server_binary, wait_for_ping
-from gateway.transport.client import AckedWrites, Multiplexed
+from gateway.transport.durable import AckedWrites
+from gateway.transport.wire import Multiplexed
 
 SCRIPT = "redis.call('HINCRBY', KEYS[1], 'held', 1) return redis.call('XADD', KEYS[2], '*', 'o', ARGV[1])"  # noqa: E501
 

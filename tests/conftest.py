@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 
 from gateway.ops.embedded import free_port, server_binary, wait_for_ping
 from gateway.settings import Settings
-from gateway.transport.client import create_client
+from gateway.transport.connect import create_client
 from gateway.web.app import create_app
 from tests.support.api import ADMIN_TOKEN, Client, MakeClient
 from tests.support.state import Clock, audit_breaches

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import redis
 
-from gateway.ops.cli import RestartBackoff, Supervisor
 from gateway.ops.embedded import EmbeddedError, EmbeddedServer, free_port
+from gateway.ops.supervisor import RestartBackoff, Supervisor
 from gateway.settings import Settings
 from tests.support.api import ADMIN, order_body
 from tests.support.processes import Serve, descendants, flashgate, server_pid, stampede, wait_gone

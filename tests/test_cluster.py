@@ -25,7 +25,8 @@ from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
 from gateway.store import keys
 from gateway.store.inventory import CreateResult, Inventory
-from gateway.transport.client import ClusterMux, create_client, create_script_client
+from gateway.transport.cluster import ClusterMux
+from gateway.transport.connect import create_client, create_script_client
 from gateway.transport.scripts import ScriptRegistry
 from tests.support.api import ADMIN, order_body
 from tests.support.processes import Serve, alive, descendants, flashgate, wait_gone

@@ -8,7 +8,7 @@ from collections import Counter
 
 from redis.asyncio import Redis
 
-from gateway.ops.cli import _audit
+from gateway.ops.audit import audit
 from gateway.settings import Settings
 from tests.support.api import ADMIN, Client, create, put_sku
 from tests.support.state import BOTH_BACKENDS
@@ -67,4 +67,4 @@ async def test_mixed_quantities_never_oversell(client: Client, settings: Setting
     stock, available, held_units, _ = await figures(client)
     assert held == held_units and available == stock - held
     assert available < 7  # every refusal was for lack of stock, so at most 6 units remain
-    assert await _audit(settings) == 0
+    assert await audit(settings) == 0

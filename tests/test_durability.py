@@ -181,7 +181,7 @@ async def test_a_sweeper_completes_stock_transfers_durably(primary: Server) -> N
     from gateway.schemas import SkuConfig
     from gateway.store import keys
     from gateway.store.inventory import Inventory
-    from gateway.transport.client import create_client
+    from gateway.transport.connect import create_client
     from gateway.transport.scripts import ScriptRegistry
     from gateway.workers.sweeper import Sweeper
 

@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from gateway.ops import status
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
-from gateway.store import keys
+from gateway.store import figures, keys
 from gateway.store.inventory import CreateResult, Inventory, PaymentResult, history_problem
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.finalizer import Finalizer
@@ -264,11 +263,11 @@ async def test_bad_entries_go_to_the_dead_letter_stream(p2: Phase2, redis: Redis
     assert (await redis.xpending(sk.stream, keys.FINALIZER_GROUP))["pending"] == 0
     assert await p2.figures() == before  # the refused script wrote nothing
     # what `flashgate dead` lists: newest first, with the entry, the order and the reason
-    rows = await status.dead_letters(redis, None, 10)
+    rows = await figures.dead_letters(redis, None, 10)
     assert [(r[0], r[3], r[4]) for r in rows] == [("s", "paid", oid), ("s", "bogus", oid)]
     assert "corrupt order record" in rows[0][6] and rows[1][6] == "malformed entry"
     assert [r[1] for r in rows] == [dead[1][0].decode(), dead[0][0].decode()]
-    assert len(await status.dead_letters(redis, ["s"], 1)) == 1
+    assert len(await figures.dead_letters(redis, ["s"], 1)) == 1
 
 
 async def test_trim_drops_acknowledged_entries_only(p2: Phase2, redis: Redis) -> None:

@@ -12,7 +12,8 @@ import redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
 
-from gateway.ops.localcluster import SLOTS, LocalCluster
+from gateway.ops.localcluster import LocalCluster
+from gateway.store.keys import SLOTS
 
 pytestmark = pytest.mark.integration
 

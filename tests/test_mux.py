@@ -20,7 +20,8 @@ from redis.exceptions import (
     TimeoutError as RedisTimeoutError,
 )
 
-from gateway.transport.client import Multiplexed, NotSent, _encode
+from gateway.transport.replies import NotSent
+from gateway.transport.wire import Multiplexed, _encode
 from tests.support.faultproxy import FaultProxy
 
 

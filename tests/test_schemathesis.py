@@ -23,7 +23,7 @@ from schemathesis.python import asgi
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.settings import Settings
-from gateway.transport.client import create_client
+from gateway.transport.connect import create_client
 from gateway.web.app import create_app
 from gateway.web.services import Services
 from tests.support.api import ADMIN, ADMIN_TOKEN

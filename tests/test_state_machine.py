@@ -64,7 +64,7 @@ from gateway.store.inventory import (
     Inventory,
     PaymentResult,
 )
-from gateway.transport.client import create_client
+from gateway.transport.connect import create_client
 from gateway.transport.scripts import LuaScript, ScriptRegistry
 from gateway.workers.finalizer import Finalizer
 from gateway.workers.sweeper import Sweeper

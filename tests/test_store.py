@@ -12,7 +12,7 @@ from gateway.errors import BackendUnavailable
 from gateway.schemas import OrderRequest
 from gateway.settings import Settings
 from gateway.store.inventory import CreateResult, Inventory
-from gateway.transport.client import create_client, create_script_client
+from gateway.transport.connect import create_client, create_script_client
 from gateway.transport.scripts import ScriptRegistry
 from tests.support.api import ADMIN, MakeClient, create, put_sku
 from tests.support.faultproxy import FaultProxy

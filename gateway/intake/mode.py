@@ -20,7 +20,8 @@ import msgspec
 from gateway.intake.soldout import SoldOutMemo
 from gateway.store import keys
 from gateway.telemetry import metrics
-from gateway.transport.client import REDIS_FAILURES, Client
+from gateway.transport.connect import Client
+from gateway.transport.replies import REDIS_FAILURES
 from gateway.web.operators import DEFAULT_OPERATOR
 
 log = logging.getLogger("flashgate")

@@ -58,6 +58,26 @@ def free_port() -> int:
         return port
 
 
+def free_ports(count: int, taken: set[int] | None = None) -> list[int]:
+    """`count` distinct free ports, none of them in `taken`."""
+    avoid = set(taken or ())
+    found: list[int] = []
+    while len(found) < count:
+        port = free_port()
+        if port not in avoid:
+            avoid.add(port)
+            found.append(port)
+    return found
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    """The last `lines` lines of a log file, for an error message."""
+    try:
+        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 def wait_for_ping(url: str, timeout_s: float, proc: subprocess.Popen[bytes] | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     client = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)

@@ -20,13 +20,12 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gateway.ops.embedded import die_with_parent, free_port, kill_group, server_binary
-from gateway.store.keys import SLOTS
+from gateway.ops import clusterinfo
+from gateway.ops.embedded import die_with_parent, free_ports, kill_group, server_binary, tail
 
 HOST = "127.0.0.1"
 NODE_TIMEOUT_MS = 5000
 """A node unreachable this long is flagged failing; short enough for tests that kill one."""
-_UNSETTLED_FLAGS = frozenset({"fail", "fail?", "handshake", "noaddr"})
 _START_ATTEMPTS = 3
 _POLL_S = 0.05
 
@@ -51,18 +50,7 @@ class LocalCluster:
         node_timeout_ms: int = NODE_TIMEOUT_MS,
         appendfsync: str = "everysec",
     ) -> None:
-        if primaries < 1:
-            raise ValueError("a cluster needs at least one primary")
-        if replicas < 0:
-            raise ValueError("replicas must be >= 0")
-        if ports is not None:
-            if len(ports) != primaries * (1 + replicas):
-                raise ValueError(
-                    f"{primaries} primaries with {replicas} replicas each need "
-                    f"{primaries * (1 + replicas)} ports, got {len(ports)}"
-                )
-            if len(set(ports)) != len(ports):
-                raise ValueError(f"duplicate ports in {ports}")
+        clusterinfo.check_layout(primaries, replicas, ports)
         self.directory = Path(directory).resolve()
         self.primaries = primaries
         self.replicas = replicas
@@ -188,9 +176,9 @@ class LocalCluster:
         if self._fixed_ports is not None:
             self._ports = list(self._fixed_ports)
         else:
-            self._ports = _distinct_free_ports(count)
+            self._ports = free_ports(count)
         taken = set(self._ports)
-        self._bus_ports = dict(zip(self._ports, _distinct_free_ports(count, taken), strict=True))
+        self._bus_ports = dict(zip(self._ports, free_ports(count, taken), strict=True))
         taken |= set(self._bus_ports.values())
         for port in self._ports:
             if (config := self._config_file(port)).exists():
@@ -206,12 +194,12 @@ class LocalCluster:
                 if self._fixed_ports is not None or attempt == _START_ATTEMPTS:
                     raise RuntimeError(
                         f"cluster node on port {port} did not start; its log:\n"
-                        + _tail(self._log_file(port))
+                        + tail(self._log_file(port))
                     )
                 # Another process took the port between free_port() and the bind: new ports.
                 del self._bus_ports[port]
-                port = _distinct_free_ports(1, taken)[0]
-                self._bus_ports[port] = _distinct_free_ports(1, taken | {port})[0]
+                port = free_ports(1, taken)[0]
+                self._bus_ports[port] = free_ports(1, taken | {port})[0]
                 taken |= {port, self._bus_ports[port]}
                 self._ports[index] = port
                 self._procs[port] = self._spawn(port)
@@ -281,8 +269,7 @@ class LocalCluster:
         """Even contiguous ranges, and distinct config epochs so that no epoch collision
         has to be resolved by gossip before the slot map settles."""
         for index, port in enumerate(self.primary_ports):
-            first = SLOTS * index // self.primaries
-            last = SLOTS * (index + 1) // self.primaries - 1
+            first, last = clusterinfo.slot_range(index, self.primaries)
             self._cmd(port, "CLUSTER", "ADDSLOTSRANGE", first, last)
             self._cmd(port, "CLUSTER", "SET-CONFIG-EPOCH", index + 1)
 
@@ -336,18 +323,13 @@ class LocalCluster:
         views: dict[int, frozenset[tuple[str, ...]]] = {}
         for port in self._ports:
             raw = str(self._cmd(port, "CLUSTER", "INFO"))
-            info = _fields(raw)
-            if (
-                info.get("cluster_state") != "ok"
-                or info.get("cluster_slots_assigned") != str(SLOTS)
-                or info.get("cluster_known_nodes") != str(len(self._ports))
-            ):
+            if clusterinfo.incomplete(raw, len(self._ports)):
                 return f"CLUSTER INFO of node {port}:\n" + "\n".join(raw.split())
             if port in self.replica_ports:
                 link = self.client(port).info("replication").get("master_link_status")
                 if link != "up":
                     return f"replica {port}: master_link_status {link}"
-            views[port] = _slot_map(str(self._cmd(port, "CLUSTER", "NODES")))
+            views[port] = clusterinfo.slot_map(str(self._cmd(port, "CLUSTER", "NODES")))
         first = views[self._ports[0]]
         for port, view in views.items():
             if view != first:
@@ -367,11 +349,10 @@ class LocalCluster:
 
     def owner_port(self, slot: int) -> int:
         """The port of the primary that serves `slot`, as the first node sees it."""
-        _check_slot(slot)
-        for entry in self._cmd(self._ports[0], "CLUSTER", "SLOTS"):
-            first, last, primary = int(entry[0]), int(entry[1]), entry[2]
-            if first <= slot <= last:
-                return int(primary[1])
+        clusterinfo.check_slot(slot)
+        port = clusterinfo.owner_port(self._cmd(self._ports[0], "CLUSTER", "SLOTS"), slot)
+        if port is not None:
+            return port
         raise RuntimeError(f"slot {slot} is not served by any node")
 
     def migrate_slot(
@@ -380,7 +361,7 @@ class LocalCluster:
         """Move `slot` and its keys from its owner to the primary at `to_port`. With
         `finish=False` the keys are moved but the slot stays MIGRATING/IMPORTING (clients
         get ASK or TRYAGAIN) until `finish_migration(slot, to_port)`."""
-        _check_slot(slot)
+        clusterinfo.check_slot(slot)
         if to_port not in self.primary_ports:
             raise ValueError(f"{to_port} is not a primary of this cluster")
         from_port = self.owner_port(slot)
@@ -396,7 +377,7 @@ class LocalCluster:
     def finish_migration(self, slot: int, to_port: int, timeout_s: float = 30.0) -> None:
         """The last step of `migrate_slot`: `to_port` owns `slot`. Returns once every node
         agrees (their slot maps are equal again)."""
-        _check_slot(slot)
+        clusterinfo.check_slot(slot)
         target_id = self.node_id(to_port)
         # The target first: it takes the slot and bumps its epoch, then the source (which
         # starts answering MOVED), then the other primaries so they need not learn it by gossip.
@@ -411,53 +392,3 @@ class LocalCluster:
 def _no_retry() -> Retry:
     """Admin commands fail at once: redis-py's default retries turn one 0.5 s timeout into 10 s."""
     return Retry(NoBackoff(), 0)
-
-
-def _distinct_free_ports(count: int, taken: set[int] | None = None) -> list[int]:
-    avoid = set(taken or ())
-    found: list[int] = []
-    while len(found) < count:
-        port = free_port()
-        if port not in avoid:
-            avoid.add(port)
-            found.append(port)
-    return found
-
-
-def _fields(info: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for line in info.splitlines():
-        key, sep, value = line.strip().partition(":")
-        if sep:
-            out[key] = value
-    return out
-
-
-def _slot_map(nodes: str) -> frozenset[tuple[str, ...]]:
-    """CLUSTER NODES reduced to what every node must agree on: id, role, primary, slots; a
-    node seen failing, in handshake or disconnected is marked so that no two views match."""
-    rows: set[tuple[str, ...]] = set()
-    for line in nodes.splitlines():
-        parts = line.split()
-        if len(parts) < 8:
-            continue
-        flags = set(parts[2].split(","))
-        role = "primary" if "master" in flags else "replica" if "slave" in flags else "?"
-        if flags & _UNSETTLED_FLAGS or parts[7] != "connected":
-            role += "-unsettled"
-        # Slot fields; "[slot->-id]" / "[slot-<-id]" mark a migration only this node sees.
-        slots = tuple(field for field in parts[8:] if not field.startswith("["))
-        rows.add((parts[0], role, parts[3], *slots))
-    return frozenset(rows)
-
-
-def _check_slot(slot: int) -> None:
-    if not 0 <= slot < SLOTS:
-        raise ValueError(f"slot {slot} is outside 0..{SLOTS - 1}")
-
-
-def _tail(path: Path, lines: int = 20) -> str:
-    try:
-        return "\n".join(path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

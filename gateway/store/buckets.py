@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.store import keys
-from gateway.transport.client import Client, text
+from gateway.transport.connect import Client
+from gateway.transport.replies import text
 from gateway.transport.scripts import Executor, ScriptRegistry
 
 log = logging.getLogger("flashgate")

@@ -27,7 +27,10 @@ from gateway.schemas import (
 from gateway.settings import Settings
 from gateway.store import keys
 from gateway.store.buckets import Layouts, Mover, journal
-from gateway.transport.client import REDIS_FAILURES, Client, NotSent, SlotMoving, acked, call, text
+from gateway.transport.cluster import SlotMoving
+from gateway.transport.connect import Client
+from gateway.transport.durable import acked
+from gateway.transport.replies import REDIS_FAILURES, NotSent, call, text
 from gateway.transport.scripts import Executor, ScriptRegistry
 from gateway.web.operators import DEFAULT_OPERATOR
 

@@ -4,13 +4,14 @@ Two sources:
 - what each worker counts as it serves (requests and answers, latencies, the breaker, the token
   bucket, the mode it applies): prometheus-client objects. Under `flashgate gateway` /
   `serve`, `PROMETHEUS_MULTIPROC_DIR` is set before any worker starts
-  (`cli.prepare_multiprocess`), so every worker writes its own files there and the worker
-  answering a scrape adds them all up. Counters of a worker that died stay in the sum (a
+  (`ops.launch.prepare_multiprocess`), so every worker writes its own files there and the
+  worker answering a scrape adds them all up. Counters of a worker that died stay in the sum (a
   counter must never go back); its per-process gauges are dropped at the next scrape. Without
   the variable (tests, an app embedded elsewhere) the process's own registry is served.
 - what Redis holds, read at scrape time by the worker that answers: the shared intake mode and,
   per SKU, stock, available, held, sold, active holds, backlog, entries pending at a finalizer,
-  dead letters (the same sample as `flashgate status`). SKU labels only, never users.
+  dead letters (`gateway.store.figures`, the same sample as `flashgate status`). SKU labels
+  only, never users.
 
 The hot path adds to plain dicts; each worker writes its counts to prometheus-client once a
 second and before a scrape it answers (`flush`), so another worker's counts may be up to a
@@ -41,8 +42,8 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from gateway.ops import status
-from gateway.transport.client import REDIS_FAILURES
+from gateway.store import figures
+from gateway.transport.replies import REDIS_FAILURES
 
 log = logging.getLogger("flashgate")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -168,7 +169,7 @@ def _forget_dead_workers(directory: str) -> None:
 
 
 class _RedisFigures(Collector):
-    def __init__(self, sample: status.Sample | None) -> None:
+    def __init__(self, sample: figures.Sample | None) -> None:
         self.sample = sample
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -213,9 +214,9 @@ async def render(redis: Any) -> bytes:
     else:
         workers = generate_latest(REGISTRY)
     try:
-        sample: status.Sample | None = await status.sample(redis)
+        sample: figures.Sample | None = await figures.sample(redis)
     except (*REDIS_FAILURES, ValueError):  # Redis down (or a record unreadable): redis_up 0
         sample = None
-    figures = CollectorRegistry()
-    figures.register(_RedisFigures(sample))
-    return workers + generate_latest(figures)
+    from_redis = CollectorRegistry()
+    from_redis.register(_RedisFigures(sample))
+    return workers + generate_latest(from_redis)

@@ -13,7 +13,7 @@ from gateway.intake.mode import Mode, ModeView
 from gateway.schemas import Id, SkuChanges, SkuConfig, SkuView, sku_config_decoder
 from gateway.store.inventory import ConfigureResult
 from gateway.store.keys import ID_PATTERN
-from gateway.transport.client import call
+from gateway.transport.replies import call
 from gateway.web.bodies import decode, request_body
 from gateway.web.operators import Operator, admin_raises, log_change, require_admin
 from gateway.web.responses import MsgspecResponse

@@ -18,7 +18,7 @@ from starlette.types import ExceptionHandler
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.settings import Settings
 from gateway.telemetry import logs, metrics
-from gateway.transport.client import Client, create_client, create_script_client
+from gateway.transport.connect import Client, create_client, create_script_client
 from gateway.transport.scripts import ScriptRegistry
 from gateway.web import admin, health, orders, payments
 from gateway.web.console import view as console

@@ -14,8 +14,10 @@ from gateway.intake.soldout import SoldOutMemo
 from gateway.settings import ConfigError, Settings
 from gateway.store.inventory import Inventory
 from gateway.telemetry import metrics
-from gateway.transport.client import Client, ClusterMux, Multiplexed
+from gateway.transport.cluster import ClusterMux
+from gateway.transport.connect import Client
 from gateway.transport.scripts import ScriptRegistry
+from gateway.transport.wire import Multiplexed
 from gateway.web.operators import RefusalLog
 
 

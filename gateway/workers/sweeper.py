@@ -13,7 +13,9 @@ from redis.exceptions import ResponseError
 from gateway.settings import Settings
 from gateway.store import keys
 from gateway.store.buckets import Layouts, Mover
-from gateway.transport.client import REDIS_FAILURES, Client, acked, create_script_client, text
+from gateway.transport.connect import Client, create_script_client
+from gateway.transport.durable import acked
+from gateway.transport.replies import REDIS_FAILURES, text
 from gateway.transport.scripts import ScriptRegistry
 
 log = logging.getLogger("flashgate")

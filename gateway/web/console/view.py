@@ -8,9 +8,9 @@ from importlib import resources
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.ops import status
 from gateway.schemas import ConsoleSku, ConsoleView
-from gateway.transport.client import call
+from gateway.store import figures
+from gateway.transport.replies import call
 from gateway.web.operators import admin_raises, require_admin
 from gateway.web.responses import MsgspecResponse
 from gateway.web.routing import ADMIN, HEALTH, Answer, Operation, Resource
@@ -52,7 +52,7 @@ async def console_page(request: Request) -> Response:
 def routes(services: Services) -> list[Resource]:
     async def console_view(request: Request) -> Response:
         require_admin(request, services.settings.admin_token, services.admin_refusals)
-        sample = await call(status.sample(services.redis))
+        sample = await call(figures.sample(services.redis))
         modes = await call(services.modes.view(limit=10))
         view = ConsoleView(
             mode=modes.mode.value,

@@ -1,0 +1,156 @@
+"""One role of flashgate in this process: the HTTP gateway (uvicorn), a finalizer or a sweeper,
+or a throwaway local cluster; and what they need before they start (the Redis URL, the token
+bucket file, the metrics directory)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+from gateway.ops.embedded import discover
+from gateway.settings import ConfigError, Settings, env_name
+from gateway.telemetry import logs
+from gateway.transport.replies import REDIS_FAILURES
+
+
+def resolve_redis(settings: Settings) -> Settings:
+    if settings.redis_url:
+        return settings
+    refuse_cluster_without_url(settings)
+    return settings.replace(redis_url=discover(settings.data_dir))
+
+
+def refuse_cluster_without_url(settings: Settings) -> None:
+    """The embedded server is one server: cluster mode names an existing cluster's node."""
+    if settings.redis_cluster and not settings.redis_url:
+        raise ConfigError(
+            f"{env_name('redis_cluster')}=1 needs REDIS_URL naming a node of the cluster "
+            "(a local one for trying it: `flashgate local-cluster`)"
+        )
+
+
+def bucket_path(port: int) -> Path:
+    """The token-bucket file the workers of the instance on `port` share (tmpfs when there is
+    one). One instance per port per host, so a later instance on the port reuses it."""
+    shm = Path("/dev/shm")
+    base = shm if shm.is_dir() and os.access(shm, os.W_OK) else Path(tempfile.gettempdir())
+    return base / f"flashgate-{os.getuid()}-{port}.bucket"
+
+
+def prepare_multiprocess(directory: Path) -> None:
+    """Before uvicorn starts: an empty directory for every worker's metrics files, named in
+    the environment the workers inherit (gateway/telemetry/metrics.py). Totals start again with the
+    instance. Here, not in gateway.telemetry.metrics: prometheus-client must not be imported before
+    the variable is set, or this process would count in memory only."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return  # the operator chose one
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+
+
+def run_gateway(settings: Settings) -> int:
+    """The HTTP gateway alone, in this process (uvicorn with uvloop and httptools)."""
+    import uvicorn
+
+    settings = resolve_redis(settings)
+    if settings.workers > 1 and not settings.bucket_file:
+        settings = settings.replace(bucket_file=str(bucket_path(settings.port)))
+    os.environ.update(settings.to_env())
+    # every worker's metrics files, added up by whichever worker answers GET /metrics
+    prepare_multiprocess(Path(settings.data_dir).resolve() / f"metrics-{settings.port}")
+    uvicorn.run(
+        "gateway.web.app:app_from_env",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="gateway.web.protocol:GatewayHttpProtocol",  # httptools, parser errors as JSON
+        lifespan="on",
+        access_log=False,  # the gateway's own access log, when asked for (telemetry/logs.py)
+        log_config=logs.uvicorn_config(settings.log_format, settings.log_level),
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+        # X-Forwarded-* is deliberately not parsed: the client address the operator audit
+        # records is the peer's (a proxy's, behind one), never a header anyone can write;
+        # no `server:` header (it names the software and version to every caller).
+        proxy_headers=False,
+        server_header=False,
+    )
+    return 0
+
+
+async def run_role(settings: Settings, role: str) -> int:
+    """`flashgate finalizer | sweeper`: one background worker until SIGTERM/SIGINT."""
+    from gateway.transport.connect import create_client
+    from gateway.transport.scripts import ScriptRegistry
+    from gateway.workers.finalizer import Finalizer
+    from gateway.workers.sweeper import Sweeper
+
+    if role == "finalizer":
+        # Blocking reads wait up to finalizer_block_ms on top of the usual deadline.
+        client_settings = settings.replace(
+            redis_timeout_ms=settings.redis_timeout_ms + settings.finalizer_block_ms
+        )
+    else:
+        client_settings = settings
+    client = create_client(client_settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        scripts = ScriptRegistry()
+        try:
+            await scripts.load_all(client)
+        except REDIS_FAILURES as exc:
+            print(f"flashgate {role}: cannot reach Redis: {exc}", file=sys.stderr)
+            return 1
+        worker = (
+            Finalizer(client, scripts, settings)
+            if role == "finalizer"
+            else Sweeper(client, scripts, settings)
+        )
+        try:
+            await worker.run(stop)
+        finally:
+            await worker.aclose()
+        return 0
+    finally:
+        await client.aclose()
+
+
+def local_cluster(directory: str, primaries: int, replicas: int, first_port: int) -> int:
+    """`flashgate local-cluster`: start a cluster, print how to point flashgate at it, stop
+    it on SIGINT or SIGTERM."""
+    from gateway.ops.localcluster import LocalCluster
+
+    shutil.rmtree(directory, ignore_errors=True)
+    ports = list(range(first_port, first_port + primaries * (1 + replicas)))
+    cluster = LocalCluster(directory, primaries, replicas, ports)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        url = cluster.start()
+    except (RuntimeError, OSError) as exc:
+        print(f"flashgate: local cluster did not start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        print(
+            f"local cluster up: {primaries} primaries, ports {ports[0]}-{ports[-1]}\n"
+            f"  REDIS_URL={url} FLASHGATE_REDIS_CLUSTER=1 flashgate serve --port 8080\n"
+            "Ctrl-C stops it.",
+            flush=True,
+        )
+        stop.wait()
+    finally:
+        cluster.stop()
+    return 0

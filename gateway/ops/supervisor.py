@@ -1,0 +1,213 @@
+"""`flashgate serve`: the embedded server (unless REDIS_URL names one), then a sweeper, a
+finalizer and the gateway as child processes, watched until a signal or a crash; the server
+restarted in place with a backoff when it dies."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.ops.embedded import EmbeddedError, EmbeddedServer, die_with_parent, kill_group
+from gateway.ops.launch import refuse_cluster_without_url
+from gateway.settings import Settings
+from gateway.transport.replies import REDIS_FAILURES
+
+log = logging.getLogger("flashgate")
+
+
+class RestartBackoff:
+    """When to restart a crashed embedded server: after `first_s`, doubling with every restart
+    within the last `window_s` up to `max_s`; never (None) once `max_restarts` restarts fall
+    within `window_s`. Times in seconds, from an injected monotonic clock."""
+
+    def __init__(
+        self,
+        *,
+        first_s: float = 0.5,
+        max_s: float = 5.0,
+        max_restarts: int = 5,
+        window_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.first_s = first_s
+        self.max_s = max_s
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.clock = clock
+        self.restarts: deque[float] = deque()
+
+    def next_delay(self) -> float | None:
+        """The pause before the next restart (and count it), or None: give up."""
+        now = self.clock()
+        while self.restarts and now - self.restarts[0] >= self.window_s:
+            self.restarts.popleft()
+        if len(self.restarts) >= self.max_restarts:
+            return None
+        delay = min(self.first_s * 2.0 ** len(self.restarts), self.max_s)
+        self.restarts.append(now)
+        return delay
+
+
+class Supervisor:
+    """`flashgate serve`: the embedded server, then the gateway; stops them in reverse order.
+
+    A crashed embedded server is restarted in place (same data dir and URL, its append-only file
+    brings the data back) with a backoff, while the gateway keeps running and reconnects; after
+    too many crashes in a row everything shuts down. A gateway that exits shuts everything down.
+    """
+
+    def __init__(self, settings: Settings, *, backoff: RestartBackoff | None = None) -> None:
+        self.settings = settings
+        self.server: EmbeddedServer | None = None
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+        self.stopping = False
+        self.backoff = backoff or RestartBackoff()
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.stopping = True
+
+    def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *argv],
+            env=env,
+            preexec_fn=die_with_parent,
+            start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop in order
+        )
+        self.children.append((name, proc))
+        log.info("started %s (pid %d)", name, proc.pid)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        settings = self.settings
+        data_dir = Path(settings.data_dir).resolve()
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = open(data_dir / "serve.lock", "w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.error("another `flashgate serve` is running on %s", data_dir)
+            return 1
+        try:
+            if not settings.redis_url:
+                refuse_cluster_without_url(settings)
+                self.server = EmbeddedServer(data_dir, appendfsync=settings.appendfsync)
+                url = self.server.start()
+                log.info("embedded server %s, data in %s", url, data_dir)
+                settings = settings.replace(redis_url=url)
+            env = {**os.environ, **settings.to_env()}
+            # Stopped in reverse: the gateway first, then the finalizer drains what it can.
+            self._spawn("sweeper", ["sweeper"], env)
+            self._spawn("finalizer", ["finalizer"], env)
+            self._spawn("gateway", ["gateway"], env)
+            return self._watch()
+        except EmbeddedError as exc:
+            log.error("%s", exc)
+            return 1
+        finally:
+            self.shutdown()
+            lock.close()
+
+    def _watch(self) -> int:
+        while not self.stopping:
+            for name, proc in self.children:
+                if proc.poll() is not None:
+                    log.error("%s exited with code %s; shutting down", name, proc.returncode)
+                    return 1
+            if self.server and self.server.proc and self.server.proc.poll() is not None:
+                if not self._restart_server(self.server, self.server.proc.returncode):
+                    if not self.stopping:
+                        return 1
+            time.sleep(0.2)
+        log.info("stopping")
+        return 0
+
+    def _restart_server(self, server: EmbeddedServer, code: int | None) -> bool:
+        """Restart the dead server after the backoff, again while it fails to come up.
+        False: a signal asked us to stop, or it crashed too often (shut down)."""
+        while not self.stopping:
+            delay = self.backoff.next_delay()
+            if delay is None:
+                log.error(
+                    "embedded server exited with code %s, its %d restarts within %g s "
+                    "are used up; shutting down",
+                    code,
+                    self.backoff.max_restarts,
+                    self.backoff.window_s,
+                )
+                return False
+            log.warning(
+                "embedded server exited with code %s; restarting it in %g s (restart %d of "
+                "at most %d within %g s)",
+                code,
+                delay,
+                len(self.backoff.restarts),
+                self.backoff.max_restarts,
+                self.backoff.window_s,
+            )
+            if not self._pause(delay):
+                return False
+            try:
+                url = server.restart()
+            except EmbeddedError as exc:
+                code = None
+                log.warning("embedded server did not come back: %s", exc)
+                continue
+            pid = server.proc.pid if server.proc else None
+            log.warning("embedded server restarted (pid %s) at %s", pid, url)
+            self._load_scripts(url)
+            return True
+        return False
+
+    def _pause(self, seconds: float) -> bool:
+        """Sleep, waking early for a stop signal. False: stopping."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.1))
+        return not self.stopping
+
+    def _load_scripts(self, url: str) -> None:
+        """SCRIPT LOAD into the restarted server (scripts are not in its AOF), so /readyz is
+        200 again at once; the gateway's NOSCRIPT fallback would otherwise load them lazily."""
+        from gateway.transport.connect import create_client
+        from gateway.transport.scripts import ScriptRegistry
+
+        async def load() -> None:
+            client = create_client(self.settings, url)
+            try:
+                await ScriptRegistry().load_all(client)
+            finally:
+                await client.aclose()
+
+        try:
+            asyncio.run(load())
+        except REDIS_FAILURES as exc:
+            log.warning("could not load the scripts into the restarted server: %s", exc)
+
+    def shutdown(self) -> None:
+        """Gateway first (it answers what it accepted), then the server (it flushes its AOF)."""
+        for name, proc in reversed(self.children):
+            if proc.poll() is None:
+                kill_group(proc, signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop in 30 s; killing it", name)
+                kill_group(proc, signal.SIGKILL)
+                proc.wait()
+            kill_group(proc, signal.SIGKILL)  # any worker left behind in its group
+        self.children.clear()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        log.info("stopped")
