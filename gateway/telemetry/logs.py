@@ -14,11 +14,12 @@ template, status, answer code, duration, and the order id when there is one.
 
 from __future__ import annotations
 
-import json
 import logging
 import logging.config
 import time
 from typing import Any
+
+import orjson
 
 TEXT_FORMAT = "%(asctime)s flashgate %(message)s"
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {
@@ -43,7 +44,8 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False, default=str)
+        # orjson: these dicts are untyped (each call's `extra`); UTF-8 as is, no ASCII escapes
+        return orjson.dumps(out, default=str).decode()
 
 
 def formatter(fmt: str) -> logging.Formatter:
