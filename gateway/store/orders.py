@@ -60,6 +60,7 @@ class Orders:
         self._idem_ttl_ms = settings.idempotency_ttl_s * 1000
         self._queue_max = settings.queue_max
         self._stale_ms = settings.claim_stale_ms
+        self._durable = send.durable
 
     async def create_order(
         self,
@@ -101,26 +102,26 @@ class Orders:
     ) -> Call:
         """create_order.lua's call for one order on the bucket `tag` of a SKU with `count`."""
         user_id = req.user_id
-        return calls.create_order(
+        return calls.create_order(  # positional, in ARGV order: see the builder
             keys.SkuKeys(tag),
             idempotency_key,
-            not self.two_phase,
-            order_id=order_id,
-            user_id=user_id,
-            sku_id=req.sku_id,
-            quantity=req.quantity,
-            promotion_id=req.promotion_id,
-            fingerprint=req.fingerprint(),
-            hold_ttl_ms=self._hold_ttl_ms,
-            idempotency_ttl_ms=self._idem_ttl_ms,
-            now_ms=now_ms,
-            mode="queue" if queue_only else "hold",
-            queue_max=self._queue_max,
-            accepted_member=accepted_member(user_id, idempotency_key),
-            claim_token=claim_token,
-            replay_only=replay_only,
-            buckets=count,
-            durable=self.send.durable,
+            not self.two_phase,  # guarded
+            order_id,
+            user_id,
+            req.sku_id,
+            req.quantity,
+            req.promotion_id,
+            req.fingerprint(),
+            self._hold_ttl_ms,
+            self._idem_ttl_ms,
+            now_ms,
+            "queue" if queue_only else "hold",
+            self._queue_max,
+            accepted_member(user_id, idempotency_key),
+            claim_token,
+            replay_only,
+            count,  # buckets
+            self._durable,
         )
 
     def _place(self, req: OrderRequest, count: int) -> tuple[str, list[str] | None, int]:
@@ -141,7 +142,8 @@ class Orders:
         now_ms: int | None,
     ) -> tuple[list[str], list[Arg], list[str] | None, int]:
         """A new order's call on the shopper's bucket: (KEYS, ARGV, the SKU's bucket tags or
-        None, the shopper's bucket)."""
+        None, the shopper's bucket). Not on the order path (tests/test_two_phase.py sends a
+        late phase two with it)."""
         tag, tags, bucket = self._place(req, count)
         ks, args = self._lists(
             req, idempotency_key, tag, keys.new_order_id(tag), count, queue_only, now_ms
