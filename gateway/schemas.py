@@ -11,7 +11,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from gateway.intake.mode import Mode
-from gateway.store.keys import ID_PATTERN
+from gateway.store.keys import ID_PATTERN, MAX_BUCKETS
 
 Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=ID_PATTERN)]
 EpochSeconds = Annotated[int, Meta(ge=0, le=253_402_300_799)]
@@ -43,7 +43,7 @@ class SkuConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     starts_at: EpochSeconds | None = None
     ends_at: EpochSeconds | None = None
     # hot-SKU stock buckets on different slots (README "Hot-SKU buckets"); fixed at creation
-    buckets: Annotated[int, Meta(ge=1, le=64)] = 1
+    buckets: Annotated[int, Meta(ge=1, le=MAX_BUCKETS)] = 1
 
 
 class OrderAccepted(Struct, frozen=True, kw_only=True, omit_defaults=True):

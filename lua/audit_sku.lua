@@ -3,11 +3,11 @@
   Reads the order records named by the holds index; they share the SKU's hash tag.
 
   KEYS[1] fg:{S}:sku (hash)   KEYS[2] fg:{S}:users (hash)   KEYS[3] fg:{S}:holds (zset)
-  ARGV[1] the order-record key prefix of S ("fg:{S}:o:")
+  ARGV[1] orders_prefix: the order-record key prefix of S ("fg:{S}:o:")
 
   Returns {exists, stock, available, held, sold, users_total, holds_count, holds_units,
-           holds_not_held, earliest_deadline_ms (0: none), backlog}
-           (all integers; exists 0 -> rest 0)
+           holds_not_held, earliest_deadline_ms, backlog}: all integers; exists 0: the SKU is
+           not configured (the rest 0); earliest_deadline_ms 0: no hold with a deadline
 ]]
 local rcall = redis.call
 local h = rcall('HMGET', KEYS[1], 'stock', 'available', 'held', 'sold', 'backlog')

@@ -13,7 +13,8 @@
      1 CLAIMED       the key is this request's: run the SKU's script, then settle
      2 DONE_SAME     accepted earlier with this fingerprint: the SKU's script replays it
      3 PENDING_SAME  a request with this fingerprint is in progress: only a replay may answer
-     4 STALE         an abandoned claim: fence its token on its SKU, settle it, claim again
+     4 STALE         an abandoned claim (its token and fingerprint): fence its token on its
+                     SKU, settle it, claim again
     -5 KEY_REUSED    accepted earlier with another fingerprint
     -8 IN_USE        another request with this key is in progress
 ]]

@@ -3,31 +3,32 @@
   atomic step. Checks before the first write: a refused change writes and records nothing.
   Time from the server's TIME (epoch ms).
 
-  KEYS[1] fg:{S}:sku     (hash)   promotion_id stock available held sold per_user_limit
+  KEYS[1] fg:{S}:sku (hash)       promotion_id stock available held sold per_user_limit
                                   starts_at ends_at (epoch s, optional)
   KEYS[2] fg:{S}:changes (stream) at by client action (created | updated), then
                                   before:<field> (updated only) and after:<field> for each of
                                   promotion_id stock per_user_limit starts_at ends_at
-                                  ("" = no window bound); trimmed to about ARGV[8] entries
+                                  ("" = no window bound); trimmed to about changes_kept entries
   ARGV[1] promotion_id  ARGV[2] stock  ARGV[3] per_user_limit
   ARGV[4] starts_at ("" = none)  ARGV[5] ends_at ("" = none)
-  ARGV[6] by (operator name)  ARGV[7] client address ("" = unknown)  ARGV[8] changes kept
-  ARGV[9] how the stock is set: "set" (ARGV[2] is the stock: a SKU without buckets) |
-          "init" (a new bucket starts with ARGV[2]; an existing one keeps its stock: buckets
+  ARGV[6] by (operator name)  ARGV[7] client (address, "" = unknown)  ARGV[8] changes_kept
+  ARGV[9] stock_mode: how the stock is set: "set" (stock is the stock: a SKU without buckets)
+          | "init" (a new bucket starts with stock; an existing one keeps its stock: buckets
           1..K-1 of a bucketed SKU) | "total" (bucket 0 of a bucketed SKU: a new one starts with
-          ARGV[2], its share; an existing one changes by the difference between ARGV[11] and
+          stock, its share; an existing one changes by the difference between total_stock and
           the stored total, so two changes at once cannot both apply a difference)
-  ARGV[10] the SKU's bucket count as the caller takes it ("" = any): refused (-2, nothing
-           written) when the stored one differs; stored when more than 1
-  ARGV[11] a bucketed SKU's new total stock (bucket 0; "" otherwise): stored as total_stock and
-           logged as its stock
-  ARGV[12] "1": append the change to KEYS[2] | "0": do not (buckets other than 0)
+  ARGV[10] buckets: the SKU's bucket count as the caller takes it ("" = any): refused (-2,
+           nothing written) when the stored one differs; stored when more than 1
+  ARGV[11] total_stock: a bucketed SKU's new total stock (bucket 0; "" otherwise): stored as
+           total_stock and logged as its stock
+  ARGV[12] log_change: "1": append the change to the changes stream | "0": do not (buckets
+           other than 0)
 
   Returns {code, detail}:
-     1 CREATED            detail: 0
-     2 UPDATED            detail: 0
+     1 CREATED                detail: 0
+     2 UPDATED                detail: 0
     -1 STOCK_BELOW_COMMITTED  detail: units held plus sold
-    -2 BUCKETS_FIXED      detail: the stored bucket count
+    -2 BUCKETS_FIXED          detail: the stored bucket count
 ]]
 local rcall = redis.call
 for i = 9, 12 do

@@ -4,13 +4,13 @@
   or after the deadline loses to the expiry. Every check runs before the first write.
 
   KEYS[1] fg:{S}:pay:<payment_id> (hash) order_id at
-  KEYS[2] fg:{S}:o:<rand>  (hash)   the order record
-  KEYS[3] fg:{S}:holds     (zset)   order_id -> hold deadline ms
-  KEYS[4] fg:{S}:stream    (stream) the order stream
-  KEYS[5] optional fg:{p:<payment_id>} (string) order_id: the payment_id across SKUs
+  KEYS[2] fg:{S}:o:<rand> (hash)   the order record
+  KEYS[3] fg:{S}:holds (zset)      order_id -> hold deadline ms
+  KEYS[4] fg:{S}:stream (stream)   the order stream
+  KEYS[5] fg:{p:<payment_id>} (string, optional) order_id: the payment_id across SKUs
   ARGV[1] payment_id   ARGV[2] order_id   ARGV[3] now_ms ("" = server TIME)
-  ARGV[4] "1": the gateway waits for durability (WAITAOF): a replay counts itself on KEYS[1]
-          (a write), so the wait covers the payment it answers for
+  ARGV[4] durable: "1": the gateway waits for durability (WAITAOF): a replay counts itself on
+          the payment record (a write), so the wait covers the payment it answers for
 
   Returns {code}: 1 ACCEPTED, 2 REPLAYED (same payment, same order), -1 UNKNOWN_ORDER,
                   -2 PAYMENT_REUSED (this payment_id confirmed another order)

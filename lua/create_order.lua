@@ -1,31 +1,35 @@
 --[[ create_order: idempotency claim, checks and enqueue of one order, atomically; in hold mode
   also the stock hold. Every check runs before the first write (scripts do not roll back).
-  Time in epoch milliseconds, from the server's TIME unless ARGV[9] is given.
+  Time in epoch milliseconds, from the server's TIME unless now_ms is given.
 
-  KEYS[1] fg:{S}:sku      (hash)   promotion_id stock available held sold per_user_limit
+  KEYS[1] fg:{S}:sku (hash)        promotion_id stock available held sold per_user_limit
                                    starts_at ends_at (epoch s, optional) backlog
-  KEYS[2] fg:{S}:users    (hash)   user_id -> units held or bought
-  KEYS[3] fg:{S}:holds    (zset)   order_id -> hold deadline ms
-  KEYS[4] fg:{S}:stream   (stream) order stream
+  KEYS[2] fg:{S}:users (hash)      user_id -> units held or bought
+  KEYS[3] fg:{S}:holds (zset)      order_id -> hold deadline ms
+  KEYS[4] fg:{S}:stream (stream)   order stream
   KEYS[5] fg:{S}:o:<rand> (hash)   the new order record
   KEYS[6] fg:{S}:idem:<user>:<key> (string) fingerprint "\n" order_id "\n" hold deadline ms
                                    (empty when QUEUED): the first answer, rebuilt on replay;
                                    or "!\n<token>..." tokens of abandoned claims (fence_key.lua)
   KEYS[7] fg:{S}:accepted (zset)   "<key>:<user>" of every 202 -> replay deadline ms
-  KEYS[8] optional fg:{u:<user>}:ik:<key> (string) sku_id (cross-SKU key reuse guard)
+  KEYS[8] fg:{u:<user>}:ik:<key> (string, optional) sku_id (cross-SKU key reuse guard)
 
   ARGV[1] order_id      ARGV[2] user_id   ARGV[3] sku_id   ARGV[4] quantity
   ARGV[5] promotion_id  ARGV[6] fingerprint (sku|quantity|promotion)
   ARGV[7] hold_ttl_ms   ARGV[8] idempotency_ttl_ms   ARGV[9] now_ms ("" = server TIME)
   ARGV[10] mode: "hold" (NORMAL: stock, limit and hold) | "queue" (QUEUE_ONLY: no stock read)
   ARGV[11] queue_max: most unprocessed orders (backlog) the SKU's stream may hold
-  ARGV[12] "<key>:<user>", this request's member of KEYS[7]
-  ARGV[13] cluster mode: the token of this request's claim on (user, key) (claim_key.lua), "" if none
-  ARGV[14] "1": only a replay may answer (another request with this key is in progress)
-  ARGV[15] how many stock buckets the gateway takes the SKU to have ("1": not bucketed); when
-           KEYS[1] says otherwise nothing is written and the gateway asks again
-  ARGV[16] "1": the gateway waits for this connection's writes to be durable (WAITAOF): a
-           replay then touches its record (a write), so the wait covers the order it answers
+  ARGV[12] accepted_member: "<key>:<user>", this request's member of the accepted set
+  ARGV[13] claim_token: cluster mode: the token of this request's claim on (user, key)
+           (claim_key.lua), "" if none
+  ARGV[14] replay_only: "1": only a replay may answer (another request with this key is in
+           progress)
+  ARGV[15] buckets: how many stock buckets the gateway takes the SKU to have ("1": not
+           bucketed); when the SKU's hash says otherwise nothing is written and the gateway
+           asks again
+  ARGV[16] durable: "1": the gateway waits for this connection's writes to be durable
+           (WAITAOF): a replay then touches its record (a write), so the wait covers the order
+           it answers
 
   Returns {code, payload}:
      1 CREATED         payload: the 202 body (also stored for replays)

@@ -3,11 +3,11 @@
   order leaves the backlog too (once), so intake is not throttled by entries nobody processes.
 
   KEYS[1] fg:{S}:stream (stream)   KEYS[2] fg:{S}:dead (stream)   KEYS[3] fg:{S}:sku (hash)
-  KEYS[4] optional fg:{S}:o:<rand> (hash) the order of a "created" entry
-  ARGV[1] consumer group   ARGV[2] entry id   ARGV[3] reason
-  ARGV[4..] the entry's fields and values, in pairs
+  KEYS[4] fg:{S}:o:<rand> (hash, optional) the order of a "created" entry
+  ARGV[1] group (the consumer group)   ARGV[2] entry_id   ARGV[3] reason
+  ARGV[4..] fields: the entry's fields and values, in pairs
 
-  Returns {1}
+  Returns {code}: 1 DEAD_LETTERED
 ]]
 local rcall = redis.call
 local dead = {KEYS[2], '*', 'entry_id', ARGV[2], 'reason', ARGV[3]}

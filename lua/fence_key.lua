@@ -5,9 +5,9 @@
 
   KEYS[1] fg:{S}:idem:<user>:<key> (string) the SKU's record (create_order.lua), or
           "!\n<token>\n<token>..." fenced tokens of abandoned claims
-  ARGV[1] the abandoned claim's token   ARGV[2] ttl_ms   ARGV[3] most tokens kept
+  ARGV[1] token: the abandoned claim's   ARGV[2] ttl_ms   ARGV[3] tokens_kept: most kept
 
-  Returns 1 when the order exists, 0 when the token is fenced.
+  Returns code: 1 ORDER_EXISTS, 0 FENCED
 ]]
 local rcall = redis.call
 local stored = rcall('GET', KEYS[1])

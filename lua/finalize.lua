@@ -2,15 +2,15 @@
   entry is never acknowledged without its effect and never applied twice (a redelivered entry
   finds its effect already there). Every check runs before the first write.
 
-  KEYS[1] fg:{S}:sku      (hash)   counters and sale config (see create_order.lua)
-  KEYS[2] fg:{S}:users    (hash)   user_id -> units held or bought
-  KEYS[3] fg:{S}:holds    (zset)   order_id -> hold deadline ms
-  KEYS[4] fg:{S}:stream   (stream) the order stream (XACK)
+  KEYS[1] fg:{S}:sku (hash)        counters and sale config (see create_order.lua)
+  KEYS[2] fg:{S}:users (hash)      user_id -> units held or bought
+  KEYS[3] fg:{S}:holds (zset)      order_id -> hold deadline ms
+  KEYS[4] fg:{S}:stream (stream)   the order stream (XACK)
   KEYS[5] fg:{S}:o:<rand> (hash)   the order record
-  KEYS[6] fg:{S}:events   (stream) outbound events: every final state, with the order record
-  KEYS[7] fg:{S}:pay:<payment_id> (hash) order_id at applied ("paid" entries only)
+  KEYS[6] fg:{S}:events (stream)   outbound events: every final state, with the order record
+  KEYS[7] fg:{S}:pay:<payment_id> (hash, optional) order_id at applied ("paid" entries only)
 
-  ARGV[1] consumer group   ARGV[2] entry id   ARGV[3] event: "created" | "paid"
+  ARGV[1] group (the consumer group)   ARGV[2] entry_id   ARGV[3] event: "created" | "paid"
   ARGV[4] order_id         ARGV[5] payment_id ("" for "created")
   ARGV[6] hold_ttl_ms      ARGV[7] now_ms ("" = server TIME)
 
@@ -23,7 +23,8 @@
     a REJECTED or settled order, or a second payment, changes no state and emits
     "refund_needed". A QUEUED order is decided first.
 
-  Returns {code, status}: 1 APPLIED, 0 DUPLICATE (effect already stored), -1 UNKNOWN_ORDER
+  Returns {code, status}: 1 APPLIED, 0 DUPLICATE (effect already stored), -1 UNKNOWN_ORDER;
+    status: the order's status after the entry ("" for an unknown order)
 ]]
 local rcall = redis.call
 local now

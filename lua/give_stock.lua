@@ -3,10 +3,10 @@
   (the mover and the sweeper may both complete one transfer); transfers_in counts arrivals.
 
   KEYS[1] fg:{B}:sku (hash)   KEYS[2] fg:{B}:received (zset) transfer id -> received at ms
-  ARGV[1] transfer id   ARGV[2] units   ARGV[3] now_ms ("" = server TIME)
-  ARGV[4] how long a received id is remembered (ms)
+  ARGV[1] transfer_id   ARGV[2] units   ARGV[3] now_ms ("" = server TIME)
+  ARGV[4] received_kept_ms: how long a received id is remembered
 
-  Returns 1 when applied now, 0 when it had been applied before.
+  Returns code: 1 GIVEN (applied now), 0 ALREADY_GIVEN (applied before)
 ]]
 local rcall = redis.call
 if rcall('ZSCORE', KEYS[2], ARGV[1]) then

@@ -1,12 +1,12 @@
 --[[ settle_key: phase three of a cross-slot intake (see claim_key.lua), and the recovery of an
-  abandoned claim: the claim made with ARGV[1] becomes "accepted" (kept for the idempotency
+  abandoned claim: the claim made with this token becomes "accepted" (kept for the idempotency
   window) or is released (a refused request leaves no trace). A claim that is no longer this
   token's (settled or recovered by another request) is left alone.
 
   KEYS[1] fg:{u:<user>}:ik:<key> (string) see claim_key.lua
-  ARGV[1] token  ARGV[2] "done" | "release"  ARGV[3] fingerprint  ARGV[4] ttl_ms
+  ARGV[1] token  ARGV[2] outcome: "done" | "release"  ARGV[3] fingerprint  ARGV[4] ttl_ms
 
-  Returns 1 when settled, 0 when the claim was not this token's.
+  Returns code: 1 SETTLED, 0 NOT_MINE (the claim was not this token's)
 ]]
 local rcall = redis.call
 local stored = rcall('GET', KEYS[1])

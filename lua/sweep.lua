@@ -1,15 +1,16 @@
---[[ sweep: release up to ARGV[2] holds of one SKU whose deadline has passed, atomically:
+--[[ sweep: release up to batch holds of one SKU whose deadline has passed, atomically:
   stock and the user's count come back, HELD -> EXPIRED, an "EXPIRED" outbound event. Holds paid
   in time carry the deadline +inf and are never selected; each order is re-checked, so two
   sweepers never release one hold twice.
 
   KEYS[1] fg:{S}:sku (hash)   KEYS[2] fg:{S}:users (hash)   KEYS[3] fg:{S}:holds (zset)
   KEYS[4] fg:{S}:events (stream)
-  ARGV[1] now_ms ("" = server TIME)   ARGV[2] batch size   ARGV[3] order-record prefix "fg:{S}:o:"
-  ARGV[4] how many due holds to skip (kept in the index by an earlier call of this sweep)
+  ARGV[1] now_ms ("" = server TIME)   ARGV[2] batch (most holds looked at)
+  ARGV[3] orders_prefix: the order-record key prefix "fg:{S}:o:"
+  ARGV[4] skip: how many due holds to skip (kept in the index by an earlier call of this sweep)
 
-  Returns {released, units, selected, removed from the index} (selected == batch size: call
-  again, skipping the ones kept)
+  Returns {released, units, selected, removed}: orders expired, their units, due holds looked
+    at (== batch: call again, skipping the ones kept), holds removed from the index
 ]]
 local rcall = redis.call
 local now

@@ -2,14 +2,16 @@
   where), publish it. A switch to the current mode changes and records nothing. Time from the
   server's TIME.
 
-  KEYS[1] fg:{mode}         (hash) mode changed_at (epoch ms)
+  KEYS[1] fg:{mode} (hash)         mode changed_at (epoch ms)
   KEYS[2] fg:{mode}:history (list) {"from","to","at","by","client"} JSON, newest first
                                    (entries recorded before by/client existed lack them)
-  ARGV[1] new mode ("NORMAL" | "QUEUE_ONLY")   ARGV[2] notice channel   ARGV[3] history kept
-  ARGV[4] by (operator name)   ARGV[5] client address ("" = unknown: null in the entry)
+  ARGV[1] mode: the new one ("NORMAL" | "QUEUE_ONLY")   ARGV[2] channel (of notices)
+  ARGV[3] history_kept   ARGV[4] by (operator name)
+  ARGV[5] client (address, "" = unknown: null in the entry)
   by and client go into the JSON through cjson.encode, whatever they hold.
 
-  Returns {changed (1 | 0), mode, changed_at ("" = never switched)}
+  Returns {changed, mode, changed_at}: changed 1 | 0, the mode now, changed_at epoch ms ("" =
+    never switched)
 ]]
 local rcall = redis.call
 local cur = rcall('HMGET', KEYS[1], 'mode', 'changed_at')

@@ -5,14 +5,16 @@
   + sold holds in this bucket before and after.
 
   KEYS[1] fg:{B}:sku (hash)   KEYS[2] fg:{B}:transfers (hash) id -> "<units>\n<to tag>\n<at ms>"
-  ARGV[1] transfer id   ARGV[2] units needed   ARGV[3] the receiving bucket's tag
+  ARGV[1] transfer_id   ARGV[2] units: needed   ARGV[3] to_tag: the receiving bucket's tag
   ARGV[4] now_ms ("" = server TIME)
 
   Takes the units needed, or what is available when that is less: never more, so no bucket
-  gets stock its shoppers did not ask for. Returns {units taken, transfers out of this bucket
-  in flight, transfers this bucket ever received}: a caller that found nothing anywhere looks
-  again while a transfer is in flight or one landed during its look, so a shopper is never
-  refused while stock is moving.
+  gets stock its shoppers did not ask for. A caller that found nothing anywhere looks again
+  while a transfer is in flight or one landed during its look, so a shopper is never refused
+  while stock is moving.
+
+  Returns {units, in_flight, received}: units taken, transfers out of this bucket in flight,
+    transfers this bucket ever received
 ]]
 local rcall = redis.call
 local h = rcall('HMGET', KEYS[1], 'available', 'transfers_in')

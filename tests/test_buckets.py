@@ -20,7 +20,8 @@ from gateway.errors import BackendUnavailable
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
 from gateway.store import keys
-from gateway.store.inventory import ConfigureResult, CreateResult, Inventory, PaymentResult
+from gateway.store.inventory import Inventory
+from gateway.store.outcomes import ConfigureResult, CreateResult, PaymentResult
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.finalizer import Finalizer
 from gateway.workers.sweeper import Sweeper

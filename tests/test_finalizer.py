@@ -16,7 +16,8 @@ from redis.asyncio import Redis
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
 from gateway.store import figures, keys
-from gateway.store.inventory import CreateResult, Inventory, PaymentResult, history_problem
+from gateway.store.inventory import Inventory
+from gateway.store.outcomes import CreateResult, PaymentResult, history_problem
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.finalizer import Finalizer
 from gateway.workers.sweeper import Sweeper

@@ -10,7 +10,8 @@ from redis.asyncio import Redis
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
 from gateway.store import keys
-from gateway.store.inventory import CreateResult, Inventory
+from gateway.store.inventory import Inventory
+from gateway.store.outcomes import CreateResult
 from gateway.transport.scripts import ScriptRegistry
 
 

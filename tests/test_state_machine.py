@@ -57,13 +57,9 @@ from gateway.intake.mode import Mode, ModeStore
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
 from gateway.store import keys
-from gateway.store.inventory import (
-    AuditRow,
-    ConfigureResult,
-    CreateResult,
-    Inventory,
-    PaymentResult,
-)
+from gateway.store.audit import AuditRow
+from gateway.store.inventory import Inventory
+from gateway.store.outcomes import ConfigureResult, CreateResult, PaymentResult
 from gateway.transport.connect import create_client
 from gateway.transport.scripts import LuaScript, ScriptRegistry
 from gateway.workers.finalizer import Finalizer

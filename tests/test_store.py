@@ -11,7 +11,8 @@ from redis.asyncio import Redis
 from gateway.errors import BackendUnavailable
 from gateway.schemas import OrderRequest
 from gateway.settings import Settings
-from gateway.store.inventory import CreateResult, Inventory
+from gateway.store.inventory import Inventory
+from gateway.store.outcomes import CreateResult
 from gateway.transport.connect import create_client, create_script_client
 from gateway.transport.scripts import ScriptRegistry
 from tests.support.api import ADMIN, MakeClient, create, put_sku
@@ -174,7 +175,7 @@ async def test_readyz_turns_503_when_redis_stops_answering(settings: Settings) -
 @KINDS
 async def test_refused_connect_is_never_resent(kind: str, loaded: ScriptRegistry) -> None:
     from gateway.ops.embedded import free_port
-    from gateway.store.inventory import _maybe_sent
+    from gateway.store.sending import maybe_sent as _maybe_sent
 
     url = f"redis://127.0.0.1:{free_port()}/0"
     inv = inventory_on(url, loaded, Settings(redis_timeout_ms=300), kind)

@@ -12,7 +12,8 @@ from redis.asyncio import Redis
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
 from gateway.store import keys
-from gateway.store.inventory import CreateResult, Inventory, PaymentResult
+from gateway.store.inventory import Inventory
+from gateway.store.outcomes import CreateResult, PaymentResult
 from gateway.transport.scripts import ScriptRegistry
 from tests.support.state import BOTH_BACKENDS
 

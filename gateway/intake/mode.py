@@ -18,11 +18,12 @@ from typing import Any
 import msgspec
 
 from gateway.intake.soldout import SoldOutMemo
-from gateway.store import keys
+from gateway.store import calls, keys
+from gateway.store.keys import DEFAULT_OPERATOR
+from gateway.store.outcomes import ModeChange
 from gateway.telemetry import metrics
 from gateway.transport.connect import Client
 from gateway.transport.replies import REDIS_FAILURES
-from gateway.web.operators import DEFAULT_OPERATOR
 
 log = logging.getLogger("flashgate")
 
@@ -75,12 +76,10 @@ class ModeStore:
     async def switch(self, mode: Mode, *, by: str = DEFAULT_OPERATOR, client: str = "") -> bool:
         """Set the mode; True when it changed. Every gateway applies it within `refresh_s`.
         A change is recorded with who made it (`by`) and from where (`client`, "" unknown)."""
-        changed, _, _ = await self._switch(
-            self.redis,
-            [keys.MODE, keys.MODE_HISTORY],
-            (mode.value, keys.NOTICES, HISTORY_KEPT, by, client),
+        call = calls.switch_mode(
+            mode=mode.value, channel=keys.NOTICES, history_kept=HISTORY_KEPT, by=by, client=client
         )
-        return bool(changed)
+        return bool(ModeChange.of(await self._switch(self.redis, *call)).changed)
 
 
 class NoticeWatcher:

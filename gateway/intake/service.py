@@ -17,7 +17,9 @@ from gateway.intake.limiter import TokenBucket
 from gateway.intake.mode import Mode, NoticeWatcher
 from gateway.intake.soldout import SoldOutMemo
 from gateway.schemas import OrderRequest
-from gateway.store.inventory import CreateResult, Inventory, accepted_member
+from gateway.store.inventory import Inventory
+from gateway.store.orders import accepted_member
+from gateway.store.outcomes import CreateResult
 from gateway.telemetry import metrics
 
 log = logging.getLogger("flashgate")

@@ -20,7 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.store import keys
+from gateway.store import calls, keys
+from gateway.store.outcomes import Taken
 from gateway.transport.connect import Client
 from gateway.transport.replies import text
 from gateway.transport.scripts import Executor, ScriptRegistry
@@ -121,17 +122,16 @@ class Mover:
         for step in range(1, count):
             donor = keys.SkuKeys(tags[(to + step) % count])
             transfer_id = secrets.token_hex(8)
-            units, moving, received = await self._take(
-                self.client,
-                [donor.sku, donor.transfers],
-                (transfer_id, need - moved, tags[to], ""),
+            take = calls.take_stock(
+                donor, transfer_id=transfer_id, units=need - moved, to_tag=tags[to], now_ms=None
             )
-            in_flight += int(moving)
-            arrivals += int(received)
-            if not units:
+            taken = Taken.of(await self._take(self.client, *take))
+            in_flight += taken.in_flight
+            arrivals += taken.received
+            if not taken.units:
                 continue
-            await self.complete(donor, Transfer(transfer_id, int(units), tags[to], 0))
-            moved += int(units)
+            await self.complete(donor, Transfer(transfer_id, taken.units, tags[to], 0))
+            moved += taken.units
             if moved >= need:
                 break
         self.moved += moved
@@ -142,21 +142,24 @@ class Mover:
         transfer); returns the units moved."""
         donor = keys.SkuKeys(from_tag)
         transfer_id = secrets.token_hex(8)
-        taken, _, _ = await self._take(
-            self.client, [donor.sku, donor.transfers], (transfer_id, units, to_tag, "")
+        take = calls.take_stock(
+            donor, transfer_id=transfer_id, units=units, to_tag=to_tag, now_ms=None
         )
-        if int(taken):
-            await self.complete(donor, Transfer(transfer_id, int(taken), to_tag, 0))
-        return int(taken)
+        taken = Taken.of(await self._take(self.client, *take)).units
+        if taken:
+            await self.complete(donor, Transfer(transfer_id, taken, to_tag, 0))
+        return taken
 
     async def complete(self, donor: keys.SkuKeys, transfer: Transfer) -> None:
         """Give a journaled transfer's units to its bucket (once), then drop the entry."""
-        to = keys.SkuKeys(transfer.to_tag)
-        await self._give(
-            self.client,
-            [to.sku, to.received],
-            (transfer.transfer_id, transfer.units, "", RECEIVED_KEPT_MS),
+        give = calls.give_stock(
+            keys.SkuKeys(transfer.to_tag),
+            transfer_id=transfer.transfer_id,
+            units=transfer.units,
+            now_ms=None,
+            received_kept_ms=RECEIVED_KEPT_MS,
         )
+        await self._give(self.client, *give)  # Given: now or before, the units are there
         await self.client.execute_command("HDEL", donor.transfers, transfer.transfer_id)
 
     async def complete_stale(self, redis: Client, tag: str, stale_ms: int) -> int:

@@ -50,6 +50,7 @@ MODE_HISTORY = f"{MODE}:history"
 # back: forget that the SKU was sold out). Channels are not keys: any node relays them.
 NOTICES = f"{PREFIX}:notices"
 STOCK_NOTICE = b"stock:"
+DEFAULT_OPERATOR = "operator"  # who made a change, recorded when no name was given
 
 
 def stock_notice(sku_id: str) -> str:
@@ -62,7 +63,7 @@ ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}\Z"
 ORDER_ID_PATTERN = r"^[a-z2-7]{26}\.[A-Za-z0-9_.:\-]{1,64}(?:~[0-9]{1,2}~[0-9]{1,6})?\Z"
 _ORDER_ID = re.compile(ORDER_ID_PATTERN)
 BUCKET_SEP = "~"
-MAX_BUCKETS = 64
+MAX_BUCKETS = 64  # stock buckets of one SKU, at most
 SLOTS = 16384
 
 

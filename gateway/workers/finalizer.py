@@ -28,8 +28,9 @@ from redis.exceptions import (
 )
 
 from gateway.settings import Settings
-from gateway.store import keys
+from gateway.store import calls, keys
 from gateway.store.buckets import Layouts, Mover
+from gateway.store.outcomes import Finalized, FinalizeResult
 from gateway.transport.connect import Client, create_script_client
 from gateway.transport.durable import acked
 from gateway.transport.replies import REDIS_FAILURES, text
@@ -90,7 +91,6 @@ class Finalizer:
         self.claim_every_s = CLAIM_EVERY_S if settings.redis_cluster else 0.0
         self._claimed = False  # the last look for idle entries found some
         self.applied = 0
-        self.dead_lettered = 0
 
     async def refresh_streams(self) -> None:
         """Join the group on every configured SKU's streams (one per stock bucket; created
@@ -182,14 +182,21 @@ class Finalizer:
             await self._dead_letter(stream, sku_id, entry, "malformed entry")
             return 1
         sk = keys.SkuKeys(sku_id)
-        ks = [sk.sku, sk.users, sk.holds, stream, sk.order(order_id), sk.events]
-        if event == "paid":
-            ks.append(sk.payment(payment_id))
-        elif (self.layouts.known(sk.sku_id) or 1) > 1:
+        if event == "created" and (self.layouts.known(sk.sku_id) or 1) > 1:
             await self._refill_for(sk, order_id)
-        args = (self.group, entry_id, event, order_id, payment_id, self._hold_ttl_ms, "")
+        call = calls.finalize(
+            sk,
+            stream,
+            group=self.group,
+            entry_id=entry_id,
+            event="paid" if event == "paid" else "created",
+            order_id=order_id,
+            payment_id=payment_id,
+            hold_ttl_ms=self._hold_ttl_ms,
+            now_ms=None,
+        )
         try:
-            applied, status = await self._finalize(self.redis, ks, args)
+            done = Finalized.of(await self._finalize(self.redis, *call))
         except CLUSTER_MOMENTS:
             raise  # a slot moving or a failover: waited out like an outage, not held against it
         except ResponseError as exc:  # the script refused: this entry's fault, not Redis's
@@ -198,7 +205,7 @@ class Finalizer:
 
             return await self._failed(stream, sku_id, entry, str(exc))
         self.applied += 1
-        if applied and status == b"PAID_AFTER_EXPIRY":
+        if done.code is FinalizeResult.APPLIED and done.status == "PAID_AFTER_EXPIRY":
             # A late payment may have released a hold: sold-out memos must look again.
             await self.redis.publish(keys.NOTICES, keys.stock_notice(sk.sku_id))
         return 1
@@ -237,15 +244,20 @@ class Finalizer:
 
     async def _dead_letter(self, stream: str, sku_id: str, entry: Entry, reason: str) -> None:
         entry_id, fields = entry
-        sk = keys.SkuKeys(sku_id)
-        ks = [stream, sk.dead, sk.sku]
-        order_id = fields.get(b"order_id", b"").decode(errors="replace")
-        parts = keys.split_order_id(order_id)
-        if fields.get(b"event") == b"created" and parts is not None and parts[1] == sku_id:
-            ks.append(sk.order(order_id))
-        flat = [x for pair in fields.items() for x in pair]
-        await self._dead(self.redis, ks, (self.group, entry_id, reason, *flat))
-        self.dead_lettered += 1
+        order_id: str | None = fields.get(b"order_id", b"").decode(errors="replace")
+        parts = keys.split_order_id(order_id or "")
+        if fields.get(b"event") != b"created" or parts is None or parts[1] != sku_id:
+            order_id = None  # no order of this stream's to take out of the backlog
+        call = calls.dead_letter(
+            keys.SkuKeys(sku_id),
+            stream,
+            order_id,
+            group=self.group,
+            entry_id=entry_id,
+            reason=reason,
+            fields=[x for pair in fields.items() for x in pair],
+        )
+        await self._dead(self.redis, *call)
         log.error("entry %s of %s dead-lettered: %s", entry_id, stream, reason)
 
     async def trim(self) -> int:

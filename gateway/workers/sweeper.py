@@ -11,8 +11,9 @@ import logging
 from redis.exceptions import ResponseError
 
 from gateway.settings import Settings
-from gateway.store import keys
+from gateway.store import calls, keys
 from gateway.store.buckets import Layouts, Mover
+from gateway.store.outcomes import Swept
 from gateway.transport.connect import Client, create_script_client
 from gateway.transport.durable import acked
 from gateway.transport.replies import REDIS_FAILURES, text
@@ -43,14 +44,15 @@ class Sweeper:
         tags = await self.layouts.all_tags(sku_id)
         for tag in tags:
             sk = keys.SkuKeys(tag)
-            ks = [sk.sku, sk.users, sk.holds, sk.events]
             kept = 0  # due holds left in the index (a record missing): skipped next call
             while True:
-                args = ("" if now_ms is None else now_ms, self.batch, sk.orders_prefix, kept)
-                released, _, selected, removed = await self._sweep(self.redis, ks, args)
-                total += int(released)
-                kept += int(selected) - int(removed)
-                if int(selected) < self.batch:
+                call = calls.sweep(
+                    sk, now_ms=now_ms, batch=self.batch, orders_prefix=sk.orders_prefix, skip=kept
+                )
+                swept = Swept.of(await self._sweep(self.redis, *call))
+                total += swept.released
+                kept += swept.selected - swept.removed
+                if swept.selected < self.batch:
                     break
             if len(tags) > 1:
                 completed = await self.mover.complete_stale(self.redis, tag, self.stale_ms)

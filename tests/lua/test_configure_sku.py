@@ -9,8 +9,9 @@ from redis.asyncio import Redis
 
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
-from gateway.store import keys
-from gateway.store.inventory import ConfigureResult, CreateResult, Inventory
+from gateway.store import calls, keys
+from gateway.store.inventory import Inventory
+from gateway.store.outcomes import ConfigureResult, CreateResult
 from gateway.transport.scripts import ScriptRegistry
 
 pytestmark = pytest.mark.lua
@@ -128,8 +129,22 @@ async def test_the_change_log_is_trimmed(inv: Inventory, redis: Redis) -> None:
     sk = keys.SkuKeys("s")
     await redis.sadd(keys.SKU_REGISTRY, "s")
     for stock in range(300):
-        args = ("p", stock, 1, "", "", "ops", "", 10)
-        assert (await script(redis, [sk.sku, sk.changes], args))[0] > 0
+        call = calls.configure_sku(
+            sk,
+            promotion_id="p",
+            stock=stock,
+            per_user_limit=1,
+            starts_at=None,
+            ends_at=None,
+            by="ops",
+            client="",
+            changes_kept=10,
+            stock_mode="set",
+            buckets=None,
+            total_stock=None,
+            log_change=True,
+        )
+        assert (await script(redis, *call))[0] > 0
     # MAXLEN ~: whole stream nodes (100 entries by default) are dropped, never the newest 10.
     assert 10 <= await redis.xlen(sk.changes) < 300
     changes = await inv.sku_changes("s", 1)

@@ -1,0 +1,220 @@
+"""What the Lua scripts answer, typed: one IntEnum per script that answers a code, one small
+NamedTuple per script that answers figures (field names as in the script's `Returns` line);
+and the order-state contract the audit checks every order's history against.
+
+tests/test_script_contracts.py holds these to the headers of lua/*.lua.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+import msgspec
+
+from gateway.transport.replies import text
+
+
+class CreateResult(IntEnum):
+    """create_order.lua."""
+
+    CREATED = 1
+    REPLAYED = 2
+    UNKNOWN_SKU = -1
+    NOT_ACTIVE = -2
+    SOLD_OUT = -3
+    LIMIT_EXCEEDED = -4
+    KEY_REUSED = -5
+    QUEUE_FULL = -6
+    CLAIM_LOST = -7  # cluster mode: this request's claim was recovered as abandoned
+    IN_USE = -8  # cluster mode: another request with this key is in progress
+    LAYOUT = -9  # the SKU has another number of stock buckets than the request assumed
+
+
+class Claim(IntEnum):
+    """claim_key.lua (cluster mode's phase one)."""
+
+    CLAIMED = 1
+    DONE_SAME = 2
+    PENDING_SAME = 3
+    STALE = 4
+    KEY_REUSED = -5
+    IN_USE = -8
+
+
+class Settled(IntEnum):
+    """settle_key.lua."""
+
+    SETTLED = 1
+    NOT_MINE = 0  # the claim was not this token's
+
+
+class Fenced(IntEnum):
+    """fence_key.lua."""
+
+    ORDER_EXISTS = 1
+    FENCED = 0
+
+
+class Released(IntEnum):
+    """release_guard.lua."""
+
+    RELEASED = 1
+    KEPT = 0
+
+
+class PaymentResult(IntEnum):
+    """confirm_payment.lua."""
+
+    ACCEPTED = 1
+    REPLAYED = 2
+    UNKNOWN_ORDER = -1
+    PAYMENT_REUSED = -2
+
+
+class ConfigureResult(IntEnum):
+    """configure_sku.lua."""
+
+    CREATED = 1
+    UPDATED = 2
+    STOCK_BELOW_COMMITTED = -1
+    BUCKETS_FIXED = -2  # the bucket count of an existing SKU cannot change
+
+
+class FinalizeResult(IntEnum):
+    """finalize.lua."""
+
+    APPLIED = 1
+    DUPLICATE = 0  # the effect was already stored
+    UNKNOWN_ORDER = -1
+
+
+class DeadLettered(IntEnum):
+    """dead_letter.lua."""
+
+    DEAD_LETTERED = 1
+
+
+class Given(IntEnum):
+    """give_stock.lua."""
+
+    GIVEN = 1
+    ALREADY_GIVEN = 0
+
+
+class ClaimReply(NamedTuple):
+    """claim_key.lua: token and fingerprint are those of a STALE claim ("" otherwise)."""
+
+    code: Claim
+    token: str
+    fingerprint: str
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> ClaimReply:
+        return cls(Claim(raw[0]), text(raw[1]), text(raw[2]))
+
+
+class Finalized(NamedTuple):
+    """finalize.lua: the status after the entry ("" for an unknown order)."""
+
+    code: FinalizeResult
+    status: str
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> Finalized:
+        return cls(FinalizeResult(raw[0]), text(raw[1]))
+
+
+class AuditFigures(NamedTuple):
+    """audit_sku.lua: one SKU's counters and holds (exists 0: not configured, all else 0)."""
+
+    exists: int
+    stock: int
+    available: int
+    held: int
+    sold: int
+    users_total: int
+    holds_count: int
+    holds_units: int
+    holds_not_held: int
+    earliest_deadline_ms: int  # 0: no hold with a deadline
+    backlog: int
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> AuditFigures:
+        return cls._make(int(x) for x in raw)
+
+
+class Taken(NamedTuple):
+    """take_stock.lua: units taken, transfers out of the bucket in flight, transfers the
+    bucket ever received."""
+
+    units: int
+    in_flight: int
+    received: int
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> Taken:
+        return cls._make(int(x) for x in raw)
+
+
+class Swept(NamedTuple):
+    """sweep.lua: orders expired, their units, due holds looked at, holds out of the index."""
+
+    released: int
+    units: int
+    selected: int
+    removed: int
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> Swept:
+        return cls._make(int(x) for x in raw)
+
+
+class ModeChange(NamedTuple):
+    """switch_mode.lua: changed 1 | 0, the mode now, changed_at epoch ms ("" never)."""
+
+    changed: int
+    mode: str
+    changed_at: str
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> ModeChange:
+        return cls(int(raw[0]), text(raw[1]), text(raw[2]))
+
+
+# The order-state contract's transitions; (None, X) is the creation entry.
+TRANSITIONS = frozenset(
+    {
+        (None, "HELD"),
+        (None, "QUEUED"),
+        ("QUEUED", "HELD"),
+        ("QUEUED", "REJECTED"),
+        ("HELD", "CONFIRMED"),
+        ("HELD", "EXPIRED"),
+        ("HELD", "PAID_AFTER_EXPIRY"),
+        ("EXPIRED", "PAID_AFTER_EXPIRY"),
+    }
+)
+
+
+def history_problem(status: str, history: bytes, paid: bool) -> str | None:
+    """What is wrong with one order's history (None: it follows the contract)."""
+    try:
+        steps = [(h["from"], h["to"]) for h in msgspec.json.decode(history)]
+    except (msgspec.DecodeError, KeyError, TypeError):
+        return "unreadable history"
+    if not steps or steps[0][0] is not None:
+        return "history does not start with the creation"
+    for (_, prev_to), (frm, _) in zip(steps, steps[1:], strict=False):
+        if frm != prev_to:
+            return f"history jumps from {prev_to} to {frm}"
+    bad = [step for step in steps if step not in TRANSITIONS]
+    if bad:
+        return f"transition {bad[0][0]} -> {bad[0][1]} is not allowed"
+    if steps[-1][1] != status:
+        return f"status {status} but history ends at {steps[-1][1]}"
+    if status == "CONFIRMED" and not paid:
+        return "CONFIRMED without a payment"
+    return None
