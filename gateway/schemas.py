@@ -5,13 +5,23 @@ changed there."""
 
 from __future__ import annotations
 
+import enum
 from typing import Annotated
 
 import msgspec
 from msgspec import Meta, Struct
 
-from gateway.intake.mode import Mode
-from gateway.store.keys import ID_PATTERN, MAX_BUCKETS
+# \Z, not $: `$` also matches before a trailing newline, which would pass "id\n".
+ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}\Z"
+MAX_BUCKETS = 64  # stock buckets of one SKU, at most
+
+
+# The intake mode, shared by every worker and instance (`intake/mode.py`). No docstring: it
+# would become the schema's description in the OpenAPI document.
+class Mode(enum.StrEnum):
+    NORMAL = "NORMAL"
+    QUEUE_ONLY = "QUEUE_ONLY"
+
 
 Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=ID_PATTERN)]
 EpochSeconds = Annotated[int, Meta(ge=0, le=253_402_300_799)]

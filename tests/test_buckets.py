@@ -22,6 +22,7 @@ from gateway.settings import Settings
 from gateway.store import keys
 from gateway.store.inventory import Inventory
 from gateway.store.outcomes import ConfigureResult, CreateResult, PaymentResult
+from gateway.transport.cluster import SLOTS
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.finalizer import Finalizer
 from gateway.workers.sweeper import Sweeper
@@ -37,9 +38,9 @@ def test_bucket_tags_spread_over_the_slot_space() -> None:
         assert tags == keys.bucket_tags("hot", count)  # deterministic: every process agrees
         assert tags[0] == "hot" and len(set(tags)) == count
         assert all(keys.SkuKeys(t).sku_id == "hot" for t in tags)
-        base, width = key_slot(b"hot"), keys.SLOTS // count
+        base, width = key_slot(b"hot"), SLOTS // count
         for b, tag in enumerate(tags):
-            assert (key_slot(tag.encode()) - base - b * width) % keys.SLOTS < width
+            assert (key_slot(tag.encode()) - base - b * width) % SLOTS < width
         order_id = keys.new_order_id(tags[-1])
         assert keys.split_order_id(order_id) == (order_id[:26], tags[-1])
 

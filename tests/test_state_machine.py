@@ -53,8 +53,8 @@ from hypothesis.stateful import (
 )
 from redis.asyncio import Redis
 
-from gateway.intake.mode import Mode, ModeStore
-from gateway.schemas import OrderRequest, SkuConfig
+from gateway.intake.mode import ModeStore
+from gateway.schemas import Mode, OrderRequest, SkuConfig
 from gateway.settings import Settings
 from gateway.store import keys
 from gateway.store.audit import AuditRow

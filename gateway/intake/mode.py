@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 from typing import Any
 
 import msgspec
 
 from gateway.intake.soldout import SoldOutMemo
+from gateway.schemas import Mode
 from gateway.store import calls, keys
 from gateway.store.keys import DEFAULT_OPERATOR
 from gateway.store.outcomes import ModeChange
@@ -29,11 +29,6 @@ log = logging.getLogger("flashgate")
 
 HISTORY_KEPT = 100
 LISTEN_WAKE_S = 1.0  # longest a stop waits for the notice listener
-
-
-class Mode(enum.StrEnum):
-    NORMAL = "NORMAL"
-    QUEUE_ONLY = "QUEUE_ONLY"
 
 
 class ModeSwitch(msgspec.Struct, frozen=True, kw_only=True):

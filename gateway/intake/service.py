@@ -14,9 +14,9 @@ import math
 from gateway import errors
 from gateway.intake.breaker import CircuitBreaker, State
 from gateway.intake.limiter import TokenBucket
-from gateway.intake.mode import Mode, NoticeWatcher
+from gateway.intake.mode import NoticeWatcher
 from gateway.intake.soldout import SoldOutMemo
-from gateway.schemas import OrderRequest
+from gateway.schemas import Mode, OrderRequest
 from gateway.store.inventory import Inventory
 from gateway.store.orders import accepted_member
 from gateway.store.outcomes import CreateResult

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.store.keys import SLOTS
+from gateway.transport.cluster import SLOTS
 
 UNSETTLED_FLAGS = frozenset({"fail", "fail?", "handshake", "noaddr"})
 

@@ -41,6 +41,8 @@ from collections.abc import Iterator
 
 from redis.crc import key_slot
 
+from gateway.transport.cluster import SLOTS
+
 PREFIX = "fg"
 FINALIZER_GROUP = "finalizers"  # the consumer group every finalizer joins on every SKU stream
 SKU_REGISTRY = f"{PREFIX}:skus"
@@ -58,13 +60,9 @@ def stock_notice(sku_id: str) -> str:
     return STOCK_NOTICE.decode() + sku_id
 
 
-# \Z, not $: `$` also matches before a trailing newline, which would pass "id\n".
-ID_PATTERN = r"^[A-Za-z0-9_.:\-]{1,64}\Z"
 ORDER_ID_PATTERN = r"^[a-z2-7]{26}\.[A-Za-z0-9_.:\-]{1,64}(?:~[0-9]{1,2}~[0-9]{1,6})?\Z"
 _ORDER_ID = re.compile(ORDER_ID_PATTERN)
 BUCKET_SEP = "~"
-MAX_BUCKETS = 64  # stock buckets of one SKU, at most
-SLOTS = 16384
 
 
 def bucket_tags(sku_id: str, count: int) -> list[str]:

@@ -15,11 +15,13 @@ from redis.exceptions import (
     ResponseError,
 )
 
-from gateway.store.keys import SLOTS
 from gateway.transport.replies import REDIS_FAILURES, NotSent, text
 from gateway.transport.wire import Multiplexed
 
 log = logging.getLogger("flashgate")
+
+
+SLOTS = 16384  # hash slots of a Redis Cluster
 
 
 class SlotMoving(RedisError):

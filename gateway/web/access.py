@@ -10,7 +10,7 @@ import msgspec
 from starlette.responses import Response
 from starlette.types import Scope
 
-from gateway.store.keys import ID_PATTERN
+from gateway.schemas import ID_PATTERN
 
 _access_log = logging.getLogger("flashgate.access")
 _REQUEST_ID = re.compile(ID_PATTERN)  # a request id the client gives is an id like the others

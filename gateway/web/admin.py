@@ -9,10 +9,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import errors
-from gateway.intake.mode import Mode, ModeView
-from gateway.schemas import Id, SkuChanges, SkuConfig, SkuView, sku_config_decoder
+from gateway.intake.mode import ModeView
+from gateway.schemas import ID_PATTERN, Id, Mode, SkuChanges, SkuConfig, SkuView, sku_config_decoder
 from gateway.store.inventory import ConfigureResult
-from gateway.store.keys import ID_PATTERN
 from gateway.transport.replies import call
 from gateway.web.bodies import decode, request_body
 from gateway.web.operators import Operator, admin_raises, log_change, require_admin

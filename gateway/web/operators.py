@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.types import Scope
 
 from gateway import errors
-from gateway.store.keys import ID_PATTERN
+from gateway.schemas import ID_PATTERN
 
 log = logging.getLogger("flashgate")
 

@@ -7,7 +7,8 @@ import json
 import pytest
 from redis.asyncio import Redis
 
-from gateway.intake.mode import Mode, ModeStore
+from gateway.intake.mode import ModeStore
+from gateway.schemas import Mode
 from gateway.store import keys
 from gateway.transport.scripts import ScriptRegistry
 
