@@ -17,7 +17,7 @@ test: the bare Starlette endpoint, the gateway (one worker), the naive four-step
    against stock (oversold).
 
 Writes `bench/results/<stamp>.json`, `bench/results/latest.json`, `bench/results/latency.png`,
-and prints the results table the README carries.
+and prints the results table that docs/testing/benchmarks.md carries.
 """
 
 from __future__ import annotations
@@ -666,7 +666,7 @@ def _component(frame: str) -> str:
     """The part of the stack a py-spy frame (`function (path:line)`) belongs to."""
     where = frame.rpartition("(")[2]
     for part, name in (
-        ("gateway/store.py", "flashgate: Redis client"),
+        ("gateway/transport/", "flashgate: Redis client"),
         ("gateway/", "flashgate: handler, checks, scripts' arguments"),
         ("uvicorn/", "uvicorn: HTTP parsing and writing"),
         ("starlette/", "starlette: response objects"),

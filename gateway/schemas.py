@@ -52,7 +52,7 @@ class SkuConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     per_user_limit: Annotated[int, Meta(ge=1, le=1_000_000_000)]
     starts_at: EpochSeconds | None = None
     ends_at: EpochSeconds | None = None
-    # hot-SKU stock buckets on different slots (README "Hot-SKU buckets"); fixed at creation
+    # hot-SKU stock buckets on different slots (docs/cluster/buckets.md); fixed at creation
     buckets: Annotated[int, Meta(ge=1, le=MAX_BUCKETS)] = 1
 
 

@@ -47,7 +47,7 @@ class Settings:
         bool,
         Meta(
             description="`1`: `REDIS_URL` (`redis://` or `rediss://`) names any node of a"
-            " Redis/Valkey Cluster; the others are found from it (README, Redis Cluster)"
+            " Redis/Valkey Cluster; the others are found from it (docs/cluster/index.md)"
         ),
     ] = False
     redis_timeout_ms: Annotated[
@@ -76,13 +76,13 @@ class Settings:
         Literal["mux", "pool"],
         Meta(
             description="the order path's client: `mux`, one pipelined connection per"
-            " process, or `pool`, redis-py's pool (README, The Redis client)"
+            " process, or `pool`, redis-py's pool (docs/architecture/redis-client.md)"
         ),
     ] = "mux"
-    # durability of an accepted order or payment before its 202 (README "Durability")
+    # durability of an accepted order or payment before its 202 (docs/architecture/durability.md)
     appendfsync: Annotated[
         Literal["everysec", "always"],
-        Meta(description="the embedded server's `appendfsync` (README, Durability)"),
+        Meta(description="the embedded server's `appendfsync` (docs/architecture/durability.md)"),
     ] = "everysec"
     waitaof_local: Annotated[
         Literal[0, 1],

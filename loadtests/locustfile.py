@@ -502,10 +502,11 @@ HOSTILE_ORDER_IDS = [
     "..",
 ]
 INVALID = {400: {"invalid_request"}}
-# Known deviation (see README, "Sold-out fast path"): once a gateway process has seen a SKU sold
-# out, its memo answers `409 sold_out` without asking Redis, so a key already used for another
-# SKU gets 409 for it instead of 422. Allowed (and named `[409 sold_out]` in the report) unless
-# FLASHGATE_LT_STRICT=1. (A wrong promotion always goes to Redis: 404.)
+# Known deviation (loadtests/README.md, "The one answer the load test tolerates"): once a
+# gateway process has seen a SKU sold out, its memo answers `409 sold_out` without asking
+# Redis, so a key already used for another SKU gets 409 for it instead of 422. Allowed (and
+# named `[409 sold_out]` in the report) unless FLASHGATE_LT_STRICT=1. (A wrong promotion
+# always goes to Redis: 404.)
 MEMO: dict[int, set[str]] = {} if CFG.strict else {409: {"sold_out"}}
 
 

@@ -1,4 +1,4 @@
-"""Hot-SKU stock buckets (README "Hot-SKU buckets"): one SKU's stock split over K buckets in
+"""Hot-SKU stock buckets (docs/cluster/buckets.md): one SKU's stock split over K buckets in
 different slots, so one hot SKU is not capped by one shard.
 
 A shopper always orders from one bucket (`keys.bucket_of`), so the per-user limit and the

@@ -47,7 +47,7 @@ class Inventory(Orders):
         # what a 202 promises (orders, payments, stock moves) runs with WAITAOF when asked
         mover = Mover(send.acked, scripts)
         # Cluster mode: a user's key and the SKU live in different slots, so intake claims
-        # the key first (README "Redis Cluster"). Tests also run it on one server.
+        # the key first (docs/cluster/index.md). Tests also run it on one server.
         two_phase = settings.redis_cluster if two_phase is None else two_phase
         super().__init__(send, scripts, settings, layouts, mover, two_phase=two_phase)
         self.redis = redis

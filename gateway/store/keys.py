@@ -4,7 +4,7 @@ Keys that one script touches share the SKU's hash tag `{<sku_id>}`, so every scr
 confined to one Redis Cluster slot. IDs are restricted to `[A-Za-z0-9_.:-]` by the schemas,
 so they can never open or close a hash tag, add a separator or form a glob.
 
-A hot SKU may be split into K stock buckets (README "Hot-SKU buckets"). Bucket 0 is the SKU's
+A hot SKU may be split into K stock buckets (docs/cluster/buckets.md). Bucket 0 is the SKU's
 own tag `{S}`; bucket b >= 1 has the tag `{S~b~n}` (`~` is never in an ID), n chosen so the
 buckets' slots spread evenly over the slot space. Each bucket has every per-SKU key below
 under its own tag; the order id names its bucket's tag.
