@@ -19,9 +19,9 @@ from redis.crc import key_slot
 from gateway.errors import BackendUnavailable
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
-from gateway.store import keys
+from gateway.store import calls, keys
 from gateway.store.inventory import Inventory
-from gateway.store.outcomes import ConfigureResult, CreateResult, PaymentResult
+from gateway.store.outcomes import ConfigureResult, CreateResult, PaymentResult, Taken
 from gateway.transport.cluster import SLOTS
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.finalizer import Finalizer
@@ -139,8 +139,10 @@ async def test_a_transfer_left_halfway_is_counted_then_completed(
     inv = await inventory(redis, settings, stock=30)
     tags = keys.bucket_tags("hot", 3)
     donor = keys.SkuKeys(tags[1])
-    taken = await inv.mover._take(redis, [donor.sku, donor.transfers], ("t1", 4, tags[0], ""))
-    assert taken == [4, 0, 1]  # what was needed, no more (it received its share once)
+    take = calls.take_stock(donor, transfer_id="t1", units=4, to_tag=tags[0], now_ms=None)
+    taken = Taken.of(await inv.scripts["take_stock"](redis, *take))
+    # what was needed, no more (it received its share once)
+    assert taken == Taken(units=4, in_flight=0, received=1)
     view = await inv.get_sku("hot")
     assert view is not None
     assert (view.stock, view.available, view.in_transit) == (30, 30, 4)

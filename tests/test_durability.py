@@ -179,7 +179,7 @@ async def test_a_sweeper_completes_stock_transfers_durably(primary: Server) -> N
     """Stock moved between buckets is waited for like an order: the sweeper completing a
     transfer left halfway does it on a multiplexed client, each write followed by WAITAOF."""
     from gateway.schemas import SkuConfig
-    from gateway.store import keys
+    from gateway.store import calls, keys
     from gateway.store.inventory import Inventory
     from gateway.transport.connect import create_client
     from gateway.transport.scripts import ScriptRegistry
@@ -196,7 +196,8 @@ async def test_a_sweeper_completes_stock_transfers_durably(primary: Server) -> N
         await inv.configure_sku("hot", cfg)
         tags = keys.bucket_tags("hot", 3)
         donor = keys.SkuKeys(tags[1])
-        await inv.mover._take(client, [donor.sku, donor.transfers], ("t1", 4, tags[0], ""))
+        take = calls.take_stock(donor, transfer_id="t1", units=4, to_tag=tags[0], now_ms=None)
+        await inv.scripts["take_stock"](client, *take)
         await asyncio.sleep(0.01)
         before = await waitaof_calls(primary.url)
         await sweeper.sweep_once()

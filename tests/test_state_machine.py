@@ -56,7 +56,7 @@ from redis.asyncio import Redis
 from gateway.intake.mode import ModeStore
 from gateway.schemas import Mode, OrderRequest, SkuConfig
 from gateway.settings import Settings
-from gateway.store import keys
+from gateway.store import calls, keys
 from gateway.store.audit import AuditRow
 from gateway.store.inventory import Inventory
 from gateway.store.outcomes import ConfigureResult, CreateResult, PaymentResult
@@ -331,16 +331,38 @@ class Model:
 # The machine
 
 
+def _now_ms_at() -> int:
+    """Where finalize's builder puts now_ms in ARGV, found with a marker value."""
+    marker = -424_242
+    _, args = calls.finalize(
+        keys.SkuKeys("s"),
+        keys.SkuKeys("s").stream,
+        group="g",
+        entry_id="0-1",
+        event="created",
+        order_id="o",
+        payment_id="",
+        hold_ttl_ms=1,
+        now_ms=marker,
+    )
+    return args.index(marker)
+
+
 class InjectedNow:
-    """finalize.lua with the injected clock as ARGV[7] in place of the Finalizer's ""."""
+    """finalize.lua with the injected clock as its now_ms in place of the Finalizer's "" (the
+    server's time)."""
+
+    NOW_MS_AT = _now_ms_at()
 
     def __init__(self, script: LuaScript, now: Callable[[], int]) -> None:
         self.script = script
         self.now = now
 
     async def __call__(self, client: Any, ks: Sequence[str], args: Sequence[Any]) -> Any:
-        assert args[-1] == "", "the Finalizer's ARGV[7] (now_ms) moved: update InjectedNow"
-        return await self.script(client, ks, (*args[:-1], self.now()))
+        injected = list(args)
+        assert injected[self.NOW_MS_AT] == "", "the Finalizer no longer leaves now_ms to Redis"
+        injected[self.NOW_MS_AT] = self.now()
+        return await self.script(client, ks, injected)
 
 
 def still() -> float:

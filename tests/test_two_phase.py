@@ -11,9 +11,9 @@ from redis.asyncio import Redis
 
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
-from gateway.store import keys
-from gateway.store.inventory import Inventory
-from gateway.store.outcomes import CreateResult, PaymentResult
+from gateway.store import calls, keys
+from gateway.store.inventory import Inventory, accepted_member
+from gateway.store.outcomes import Claim, ClaimReply, CreateResult, PaymentResult
 from gateway.transport.scripts import ScriptRegistry
 from tests.support.state import BOTH_BACKENDS
 
@@ -91,25 +91,54 @@ async def test_concurrent_keys_across_skus_make_one_order(redis: Redis, settings
     assert await orders_made(redis) == 1
 
 
-async def phase_two(inv: Inventory, redis: Redis, key: str, token: str, now_ms: int) -> int:
+async def phase_two(
+    inv: Inventory, redis: Redis, key: str, token: str, now_ms: int
+) -> CreateResult:
     """SKU a's script for user u's order with claim `token`, as a gateway sends it: a late
     delivery of an abandoned request, or one whose gateway dies before settling."""
-    ks, args, _, _ = inv._order_call(order(), key, 1, False, now_ms)
-    args[12] = token
-    code, _ = await inv._create(redis, ks, args)
-    return int(code)
+    req = order()
+    settings = inv.settings
+    call = calls.create_order(
+        keys.SkuKeys("a"),
+        key,
+        guarded=False,  # cluster mode: the key is claimed in the user's slot instead
+        order_id=keys.new_order_id("a"),
+        user_id=req.user_id,
+        sku_id=req.sku_id,
+        quantity=req.quantity,
+        promotion_id=req.promotion_id,
+        fingerprint=req.fingerprint(),
+        hold_ttl_ms=settings.hold_ttl_s * 1000,
+        idempotency_ttl_ms=settings.idempotency_ttl_s * 1000,
+        now_ms=now_ms,
+        mode="hold",
+        queue_max=settings.queue_max,
+        accepted_member=accepted_member(req.user_id, key),
+        claim_token=token,
+        replay_only=False,
+        buckets=1,
+        durable=inv.send.durable,
+    )
+    code, _ = await inv.scripts["create_order"](redis, *call)
+    return CreateResult(code)
 
 
 async def abandon(inv: Inventory, redis: Redis, key: str, *, created: bool) -> str:
     """A gateway that claimed (user, key) for SKU a and died: before its SKU script ran, or
     (created) after it and before settling. Returns the abandoned token."""
     token = "abandonedtoken0000000000ab"
-    code, _, _ = await inv._claim(
-        redis, [keys.key_guard("u", key)], (token, "a|1|p", STALE_MS, 86_400_000, T0)
+    call = calls.claim_key(
+        keys.key_guard("u", key),
+        token=token,
+        fingerprint=order().fingerprint(),
+        stale_ms=STALE_MS,
+        ttl_ms=86_400_000,
+        now_ms=T0,
     )
-    assert code == 1
+    claimed = ClaimReply.of(await inv.scripts["claim_key"](redis, *call))
+    assert claimed.code is Claim.CLAIMED
     if created:
-        assert await phase_two(inv, redis, key, token, T0) == CreateResult.CREATED
+        assert await phase_two(inv, redis, key, token, T0) is CreateResult.CREATED
     return token
 
 
@@ -127,7 +156,7 @@ async def test_an_abandoned_claim_is_in_use_until_stale_then_recovered(
     assert result is CreateResult.CREATED
     # the abandoned request arriving late on SKU a can never make a second order
     late = await phase_two(inv, redis, key, token, T0 + STALE_MS + 1)
-    assert late == CreateResult.CLAIM_LOST
+    assert late is CreateResult.CLAIM_LOST
     assert await orders_made(redis) == 1
     assert (await inv.create_order(order(), key, now_ms=T0 + STALE_MS + 2))[
         0

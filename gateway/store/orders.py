@@ -133,23 +133,6 @@ class Orders:
         bucket = keys.bucket_of(req.user_id, count)
         return tags[bucket], tags, bucket
 
-    def _order_call(
-        self,
-        req: OrderRequest,
-        idempotency_key: str,
-        count: int,
-        queue_only: bool,
-        now_ms: int | None,
-    ) -> tuple[list[str], list[Arg], list[str] | None, int]:
-        """A new order's call on the shopper's bucket: (KEYS, ARGV, the SKU's bucket tags or
-        None, the shopper's bucket). Not on the order path (tests/test_two_phase.py sends a
-        late phase two with it)."""
-        tag, tags, bucket = self._place(req, count)
-        ks, args = self._lists(
-            req, idempotency_key, tag, keys.new_order_id(tag), count, queue_only, now_ms
-        )
-        return ks, args, tags, bucket
-
     async def _relayout(
         self, req: OrderRequest, key: str, count: int, queue_only: bool, now_ms: int | None
     ) -> tuple[CreateResult, bytes]:
