@@ -1,4 +1,4 @@
-"""Hot-SKU stock buckets (gateway/buckets.py) against real servers: one server and the
+"""Hot-SKU stock buckets (gateway/store/buckets.py) against real servers: one server and the
 3-primary cluster. A bucketed SKU must sell out to the last unit, never oversell, and keep
 stock == available + held + sold in every bucket and as a whole, transfers in flight too."""
 
