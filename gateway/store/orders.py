@@ -1,7 +1,7 @@
 """Order intake and reading orders back.
 
 On one server an order is one create_order.lua call. In cluster mode a user's idempotency key
-and the SKU live in different slots, so intake claims the key first (README "Redis Cluster"):
+and the SKU live in different slots, so intake claims the key first (`docs/cluster/index.md`):
 claim, order, settle; an abandoned claim is recovered by the next request with its key.
 """
 
