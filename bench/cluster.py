@@ -31,7 +31,8 @@ from gateway.ops.embedded import free_port, server_binary, wait_for_ping
 from gateway.ops.localcluster import LocalCluster
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
-from gateway.store.inventory import CreateResult, Inventory
+from gateway.store.inventory import Inventory
+from gateway.store.outcomes import CreateResult
 from gateway.transport.connect import create_client, create_script_client
 from gateway.transport.scripts import ScriptRegistry
 

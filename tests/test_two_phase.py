@@ -12,7 +12,8 @@ from redis.asyncio import Redis
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
 from gateway.store import calls, keys
-from gateway.store.inventory import Inventory, accepted_member
+from gateway.store.inventory import Inventory
+from gateway.store.orders import accepted_member
 from gateway.store.outcomes import Claim, ClaimReply, CreateResult, PaymentResult
 from gateway.transport.scripts import ScriptRegistry
 from tests.support.state import BOTH_BACKENDS

@@ -1,33 +1,21 @@
 """The store's facade: orders, payments, SKUs and the audit over one Redis client.
 
 `Inventory` is `Orders` (so the order path reaches the script with no call in between) with
-the other parts' methods bound onto it. The result types are re-exported for the callers
-that import them from here.
+the other parts' methods bound onto it. The result types live in `outcomes`.
 """
 
 from __future__ import annotations
 
 from gateway.settings import Settings
-from gateway.store.audit import Audit, AuditRow
+from gateway.store.audit import Audit
 from gateway.store.buckets import Layouts, Mover
-from gateway.store.orders import Orders, accepted_member
-from gateway.store.outcomes import ConfigureResult, CreateResult, PaymentResult, history_problem
+from gateway.store.orders import Orders
 from gateway.store.payments import Payments
 from gateway.store.sending import Sender
 from gateway.store.skus import Skus
 from gateway.transport.connect import Client
 from gateway.transport.replies import REDIS_FAILURES
 from gateway.transport.scripts import Executor, ScriptRegistry
-
-__all__ = [
-    "AuditRow",
-    "ConfigureResult",
-    "CreateResult",
-    "Inventory",
-    "PaymentResult",
-    "accepted_member",
-    "history_problem",
-]
 
 
 class Inventory(Orders):

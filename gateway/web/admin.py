@@ -11,7 +11,7 @@ from starlette.responses import Response
 from gateway import errors
 from gateway.intake.mode import ModeView
 from gateway.schemas import ID_PATTERN, Id, Mode, SkuChanges, SkuConfig, SkuView, sku_config_decoder
-from gateway.store.inventory import ConfigureResult
+from gateway.store.outcomes import ConfigureResult
 from gateway.transport.replies import call
 from gateway.web.bodies import decode, request_body
 from gateway.web.operators import Operator, admin_raises, log_change, require_admin

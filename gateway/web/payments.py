@@ -10,7 +10,7 @@ from starlette.responses import Response
 
 from gateway import errors
 from gateway.schemas import PaymentAccepted, PaymentConfirmation, payment_decoder
-from gateway.store.inventory import PaymentResult
+from gateway.store.outcomes import PaymentResult
 from gateway.web.bodies import decode, request_body
 from gateway.web.operators import client_address
 from gateway.web.orders import ORDER_ID_EXAMPLE, ORDER_LINKS
