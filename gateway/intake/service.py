@@ -46,9 +46,10 @@ class Intake:
         self.watcher = watcher
         self._policy = f'"intake";q={max(1, round(qps))};w=1'
 
-    async def create(self, req: OrderRequest, key: str) -> tuple[bool, bytes]:
-        """Decide one order. Returns (replayed, the stored answer's JSON bytes); a refusal
-        raises. `replayed`: the same (user, key) was answered before, this is that answer."""
+    async def create(self, req: OrderRequest, key: str) -> tuple[CreateResult, bytes]:
+        """Decide one order. Returns (CREATED or REPLAYED, the stored answer's JSON bytes); a
+        refusal raises. REPLAYED: the same (user, key) was answered before, this is that
+        answer."""
         queue_only = self.watcher.mode is Mode.QUEUE_ONLY
         if not queue_only and self.memo.refuses(
             req.sku_id, req.promotion_id, accepted_member(req.user_id, key)
@@ -64,7 +65,7 @@ class Intake:
         started = breaker.clock()
         failed = True
         try:
-            result, payload = await self.inventory.create_order(req, key, queue_only=queue_only)
+            outcome = await self.inventory.create_order(req, key, queue_only=queue_only)
             failed = False
         except errors.StockMoving:
             failed = False  # Redis answered: not the breaker's business
@@ -73,11 +74,12 @@ class Intake:
             elapsed = breaker.clock() - started
             breaker.record(elapsed, failed=failed)
             metrics.observe(metrics.SCRIPT_LATENCY, "create_order", elapsed)
+        result, payload = outcome
         if result is CreateResult.CREATED:
             self.memo.forget(req.sku_id)  # if this was a re-check: stock came back
-            return False, payload
+            return outcome  # the store's own tuple: nothing allocated here
         if result is CreateResult.REPLAYED:
-            return True, payload
+            return outcome
         if result is CreateResult.SOLD_OUT:
             available = int(payload)
             if available == 0 and not queue_only:

@@ -20,6 +20,7 @@ from gateway.store.buckets import Layouts, Mover
 from gateway.store.calls import Call
 from gateway.store.outcomes import Claim, ClaimReply, CreateResult, Fenced
 from gateway.store.sending import Sender
+from gateway.transport.replies import REDIS_FAILURES
 from gateway.transport.scripts import Arg, ScriptRegistry
 
 log = logging.getLogger("flashgate")
@@ -55,6 +56,7 @@ class Orders:
         self._settle = scripts["settle_key"]
         self._fence = scripts["fence_key"]
         self._resending = send.resending
+        self._acked = send.acked  # what a 202 promises runs on this (WAITAOF when asked)
         self._bucket_counts = layouts.counts  # read on the hot path without a call
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._idem_ttl_ms = settings.idempotency_ttl_s * 1000
@@ -83,7 +85,10 @@ class Orders:
         tag = req.sku_id
         order_id = keys.new_order_id(tag)
         ks, args = self._lists(req, idempotency_key, tag, order_id, 1, queue_only, now_ms)
-        code, payload = await self._resending(self._create, ks, args)
+        try:  # `Sender.resending`, inlined: the script is awaited right here
+            code, payload = await self._create(self._acked, ks, args)
+        except REDIS_FAILURES as exc:
+            code, payload = await self.send.resend(exc, self._create, ks, args)
         if code != CreateResult.LAYOUT:
             return CreateResult(code), payload
         return await self._relayout(req, idempotency_key, int(payload), queue_only, now_ms)

@@ -64,12 +64,18 @@ class Sender:
         idempotency key (or payment_id) is safe: if the first ran, this one replays its answer;
         if not, this one decides. Either way one effect, and the caller learns which.
         """
-        client = self.acked  # the hot path: no wrapper coroutines in between
         try:
-            return await script(client, ks, args)
+            return await script(self.acked, ks, args)
         except REDIS_FAILURES as exc:  # what `transport.call` turns into BackendUnavailable
-            if isinstance(exc, (NotSent, SlotMoving)):
-                raise NotApplied() from exc
-            if not maybe_sent(exc):
-                raise BackendUnavailable() from exc
-        return await call(script(client, ks, args))
+            return await self.resend(exc, script, ks, args)
+
+    async def resend(
+        self, exc: BaseException, script: LuaScript, ks: list[str], args: Sequence[Arg]
+    ) -> Any:
+        """After `script` failed with `exc`: sent once more if it may have run with its answer
+        lost, else the failure as `NotApplied` (surely not run) or `BackendUnavailable`."""
+        if isinstance(exc, (NotSent, SlotMoving)):
+            raise NotApplied() from exc
+        if not maybe_sent(exc):
+            raise BackendUnavailable() from exc
+        return await call(script(self.acked, ks, args))

@@ -20,6 +20,7 @@ from gateway.schemas import (
     parse_idempotency_key,
 )
 from gateway.store.keys import ORDER_ID_PATTERN
+from gateway.store.outcomes import CreateResult
 from gateway.web.bodies import decode, header, read_body
 from gateway.web.responses import REPLAYED_HEADERS, MsgspecResponse, RawJSONResponse
 from gateway.web.routing import (
@@ -131,8 +132,8 @@ def create_handler(services: Services) -> OrderHandler:
         except msgspec.ValidationError as exc:
             raise errors.InvalidRequest(str(exc)) from None
 
-        replayed, payload = await services.intake.create(req, key)
-        if replayed:
+        result, payload = await services.intake.create(req, key)
+        if result is CreateResult.REPLAYED:
             return RawJSONResponse(payload, status_code=202, headers=REPLAYED_HEADERS)
         return RawJSONResponse(payload, status_code=202)
 
