@@ -4,10 +4,14 @@ row in `docs/reference/settings.md`."""
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 from msgspec import Meta
 
@@ -124,3 +128,55 @@ def reference_page(settings: Iterable[Setting]) -> str:
         cells = (f"`{s.env}`", f"`{s.flag}`", default, accepts, s.description)
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n")
     return _PAGE_HEAD + "".join(rows)
+
+
+def read_dotenv(path: str | Path) -> dict[str, str]:
+    """KEY=VALUE lines; `#` comments and blank lines ignored; surrounding quotes stripped."""
+    p = Path(path)
+    if not p.is_file():
+        return {}
+    out: dict[str, str] = {}
+    for line in p.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        out[key.strip().removeprefix("export ").strip()] = value
+    return out
+
+
+WEBHOOK_SCHEMES = ("http", "https")
+BROKER_SCHEMES = ("amqp", "amqps")
+
+
+def relay_target_problem(url: str, secret: str | None) -> str | None:
+    """What makes a relay target unusable, in words naming the variable (None: usable). Neither
+    the URL's password nor the secret is ever shown."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname
+        parts.port  # noqa: B018 (raises on a port that is not a number)
+    except ValueError:
+        return "FLASHGATE_RELAY_URL is not a URL"
+    if parts.scheme not in WEBHOOK_SCHEMES + BROKER_SCHEMES:
+        return (
+            "FLASHGATE_RELAY_URL must be an http://, https:// (webhook), amqp:// or amqps://"
+            f" (RabbitMQ) URL, got {parts.scheme + ':' if parts.scheme else 'no scheme'}"
+        )
+    if not host:
+        return "FLASHGATE_RELAY_URL names no host"
+    if parts.scheme in BROKER_SCHEMES:
+        return None
+    if not secret:
+        return "FLASHGATE_RELAY_SECRET is required for a webhook target (whsec_ + base64)"
+    body = secret.removeprefix("whsec_")
+    try:
+        key = base64.b64decode(body, validate=True)
+    except binascii.Error:
+        key = b""
+    if body == secret or not 24 <= len(key) <= 64:
+        return "FLASHGATE_RELAY_SECRET must be whsec_ followed by base64 of 24 to 64 bytes"
+    return None

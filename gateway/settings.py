@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, get_type_hints
 import msgspec
 from msgspec import Meta
 
-from gateway.setting import declare, reference_page, text_of
+from gateway.setting import declare, read_dotenv, reference_page, relay_target_problem, text_of
 
 DEFAULT_BUSY_MESSAGE = "活动火爆,请稍后再试"
 
@@ -229,6 +229,41 @@ class Settings:
         int, Meta(ge=1, description="pause between sweeps of every SKU, in milliseconds")
     ] = 1000
     sweep_batch: Annotated[int, Meta(ge=1, description="holds released per `sweep.lua` call")] = 100
+    # the relay: every final event to the order system (`flashgate relay`)
+    relay_url: Annotated[
+        str | None,
+        Meta(
+            description="the relay's target: `http://`/`https://` (a signed webhook) or"
+            " `amqp://`/`amqps://` (RabbitMQ); unset: no relay"
+        ),
+    ] = dataclasses.field(default=None, repr=False)  # may carry the broker's password
+    relay_secret: Annotated[
+        str | None,
+        Meta(
+            description="webhook signing secret, `whsec_` + base64 of 24 to 64 bytes (Standard"
+            " Webhooks); required for a webhook target"
+        ),
+    ] = dataclasses.field(default=None, repr=False)
+    relay_queue: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=255,
+            description="RabbitMQ queue, declared durable with `x-max-length` ="
+            " `FLASHGATE_QUEUE_MAX`, `x-overflow: reject-publish` and a dead-letter exchange",
+        ),
+    ] = "queue_order_create"
+    relay_prefetch: Annotated[
+        int, Meta(ge=1, le=10_000, description="events the relay reads per batch")
+    ] = 200
+    relay_max_attempts: Annotated[
+        int,
+        Meta(
+            ge=1,
+            description="refusals (a non-2xx answer, a nack, a timeout after sending) after which"
+            " an event goes to the relay's dead letters; an unreachable target uses up none",
+        ),
+    ] = 10
     busy_message: Annotated[str, Meta(description="shopper text of overload answers")] = (
         DEFAULT_BUSY_MESSAGE
     )
@@ -265,6 +300,10 @@ class Settings:
         except msgspec.ValidationError as exc:
             raise _refused(exc, {s.name: getattr(self, s.name) for s in SETTINGS}) from None
         self._check_cluster()
+        if self.relay_url is not None:
+            problem = relay_target_problem(self.relay_url, self.relay_secret)
+            if problem:
+                raise ConfigError(problem)
 
     def _check_cluster(self) -> None:
         if not self.redis_cluster:
@@ -311,24 +350,6 @@ class Settings:
 
 def env_name(field_name: str) -> str:
     return _BY_NAME[field_name].env
-
-
-def read_dotenv(path: str | Path) -> dict[str, str]:
-    """KEY=VALUE lines; `#` comments and blank lines ignored; surrounding quotes stripped."""
-    p = Path(path)
-    if not p.is_file():
-        return {}
-    out: dict[str, str] = {}
-    for line in p.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line or line.startswith("#") or "=" not in line:
-            continue
-        key, _, value = line.partition("=")
-        value = value.strip()
-        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-            value = value[1:-1]
-        out[key.strip().removeprefix("export ").strip()] = value
-    return out
 
 
 def _refused(exc: msgspec.ValidationError, given: Mapping[str, object]) -> ConfigError:

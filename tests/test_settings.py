@@ -4,6 +4,7 @@ messages, the CLI flags and the generated `docs/reference/settings.md`."""
 from __future__ import annotations
 
 import argparse
+import base64
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,11 @@ VARIABLES = [
     ("FLASHGATE_FINALIZER_MAX_DELIVERIES", 5),
     ("FLASHGATE_SWEEP_INTERVAL_MS", 1000),
     ("FLASHGATE_SWEEP_BATCH", 100),
+    ("FLASHGATE_RELAY_URL", None),
+    ("FLASHGATE_RELAY_SECRET", None),
+    ("FLASHGATE_RELAY_QUEUE", "queue_order_create"),
+    ("FLASHGATE_RELAY_PREFETCH", 200),
+    ("FLASHGATE_RELAY_MAX_ATTEMPTS", 10),
     ("FLASHGATE_BUSY_MESSAGE", "活动火爆,请稍后再试"),
     ("FLASHGATE_DATA_DIR", ".flashgate"),
     ("FLASHGATE_HOST", "127.0.0.1"),
@@ -209,7 +215,12 @@ def test_to_env_gives_the_same_settings_back() -> None:
 def test_secrets_are_never_shown() -> None:
     settings = Settings(admin_token="adm-s3cret", payment_secret="pay-s3cret")
     assert "s3cret" not in repr(settings)
-    assert {s.name for s in SETTINGS if s.secret} == {"admin_token", "payment_secret"}
+    assert {s.name for s in SETTINGS if s.secret} == {
+        "admin_token",
+        "payment_secret",
+        "relay_url",
+        "relay_secret",
+    }
     with pytest.raises(ConfigError) as caught:
         Settings(admin_token=["s3cret"])  # type: ignore[arg-type]
     assert "FLASHGATE_ADMIN_TOKEN" in str(caught.value) and "s3cret" not in str(caught.value)
@@ -263,3 +274,44 @@ def test_the_client_timeout_comes_from_the_settings(
             protocol.read_timeout_s()
     finally:
         protocol.read_timeout_s.cache_clear()
+
+
+WHSEC = "whsec_" + base64.b64encode(b"k" * 32).decode()
+
+
+@pytest.mark.parametrize(
+    ("url", "secret", "message"),
+    [
+        ("ftp://erp.example/orders", None, "must be an http://, https:// (webhook), amqp://"),
+        ("erp.example/orders", None, "got no scheme"),
+        ("https:///orders", WHSEC, "names no host"),
+        ("http://erp.example:port/x", WHSEC, "is not a URL"),
+        ("https://erp.example/orders", None, "FLASHGATE_RELAY_SECRET is required"),
+        ("https://erp.example/orders", "s3cret-not-whsec", "must be whsec_ followed by base64"),
+        ("https://erp.example/orders", "whsec_!!!", "must be whsec_ followed by base64"),
+        ("https://erp.example/orders", "whsec_" + base64.b64encode(b"short").decode(), "24 to 64"),
+    ],
+)
+def test_a_bad_relay_target_is_refused_at_start(url: str, secret: str | None, message: str) -> None:
+    env = {"FLASHGATE_RELAY_URL": url, **({"FLASHGATE_RELAY_SECRET": secret} if secret else {})}
+    with pytest.raises(ConfigError) as caught:
+        read(env)
+    assert message in str(caught.value)
+    assert "s3cret" not in str(caught.value) and "!!!" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("https://erp.example/orders", WHSEC),
+        ("http://127.0.0.1:9000/hook", WHSEC),
+        ("amqp://guest:s3cret@127.0.0.1:5672/%2f", None),
+        ("amqps://broker.example/vhost", None),
+    ],
+)
+def test_a_usable_relay_target_is_taken(url: str, secret: str | None) -> None:
+    settings = read(
+        {"FLASHGATE_RELAY_URL": url, **({"FLASHGATE_RELAY_SECRET": secret} if secret else {})}
+    )
+    assert settings.relay_url == url and settings.relay_secret == secret
+    assert "s3cret" not in repr(settings)
