@@ -15,13 +15,21 @@ from redis.asyncio import Redis
 
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
-from gateway.store import figures, keys
+from gateway.store import calls, figures, keys
+from gateway.store.deadletters import replay_dead
 from gateway.store.inventory import Inventory
-from gateway.store.outcomes import CreateResult, PaymentResult, history_problem
+from gateway.store.outcomes import (
+    CreateResult,
+    PaymentResult,
+    Replayed,
+    ReplayReply,
+    history_problem,
+)
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.finalizer import Finalizer
 from gateway.workers.sweeper import Sweeper
 from tests.support.api import ADMIN, MakeClient, create, put_sku
+from tests.support.processes import flashgate
 from tests.support.state import BOTH_BACKENDS
 
 SECRET = "test-payment-secret"
@@ -496,3 +504,57 @@ async def test_a_repaired_dead_entry_put_back_is_decided(p2: Phase2, redis: Redi
     await p2.drain()
     assert await p2.status(body["order_id"]) == "HELD"
     assert await p2.figures() == {"stock": 5, "available": 4, "held": 1, "sold": 0, "backlog": 0}
+
+
+@pytest.mark.corrupts
+async def test_replayed_dead_letters_are_decided_and_leave_the_dead_stream(
+    p2: Phase2, redis: Redis
+) -> None:
+    """`flashgate finalizer --replay-dead`: after a repair, every dead letter goes back onto its
+    order stream once (fields as they were) and out of the dead-letter stream, atomically."""
+    await p2.sku(stock=5)
+    bodies = [(await p2.order(user=f"u{i}", queue_only=True))[1] for i in range(2)]
+    records = [keys.order_key(b["order_id"]) or "" for b in bodies]
+    histories = [await redis.hget(r, "history") for r in records]
+    for r in records:
+        await redis.hdel(r, "history")  # corrupt before they are decided
+    p2.fin.max_deliveries = 1
+    await p2.drain()
+    sk = keys.SkuKeys("s")
+    dead = await redis.xrange(sk.dead)
+    assert len(dead) == 2
+    for r, h in zip(records, histories, strict=True):
+        await redis.hset(r, "history", h or b"")  # the operator repairs the records
+
+    done = await replay_dead(redis, p2.inv.scripts, ["s"])
+    assert [(sku, dead_id) for sku, dead_id, _ in done] == [("s", d.decode()) for d, _ in dead]
+    assert await redis.xlen(sk.dead) == 0
+    back = {entry_id.decode(): f for entry_id, f in await redis.xrange(sk.stream)}
+    for (_, fields), (_, _, entry_id) in zip(dead, done, strict=True):
+        own = {k: v for k, v in fields.items() if k not in (b"entry_id", b"reason")}
+        assert back[entry_id] == own  # the entry as it was
+    await p2.drain()
+    assert [await p2.status(b["order_id"]) for b in bodies] == ["HELD", "HELD"]
+    assert await p2.figures() == {"stock": 5, "available": 3, "held": 2, "sold": 0, "backlog": 0}
+    assert await replay_dead(redis, p2.inv.scripts, ["s"]) == []  # nothing left to put back
+    # a dead letter already put back (by another operator, concurrently) is not put back twice
+    script = p2.inv.scripts["replay_dead"]
+    gone = ReplayReply.of(await script(redis, *calls.replay_dead(sk, dead_id=dead[0][0])))
+    assert gone == (Replayed.NOT_FOUND, "")
+
+
+@pytest.mark.one_server
+@pytest.mark.corrupts
+async def test_the_replay_command_puts_dead_letters_back(
+    p2: Phase2, redis: Redis, settings: Settings
+) -> None:
+    await p2.sku(stock=5)
+    await redis.xadd(keys.SkuKeys("s").dead, {"entry_id": "1-0", "reason": "r", "event": "x"})
+    run = await asyncio.to_thread(
+        flashgate, "finalizer", "--replay-dead", "--sku", "s", REDIS_URL=settings.redis_url or ""
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "1 dead letter(s) put back for the finalizers"
+    assert await redis.xlen(keys.SkuKeys("s").dead) == 0
+    entries = await redis.xrange(keys.SkuKeys("s").stream)
+    assert entries[-1][1] == {b"event": b"x"}

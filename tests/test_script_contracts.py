@@ -144,6 +144,12 @@ CONTRACTS = {
         dict(order_id=None),
         codes=outcomes.DeadLettered,
     ),
+    "replay_dead": Contract(
+        calls.replay_dead,
+        dict(sku=SK, dead_id=b"1-0"),
+        reply=outcomes.ReplayReply,
+        codes=outcomes.Replayed,
+    ),
     "sweep": Contract(
         calls.sweep,
         dict(sku=SK, now_ms=None, batch=100, orders_prefix=SK.orders_prefix, skip=0),

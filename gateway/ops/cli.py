@@ -57,7 +57,8 @@ def _read(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(audit(settings))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
+    """Every command with its own arguments and, but for local-cluster, every setting's flag."""
     parser = argparse.ArgumentParser(prog="flashgate", description="Flash-sale intake gateway.")
     parser.add_argument("--version", action="version", version=f"flashgate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,8 +78,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 help="print the table every S seconds until interrupted (default: once)",
             )  # fmt: skip
             command.add_argument("--count", type=int, default=None, help="stop after N tables")
-        if name == "dead":
+        if name == "finalizer":
+            command.add_argument(
+                "--replay-dead", action="store_true",
+                help="put the dead letters back on their order streams (after a repair), "
+                "then exit instead of running a finalizer",
+            )  # fmt: skip
+        if name in ("dead", "finalizer"):
             command.add_argument("--sku", action="append", help="only this SKU (repeatable)")
+        if name == "dead":
             command.add_argument("--limit", type=int, default=20, help="per SKU (default 20)")
         _add_settings_flags(command)
     text = "a throwaway local Redis Cluster (embedded binary) for trying cluster mode"
@@ -90,7 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--dir", default=".flashgate-cluster", help="its files, wiped at start (default "
         ".flashgate-cluster)"
     )  # fmt: skip
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     if args.command == "local-cluster":
         return local_cluster(args.dir, args.primaries, args.replicas, args.first_port)
     logs.configure("text")  # until the settings say which
@@ -101,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return Supervisor(settings).run()
         if args.command == "gateway":
             return run_gateway(settings)
+        if args.command == "finalizer" and args.replay_dead:
+            from gateway.ops import status
+
+            return asyncio.run(status.replay_dead(resolve_redis(settings), args.sku))
         if args.command in ("finalizer", "sweeper"):
             return asyncio.run(run_role(resolve_redis(settings), args.command))
         return _read(args, resolve_redis(settings))

@@ -110,3 +110,22 @@ async def show_dead(settings: Settings, sku_ids: list[str] | None, limit: int) -
         print("\n".join(text_table([DEAD_HEADER, *rows])))
     print(f"{len(rows)} dead letter(s)")
     return 0
+
+
+async def replay_dead(settings: Settings, sku_ids: list[str] | None) -> int:
+    """`flashgate finalizer --replay-dead`: every dead letter (of `sku_ids`) back onto its order
+    stream for the finalizers, oldest first; one line each, then the count."""
+    from gateway.store.deadletters import replay_dead as put_back
+    from gateway.transport.scripts import ScriptRegistry
+
+    client = create_client(settings)
+    try:
+        scripts = ScriptRegistry()
+        await scripts.load_all(client)
+        done = await put_back(client, scripts, sku_ids)
+    finally:
+        await client.aclose()
+    if done:
+        print("\n".join(text_table([("sku_id", "dead_id", "entry_id"), *done])))
+    print(f"{len(done)} dead letter(s) put back for the finalizers")
+    return 0

@@ -215,6 +215,11 @@ def dead_letter(
     return ks, [group, entry_id, reason, *fields]
 
 
+def replay_dead(sku: SkuKeys, *, dead_id: bytes | str) -> Call:
+    """One dead letter of `sku` back onto its order stream."""
+    return [sku.dead, sku.stream], [dead_id]
+
+
 def sweep(sku: SkuKeys, *, now_ms: int | None, batch: int, orders_prefix: str, skip: int) -> Call:
     return [sku.sku, sku.users, sku.holds, sku.events], [
         _opt(now_ms),

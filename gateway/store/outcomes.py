@@ -96,6 +96,25 @@ class DeadLettered(IntEnum):
     DEAD_LETTERED = 1
 
 
+class Replayed(IntEnum):
+    """replay_dead.lua."""
+
+    REPLAYED = 1
+    NOT_FOUND = -1
+
+
+class ReplayReply(NamedTuple):
+    """replay_dead.lua: the code and the entry's new id on the order stream ("" if none)."""
+
+    code: Replayed
+    entry_id: str
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> ReplayReply:
+        code, entry_id = raw
+        return cls(Replayed(code), entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
+
+
 class Given(IntEnum):
     """give_stock.lua."""
 
