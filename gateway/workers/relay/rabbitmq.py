@@ -95,8 +95,8 @@ class RabbitTarget:
             raise Refused(f"unroutable to queue {self.queue!r}: {exc.args[0]}") from None
         except aiormq.exceptions.DeliveryError:
             raise Refused(
-                f"nack from queue {self.queue!r} (full: x-max-length"
-                f" {self.arguments['x-max-length']}, reject-publish)"
+                f"nack from queue {self.queue!r}: full (x-max-length"
+                f" {self.arguments['x-max-length']}, reject-publish) or not stored"
             ) from None
         except TimeoutError:
             await self._drop()  # a confirm may still come on this channel: start afresh
@@ -133,6 +133,8 @@ class RabbitTarget:
             raise QueueMismatch(self._mismatch(exc)) from None
         except aiormq.exceptions.ProbableAuthenticationError as exc:
             await self._drop()
+            if "ACCESS_REFUSED" not in str(exc):  # closed while starting or stopping
+                raise Unreachable(f"RabbitMQ closed the connection: {exc}") from None
             raise ConfigError(f"RabbitMQ refused the relay's credentials: {exc}") from None
         except _UNREACHABLE as exc:
             await self._drop()
