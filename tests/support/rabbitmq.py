@@ -107,12 +107,18 @@ class RabbitBroker:
 
     def ctl_run(self, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[bytes]:
         proc = self._spawn(
-            self.ctl, "-n", self.node, *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            self.ctl,
+            "-n",
+            self.node,
+            *args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)  # the script and the CLI's own Erlang VM
             out, _ = proc.communicate()
         return subprocess.CompletedProcess(proc.args, proc.returncode, out)
 

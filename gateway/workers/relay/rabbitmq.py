@@ -25,6 +25,7 @@ from gateway.workers.relay.events import Event
 from gateway.workers.relay.target import Refused, Unreachable
 
 CONTENT_TYPE = "application/json"
+CLOSE_S = 1.0  # at most this long for a polite close of a connection given up on
 # everything that says the connection or channel is gone, or was never there
 _LOST: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AMQPConnectionError,
@@ -164,4 +165,4 @@ class RabbitTarget:
         connection, self._connection, self._channel = self._connection, None, None
         if connection is not None and not connection.is_closed:
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(connection.close(), self.timeout_s)
+                await asyncio.wait_for(connection.close(), min(self.timeout_s, CLOSE_S))
