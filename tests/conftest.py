@@ -18,6 +18,7 @@ from gateway.settings import Settings
 from gateway.transport.connect import create_client
 from gateway.web.app import create_app
 from tests.support.api import ADMIN_TOKEN, Client, MakeClient
+from tests.support.rabbitmq import BrokerMissing, RabbitBroker, rabbit_broker
 from tests.support.state import Clock, audit_breaches
 
 
@@ -51,6 +52,31 @@ def redis_url() -> Iterator[str]:
     yield url
     proc.terminate()
     proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_broker() -> Iterator[RabbitBroker | None]:
+    """A real RabbitMQ node (Debian's rabbitmq-server, which `.ci/run` installs) on free ports,
+    or None with FLASHGATE_TEST_RABBITMQ_URL (an existing broker, which tests cannot restart).
+    A missing rabbitmq-server fails the tests that need it, naming `.ci/run`."""
+    if os.environ.get("FLASHGATE_TEST_RABBITMQ_URL"):
+        yield None
+        return
+    missing = ""
+    try:
+        with rabbit_broker() as broker:
+            yield broker
+    except BrokerMissing as exc:  # raised before the yield: the tests fail, none is skipped
+        missing = str(exc)
+    if missing:
+        pytest.fail(missing, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url(rabbitmq_broker: RabbitBroker | None) -> str:
+    if rabbitmq_broker is None:
+        return os.environ["FLASHGATE_TEST_RABBITMQ_URL"]
+    return rabbitmq_broker.url
 
 
 @pytest.fixture(scope="session")
