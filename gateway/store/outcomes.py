@@ -96,6 +96,20 @@ class DeadLettered(IntEnum):
     DEAD_LETTERED = 1
 
 
+class RelayRead(IntEnum):
+    """relay_read.lua."""
+
+    READ = 1
+    BUSY = 0  # another relay holds entries of the stream
+
+
+class RelayDead(IntEnum):
+    """relay_dead.lua."""
+
+    DEAD_LETTERED = 1
+    NOT_PENDING = 0  # already confirmed or dead-lettered by another relay
+
+
 class Given(IntEnum):
     """give_stock.lua."""
 
