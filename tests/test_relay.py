@@ -15,7 +15,15 @@ from gateway.store import keys
 from gateway.transport.scripts import ScriptRegistry
 from tests.support.api import MakeClient
 from tests.support.receiver import Receiver
-from tests.support.relaying import PAYMENT_SECRET, SECRET, Orders, event_ids, make_relay, until
+from tests.support.relaying import (
+    PAYMENT_SECRET,
+    SECRET,
+    Orders,
+    entries,
+    event_ids,
+    make_relay,
+    until,
+)
 from tests.support.state import BOTH_BACKENDS
 
 
@@ -105,7 +113,7 @@ async def test_refused_max_attempts_times_goes_to_the_dead_letters_acknowledged(
     relay = make_relay(redis, scripts, settings.replace(relay_max_attempts=3), receiver)
     assert await relay.drain() == 3
     assert len(receiver.deliveries) == 9 and receiver.received() == {}
-    dead = await redis.xrange(keys.SkuKeys("sa").relay_dead)
+    dead = await entries(redis, keys.SkuKeys("sa").relay_dead)
     assert {f[b"event_id"].decode() for _, f in dead} == expected.keys()
     assert {f[b"reason"] for _, f in dead} == {b"refused 3 times: HTTP 500"}
     assert all(f[b"event"] == b"CONFIRMED" and f[b"group"] for _, f in dead)
@@ -122,7 +130,7 @@ async def test_an_entry_that_is_not_an_event_is_dead_lettered_at_once(
     await redis.xadd(sk.events, {"junk": "1"})
     relay = make_relay(redis, scripts, settings, receiver)
     assert await relay.drain() == 2
-    ((_, dead),) = await redis.xrange(sk.relay_dead)
+    ((_, dead),) = await entries(redis, sk.relay_dead)
     assert dead[b"reason"] == b"not an event: entry has no event field" and dead[b"junk"] == b"1"
     assert len(receiver.received()) == 1
     await relay.target.close()

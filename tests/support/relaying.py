@@ -10,6 +10,7 @@ import hmac
 import json
 import random
 from collections.abc import Callable
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -64,15 +65,22 @@ class Orders:
         return oids
 
 
+async def entries(redis: Redis, stream: str) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """A stream's entries, typed."""
+    found: Any = await redis.xrange(stream)
+    return [(entry_id, fields) for entry_id, fields in found]
+
+
 async def event_ids(redis: Redis) -> dict[str, str]:
     """Every event now in an events stream: its id -> its stream key."""
     out: dict[str, str] = {}
     layouts = Layouts(redis)
-    for raw in await redis.smembers(keys.SKU_REGISTRY):
+    registry: Any = await redis.smembers(keys.SKU_REGISTRY)
+    for raw in registry:
         sku_id = raw.decode()
         for bucket, tag in enumerate(await layouts.all_tags(sku_id)):
             stream = keys.SkuKeys(tag).events
-            for entry_id, _ in await redis.xrange(stream):
+            for entry_id, _ in await entries(redis, stream):
                 out[event_id(sku_id, bucket, entry_id.decode())] = stream
     return out
 

@@ -204,10 +204,10 @@ class Relay:
     def backoff(self, attempt: int) -> float:
         """The delay before retry number `attempt` (1 = the first): exponential, capped at 30 s,
         with jitter (between half and all of it)."""
-        delay = min(BACKOFF_CAP_S, self.backoff_s * 2 ** min(attempt - 1, 32))
+        delay: float = min(BACKOFF_CAP_S, self.backoff_s * 2.0 ** min(attempt - 1, 32))
         return delay * (0.5 + self.rng.random() / 2)
 
-    async def _wait(self, stream: Stream, held: list[bytes], delay: float) -> None:
+    async def _wait(self, stream: Stream, held: list[Any], delay: float) -> None:
         """Sleep `delay` seconds; every third of the claim idle time, reset the idle time of
         the entries held here, so no other relay takes them while this one waits."""
         every = max(self.claim_idle_ms / 3000, 0.01)
@@ -281,7 +281,9 @@ class Relay:
                 task.cancel()
             await asyncio.gather(*tasks.values(), return_exceptions=True)
             await self.target.close()
-        log.info("relay %s stopped (%d delivered, %d dead)", self.consumer, self.delivered, self.dead)
+        log.info(
+            "relay %s stopped (%d delivered, %d dead)", self.consumer, self.delivered, self.dead
+        )
 
     async def _supervise(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         try:

@@ -86,7 +86,9 @@ class WebhookTarget:
             await self.start()
         assert self._client is not None
         try:
-            answer = await self._client.post(self.url, content=event.body, headers=self.headers(event))
+            answer = await self._client.post(
+                self.url, content=event.body, headers=self.headers(event)
+            )
         except NOT_SENT as exc:
             raise Unreachable(f"{type(exc).__name__}: {exc}") from None
         except httpx.TimeoutException as exc:
