@@ -80,7 +80,7 @@ def test_the_group_names_the_target_without_its_credentials() -> None:
 @BOTH_BACKENDS
 async def test_trimming_never_removes_an_unacknowledged_entry(redis: Redis) -> None:
     stream = "fg:{s}:events"
-    ids = [await redis.xadd(stream, {"event": str(i)}) for i in range(6)]
+    ids: list[Any] = [await redis.xadd(stream, {"event": str(i)}) for i in range(6)]
     await redis.xgroup_create(stream, "a", id="0")
     await redis.xgroup_create(stream, "b", id="0")
     assert await trim_stream(redis, stream) == 0  # groups handed nothing yet
