@@ -107,6 +107,7 @@ class Relay:
         self.streams: dict[str, Stream] = {}
         self.delivered = 0
         self.dead = 0
+        self.retries = 0
         self._read = scripts["relay_read"]
         self._dead = scripts["relay_dead"]
         self._limit = asyncio.Semaphore(concurrency)
@@ -198,6 +199,7 @@ class Relay:
                 self.delivered += 1
                 RELAY_DELIVERED.labels(self.target.name, event.type).inc()
                 return
+            self.retries += 1
             RELAY_RETRIES.inc()
             await self._wait(stream, held, delay)
 
