@@ -150,6 +150,18 @@ CONTRACTS = {
         reply=outcomes.ReplayReply,
         codes=outcomes.Replayed,
     ),
+    "relay_read": Contract(
+        calls.relay_read,
+        dict(events=SK.events, group="relay:webhook:1a2b3c4d", consumer="c1", count=200,
+             min_idle_ms=60_000),
+        codes=outcomes.RelayRead,
+    ),
+    "relay_dead": Contract(
+        calls.relay_dead,
+        dict(sku=SK, group="relay:webhook:1a2b3c4d", entry_id=b"1-0", event_id="s1/0/1-0",
+             reason="refused", fields=[b"event", b"CONFIRMED"]),
+        codes=outcomes.RelayDead,
+    ),
     "sweep": Contract(
         calls.sweep,
         dict(sku=SK, now_ms=None, batch=100, orders_prefix=SK.orders_prefix, skip=0),

@@ -220,6 +220,25 @@ def replay_dead(sku: SkuKeys, *, dead_id: bytes | str) -> Call:
     return [sku.dead, sku.stream], [dead_id]
 
 
+def relay_read(events: str, *, group: str, consumer: str, count: int, min_idle_ms: int) -> Call:
+    """`events`: one SKU bucket's events stream (`SkuKeys.events`)."""
+    return [events], [group, consumer, count, min_idle_ms]
+
+
+def relay_dead(
+    sku: SkuKeys,
+    *,
+    group: str,
+    entry_id: bytes | str,
+    event_id: str,
+    reason: str,
+    fields: Sequence[Arg],
+) -> Call:
+    """One entry of the events stream of `sku` (a SKU bucket); `fields`: the entry's fields
+    and values, in pairs."""
+    return [sku.events, sku.relay_dead], [group, entry_id, event_id, reason, *fields]
+
+
 def sweep(sku: SkuKeys, *, now_ms: int | None, batch: int, orders_prefix: str, skip: int) -> Call:
     return [sku.sku, sku.users, sku.holds, sku.events], [
         _opt(now_ms),

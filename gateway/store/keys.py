@@ -20,6 +20,7 @@ under its own tag; the order id names its bucket's tag.
 | `fg:{S}:idem:<user>:<key>` | string | request fingerprint, order id, hold deadline (24 h) |
 | `fg:{S}:events` | stream | outbound: every final state with the order record (ERP/WMS) |
 | `fg:{S}:dead` | stream | dead letters: order-stream entries that failed repeatedly, with reason |
+| `fg:{S}:relay-dead` | stream | relay dead letters: events a target kept refusing, with reason |
 | `fg:{S}:pay:<payment_id>` | hash | order_id, at, applied: one payment confirmation |
 | `fg:{S}:accepted` | zset | `<key>:<user>` of every 202 -> replay deadline (sold-out memo) |
 | `fg:{S}:changes` | stream | operator audit log of the SKU's configuration (~ last 1000) |
@@ -162,6 +163,10 @@ class SkuKeys:
     @property
     def received(self) -> str:
         return f"{self.tag}:received"
+
+    @property
+    def relay_dead(self) -> str:
+        return f"{self.tag}:relay-dead"
 
     def order(self, order_id: str) -> str:
         return f"{self.tag}:o:{order_id.partition('.')[0]}"

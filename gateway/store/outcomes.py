@@ -115,6 +115,20 @@ class ReplayReply(NamedTuple):
         return cls(Replayed(code), entry_id.decode() if isinstance(entry_id, bytes) else entry_id)
 
 
+class RelayRead(IntEnum):
+    """relay_read.lua."""
+
+    READ = 1
+    BUSY = 0  # another relay holds entries of the stream
+
+
+class RelayDead(IntEnum):
+    """relay_dead.lua."""
+
+    DEAD_LETTERED = 1
+    NOT_PENDING = 0  # already confirmed or dead-lettered by another relay
+
+
 class Given(IntEnum):
     """give_stock.lua."""
 

@@ -85,6 +85,19 @@ WORKER_MODE = Gauge(
     "1 when this worker applies QUEUE_ONLY, 0 for NORMAL",
     multiprocess_mode="liveall",
 )
+RELAY_DELIVERED = Counter(
+    "flashgate_relay_delivered_total",
+    "Events the relay's target confirmed, by target and event",
+    ["target", "event"],
+)
+RELAY_RETRIES = Counter(
+    "flashgate_relay_retries_total",
+    "Deliveries the relay tries again (the target refused or could not be reached)",
+)
+RELAY_DEAD = Counter(
+    "flashgate_relay_dead_total",
+    "Events moved to the relay's dead letters (refused too often, or not an event)",
+)
 BREAKER_CODES = {"closed": 0, "open": 1, "half_open": 2}
 
 # This process's counts not yet written to prometheus-client's values: the hot path adds to

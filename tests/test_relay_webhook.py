@@ -1,0 +1,101 @@
+"""The webhook target against a real receiver (signature, refusals, an unreachable receiver),
+the relay's group name, and trimming an events stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+from standardwebhooks import Webhook
+
+from gateway.workers.relay.events import Event
+from gateway.workers.relay.loop import group_for
+from gateway.workers.relay.target import Refused, Unreachable
+from gateway.workers.relay.trim import trim_floor, trim_stream
+from gateway.workers.relay.webhook import WebhookTarget
+from tests.support.receiver import Receiver
+from tests.support.relaying import SECRET
+from tests.support.state import BOTH_BACKENDS
+
+EVENT = Event("sku-42/0/1-0", "CONFIRMED", b'{"event":"CONFIRMED","quantity":2}')
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    r = Receiver(SECRET)
+    await r.start()
+    yield r
+    await r.stop()
+
+
+async def test_one_signed_post_per_event(receiver: Receiver) -> None:
+    target = WebhookTarget(receiver.url, SECRET, timeout_s=2)
+    await target.start()
+    await target.deliver(EVENT)
+    await target.deliver(EVENT)
+    await target.close()
+    first, second = receiver.deliveries
+    assert first.signed and first.body == EVENT.body and first.id == EVENT.id
+    assert first.headers["content-type"] == "application/json"
+    assert Webhook(SECRET).verify(first.body, first.headers) == {
+        "event": "CONFIRMED",
+        "quantity": 2,
+    }
+    assert second.id == first.id  # the same id at every delivery
+
+
+async def test_a_non_2xx_answer_or_a_timeout_after_sending_is_refused(receiver: Receiver) -> None:
+    target = WebhookTarget(receiver.url, SECRET, timeout_s=0.2)
+    receiver.refuse_every = 1
+    with pytest.raises(Refused, match="HTTP 500"):
+        await target.deliver(EVENT)
+    receiver.refuse_every, receiver.hang_s = 0, 1.0
+    with pytest.raises(Refused, match="no answer in time"):
+        await target.deliver(EVENT)
+    await target.close()
+
+
+async def test_a_receiver_not_listening_is_unreachable(receiver: Receiver) -> None:
+    target = WebhookTarget(receiver.url, SECRET, timeout_s=1)
+    await receiver.stop()
+    with pytest.raises(Unreachable):
+        await target.deliver(EVENT)
+    await receiver.start()
+    await target.deliver(EVENT)  # the same port again
+    assert [d.id for d in receiver.deliveries] == [EVENT.id]
+    await target.close()
+    with pytest.raises(Unreachable):
+        await WebhookTarget("http://no-such-host.invalid/", SECRET, timeout_s=1).deliver(EVENT)
+
+
+def test_the_group_names_the_target_without_its_credentials() -> None:
+    plain = group_for("webhook", "https://erp.example/hook")
+    assert plain.startswith("relay:webhook:") and len(plain) == len("relay:webhook:") + 8
+    assert group_for("webhook", "https://user:pw@erp.example/hook") == plain
+    assert group_for("webhook", "https://erp.example/other") != plain
+
+
+@BOTH_BACKENDS
+async def test_trimming_never_removes_an_unacknowledged_entry(redis: Redis) -> None:
+    stream = "fg:{s}:events"
+    ids: list[Any] = [await redis.xadd(stream, {"event": str(i)}) for i in range(6)]
+    await redis.xgroup_create(stream, "a", id="0")
+    await redis.xgroup_create(stream, "b", id="0")
+    assert await trim_stream(redis, stream) == 0  # groups handed nothing yet
+    await _read(redis, stream, "a", 6)
+    await redis.xack(stream, "a", *ids)
+    assert await trim_stream(redis, stream) == 0  # b was handed nothing yet
+    await _read(redis, stream, "b", 4)
+    await redis.xack(stream, "b", ids[0], ids[2])  # ids[1] still unconfirmed
+    assert await trim_floor(redis, stream) == ids[1].decode()
+    assert await trim_stream(redis, stream) == 1
+    await redis.xack(stream, "b", ids[1], ids[3])
+    assert await trim_stream(redis, stream) == 3  # up to the last entry b was handed
+    remaining: Any = await redis.xrange(stream)
+    assert [e[0] for e in remaining] == ids[4:]
+
+
+async def _read(redis: Redis, stream: str, group: str, count: int) -> None:
+    await redis.xreadgroup(group, "c", {stream: ">"}, count=count)
