@@ -1,4 +1,5 @@
-"""`flashgate serve | gateway | finalizer | sweeper | audit`: the console script."""
+"""`flashgate serve | gateway | finalizer | sweeper | relay | audit | status | dead`: the
+console script."""
 
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
         ("gateway", "only the HTTP gateway"),
         ("finalizer", "only a finalizer (several share one consumer group)"),
         ("sweeper", "only the expired-hold sweeper (safe to run more than one)"),
+        ("relay", "only a relay: final events to FLASHGATE_RELAY_URL (several share the work)"),
         ("audit", "check the inventory invariants of every SKU"),
         ("status", "mode, stock, backlog and rates of every SKU, in the terminal"),
         ("dead", "list the newest dead letters of every SKU (read only)"),
@@ -117,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from gateway.ops import status
 
             return asyncio.run(status.replay_dead(resolve_redis(settings), args.sku))
-        if args.command in ("finalizer", "sweeper"):
+        if args.command in ("finalizer", "sweeper", "relay"):
             return asyncio.run(run_role(resolve_redis(settings), args.command))
         return _read(args, resolve_redis(settings))
     except (ConfigError, EmbeddedError) as exc:

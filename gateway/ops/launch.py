@@ -1,10 +1,12 @@
-"""One role of flashgate in this process: the HTTP gateway (uvicorn), a finalizer or a sweeper,
-or a throwaway local cluster; and what they need before they start (the Redis URL, the token
-bucket file, the metrics directory)."""
+"""One role of flashgate in this process: the HTTP gateway (uvicorn), a finalizer, a sweeper,
+a relay, or a throwaway local cluster; and what they need before they start (the Redis URL,
+the token bucket file, the metrics directory)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import shutil
 import signal
@@ -12,11 +14,19 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.ops.embedded import discover
 from gateway.settings import ConfigError, Settings, env_name
 from gateway.telemetry import logs
 from gateway.transport.replies import REDIS_FAILURES
+
+if TYPE_CHECKING:
+    from gateway.transport.connect import Client
+    from gateway.transport.scripts import ScriptRegistry
+
+log = logging.getLogger("flashgate")
+UNREACHABLE_WAIT_MAX_S = 30.0  # the longest pause between tries of a target out of reach
 
 
 def resolve_redis(settings: Settings) -> Settings:
@@ -88,11 +98,9 @@ def run_gateway(settings: Settings) -> int:
 
 
 async def run_role(settings: Settings, role: str) -> int:
-    """`flashgate finalizer | sweeper`: one background worker until SIGTERM/SIGINT."""
+    """`flashgate finalizer | sweeper | relay`: one background worker until SIGTERM/SIGINT."""
     from gateway.transport.connect import create_client
     from gateway.transport.scripts import ScriptRegistry
-    from gateway.workers.finalizer import Finalizer
-    from gateway.workers.sweeper import Sweeper
 
     if role == "finalizer":
         # Blocking reads wait up to finalizer_block_ms on top of the usual deadline.
@@ -113,18 +121,61 @@ async def run_role(settings: Settings, role: str) -> int:
         except REDIS_FAILURES as exc:
             print(f"flashgate {role}: cannot reach Redis: {exc}", file=sys.stderr)
             return 1
-        worker = (
-            Finalizer(client, scripts, settings)
-            if role == "finalizer"
-            else Sweeper(client, scripts, settings)
-        )
-        try:
-            await worker.run(stop)
-        finally:
-            await worker.aclose()
-        return 0
+        if role == "relay":
+            return await run_relay(settings, client, scripts, stop)
+        return await _run_worker(settings, client, scripts, role, stop)
     finally:
         await client.aclose()
+
+
+async def _run_worker(
+    settings: Settings, client: Client, scripts: ScriptRegistry, role: str, stop: asyncio.Event
+) -> int:
+    from gateway.workers.finalizer import Finalizer
+    from gateway.workers.sweeper import Sweeper
+
+    worker = (
+        Finalizer(client, scripts, settings)
+        if role == "finalizer"
+        else Sweeper(client, scripts, settings)
+    )
+    try:
+        await worker.run(stop)
+    finally:
+        await worker.aclose()
+    return 0
+
+
+async def run_relay(
+    settings: Settings, client: Client, scripts: ScriptRegistry, stop: asyncio.Event
+) -> int:
+    """The relay until `stop`. A target out of reach at start (a broker not up yet) is waited
+    for, its backoff capped: a relay never exits, nor stops the others, for a target that is
+    down; a target that refuses what it is asked to declare (a queue declared otherwise,
+    wrong credentials) stops it with the reason."""
+    from gateway.workers.relay.factory import target_for
+    from gateway.workers.relay.loop import Relay
+    from gateway.workers.relay.target import Unreachable
+
+    relay = Relay(client, scripts, settings, target_for(settings))
+    stopping = asyncio.create_task(stop.wait())
+    stopping.add_done_callback(lambda _: relay.stop())
+    wait_s = 0.5
+    try:
+        while not stop.is_set():
+            try:
+                await relay.run()
+                return 0
+            except Unreachable as exc:
+                log.warning(
+                    "relay: target unreachable at start (%s); retrying in %g s", exc, wait_s
+                )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), wait_s)
+                wait_s = min(wait_s * 2, UNREACHABLE_WAIT_MAX_S)
+        return 0
+    finally:
+        stopping.cancel()
 
 
 def local_cluster(directory: str, primaries: int, replicas: int, first_port: int) -> int:

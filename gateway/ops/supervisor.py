@@ -108,6 +108,8 @@ class Supervisor:
             env = {**os.environ, **settings.to_env()}
             # Stopped in reverse: the gateway first, then the finalizer drains what it can.
             self._spawn("sweeper", ["sweeper"], env)
+            if settings.relay_url:  # stopped after the finalizer: its last events go out too
+                self._spawn("relay", ["relay"], env)
             self._spawn("finalizer", ["finalizer"], env)
             self._spawn("gateway", ["gateway"], env)
             return self._watch()
