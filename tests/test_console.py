@@ -45,9 +45,16 @@ def _chromium() -> Any:
 
 
 def _wait(what: str, check: Any, timeout_s: float = 10.0) -> Any:
+    """`check()` until it gives something true. The page re-renders its tables every second, so
+    an element found may be replaced before it is read: that is "not yet", not a failure."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
     deadline = time.monotonic() + timeout_s
     while True:
-        got = check()
+        try:
+            got = check()
+        except StaleElementReferenceException:
+            got = None
         if got:
             return got
         if time.monotonic() > deadline:
@@ -77,7 +84,7 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
             return [c.text for c in cells]
 
         assert _wait("the SKU", lambda: row() and row()[1:5] == ["40", "40", "0", "0"])
-        assert browser.find_element(By.ID, "mode").text == "NORMAL"
+        _wait("NORMAL", lambda: browser.find_element(By.ID, "mode").text == "NORMAL")
         assert asyncio.run(stampede(serve.base, 25, "hot")) == {202: 25}
         _wait("25 held", lambda: row()[1:5] == ["40", "15", "25", "0"])
         assert float(_wait("a rate", lambda: browser.find_element(By.ID, "rate").text)) >= 0
@@ -87,8 +94,13 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
         assert "QUEUE_ONLY" in alert.text
         alert.accept()
         _wait("QUEUE_ONLY", lambda: browser.find_element(By.ID, "mode").text == "QUEUE_ONLY")
-        history = browser.find_elements(By.CSS_SELECTOR, "#history tbody tr td")
-        assert [c.text for c in history[1:4]] == ["NORMAL", "QUEUE_ONLY", "alice"]
+        switched = ["NORMAL", "QUEUE_ONLY", "alice"]
+
+        def history() -> list[str]:
+            cells = browser.find_elements(By.CSS_SELECTOR, "#history tbody tr td")
+            return [c.text for c in cells[1:4]]
+
+        _wait("the switch in the history", lambda: history() == switched)
 
         def both_workers_queue_only() -> set[tuple[int, str]] | None:
             seen = set()
