@@ -95,6 +95,11 @@ async def test_a_sale_reaches_the_webhook_once_per_final_state(tmp_path: Path) -
         assert all(d.signed for d in receiver.deliveries)
         assert all(len(bodies) == 1 for bodies in receiver.bodies().values())
         assert all(i.startswith("hot/0/") for i in receiver.received())
+        async with httpx.AsyncClient(base_url=serve.base) as c:
+            text = (await c.get("/metrics")).text  # the relay's counts, through the gateway
+        for event, n in (("CONFIRMED", PAID), ("EXPIRED", ORDERS - PAID)):
+            line = f'flashgate_relay_delivered_total{{event="{event}",target="webhook"}} {n}.0'
+            assert line in text.splitlines(), [x for x in text.splitlines() if "relay" in x]
     finally:
         await asyncio.to_thread(serve.stop)
         await receiver.stop()

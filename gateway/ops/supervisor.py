@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.ops.embedded import EmbeddedError, EmbeddedServer, die_with_parent, kill_group
-from gateway.ops.launch import refuse_cluster_without_url
+from gateway.ops.launch import prepare_multiprocess, refuse_cluster_without_url
 from gateway.settings import Settings
 from gateway.transport.replies import REDIS_FAILURES
 
@@ -105,6 +105,9 @@ class Supervisor:
                 url = self.server.start()
                 log.info("embedded server %s, data in %s", url, data_dir)
                 settings = settings.replace(redis_url=url)
+            # one metrics directory for every process of the instance: the relay's counts too
+            # reach the gateway's GET /metrics
+            prepare_multiprocess(data_dir / f"metrics-{settings.port}")
             env = {**os.environ, **settings.to_env()}
             # Stopped in reverse: the gateway first, then the finalizer drains what it can.
             self._spawn("sweeper", ["sweeper"], env)
