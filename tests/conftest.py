@@ -19,6 +19,8 @@ from gateway.transport.connect import create_client
 from gateway.web.app import create_app
 from tests.support.api import ADMIN_TOKEN, Client, MakeClient
 from tests.support.rabbitmq import BrokerMissing, RabbitBroker, rabbit_broker
+from tests.support.receiver import Receiver
+from tests.support.relaying import SECRET
 from tests.support.state import Clock, audit_breaches
 
 
@@ -154,3 +156,12 @@ async def make_client(redis: Redis, settings: Settings) -> AsyncIterator[MakeCli
 @pytest.fixture
 async def client(make_client: MakeClient) -> Client:
     return await make_client()
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A real webhook receiver on a free port, verifying every signature (tests/support)."""
+    r = Receiver(SECRET)
+    await r.start()
+    yield r
+    await r.stop()

@@ -208,7 +208,7 @@ async def test_a_slot_moving_mid_sale_never_duplicates(tmp_path: Path) -> None:
             scripts = ScriptRegistry()
             inv = Inventory(redis, scripts, settings, fast=fast)
             await inv.configure_sku(
-                "mv", SkuConfig(promotion_id="p", stock=10_000, per_user_limit=100)
+                "mv", SkuConfig(promotion_id="p", stock=100_000, per_user_limit=1000)
             )
             slot = key_slot(b"mv")
             source = cluster.owner_port(slot)
@@ -231,16 +231,25 @@ async def test_a_slot_moving_mid_sale_never_duplicates(tmp_path: Path) -> None:
                         return
                     await asyncio.sleep(0.02)
 
+            moved = asyncio.Event()
+
             async def shopper(user: str) -> None:
-                for _ in range(20):  # orders keep coming before, during and after the move
+                # orders keep coming before, during and after the move, however long it takes
+                # on a busy machine: each shopper orders twice more once the slot has moved
+                after = 0
+                for _ in range(200):
                     await order(user)
                     await asyncio.sleep(0.02)
+                    after += moved.is_set()
+                    if after >= 2:
+                        return
 
             async def move() -> None:
                 await asyncio.sleep(0.1)
                 await asyncio.to_thread(cluster.migrate_slot, slot, target, finish=False)
                 await asyncio.sleep(0.3)  # orders meet ASK and TRYAGAIN here
                 await asyncio.to_thread(cluster.finish_migration, slot, target)
+                moved.set()
 
             await asyncio.gather(move(), *(shopper(f"u{i}") for i in range(50)))
             assert cluster.owner_port(slot) == target
@@ -251,7 +260,7 @@ async def test_a_slot_moving_mid_sale_never_duplicates(tmp_path: Path) -> None:
             }
             assert not failed, list(failed.values())[:3]
             view = await inv.get_sku("mv")
-            assert view is not None and view.held == len(answers) == 1000
+            assert view is not None and view.held == len(answers) >= 100
             stream = await redis.xrange(keys.SkuKeys("mv").stream)
             assert len(stream) == len(answers)  # one order per key, none twice
             assert fast.redirects["MOVED"] >= 1, fast.redirects  # the map followed the move

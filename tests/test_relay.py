@@ -4,7 +4,6 @@ app, the finalizer and the payment endpoint; delivered, retried, dead-lettered, 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import msgspec
 import pytest
@@ -17,7 +16,6 @@ from tests.support.api import MakeClient
 from tests.support.receiver import Receiver
 from tests.support.relaying import (
     PAYMENT_SECRET,
-    SECRET,
     Orders,
     entries,
     event_ids,
@@ -25,14 +23,6 @@ from tests.support.relaying import (
     until,
 )
 from tests.support.state import BOTH_BACKENDS
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver(SECRET)
-    await r.start()
-    yield r
-    await r.stop()
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ the relay's group name, and trimming an events stream."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -20,14 +19,6 @@ from tests.support.relaying import SECRET
 from tests.support.state import BOTH_BACKENDS
 
 EVENT = Event("sku-42/0/1-0", "CONFIRMED", b'{"event":"CONFIRMED","quantity":2}')
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    r = Receiver(SECRET)
-    await r.start()
-    yield r
-    await r.stop()
 
 
 async def test_one_signed_post_per_event(receiver: Receiver) -> None:
