@@ -10,8 +10,9 @@ import pytest
 from redis.asyncio import Redis
 
 from gateway.settings import Settings
-from gateway.store import keys
+from gateway.store import figures, keys
 from gateway.transport.scripts import ScriptRegistry
+from gateway.workers.relay.replay import replay_dead
 from tests.support.api import MakeClient
 from tests.support.receiver import Receiver
 from tests.support.relaying import (
@@ -109,6 +110,32 @@ async def test_refused_max_attempts_times_goes_to_the_dead_letters_acknowledged(
     assert all(f[b"event"] == b"CONFIRMED" and f[b"group"] for _, f in dead)
     assert await pending(redis, set(expected.values()), relay.group) == 0
     assert relay.dead == 3
+
+    # `flashgate dead` lists them as the relay's; `flashgate relay --replay-dead`, once the
+    # receiver takes them, sends each again with the same id and empties the dead letters
+    rows = await figures.dead_letters(redis, ["sa"], 10)
+    assert {r[7] for r in rows} == {"relay"} and len(rows) == 3
+    receiver.refuse_every = 0
+    done = await replay_dead(redis, relay.target, relay.group, ["sa"])
+    assert done.stopped is None and sorted(done.sent) == sorted(expected)
+    assert receiver.received().keys() == expected.keys()
+    assert await entries(redis, keys.SkuKeys("sa").relay_dead) == []
+    assert (await replay_dead(redis, relay.target, relay.group)).sent == []
+    await relay.target.close()
+
+
+async def test_a_replay_stops_at_the_first_refusal_and_keeps_the_rest(
+    redis: Redis, scripts: ScriptRegistry, settings: Settings, orders: Orders, receiver: Receiver
+) -> None:
+    await orders.confirmed("sa", 2)
+    receiver.refuse_every = 1
+    relay = make_relay(redis, scripts, settings.replace(relay_max_attempts=1), receiver)
+    assert await relay.drain() == 2
+    other = await replay_dead(redis, relay.target, "relay:webhook:another", ["sa"])
+    assert other.sent == [] and other.stopped is None  # another target's letters: untouched
+    done = await replay_dead(redis, relay.target, relay.group, ["sa"])
+    assert done.sent == [] and done.stopped is not None and "HTTP 500" in done.stopped
+    assert len(await entries(redis, keys.SkuKeys("sa").relay_dead)) == 2
     await relay.target.close()
 
 

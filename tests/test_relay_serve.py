@@ -17,6 +17,7 @@ import aio_pika
 import httpx
 import pytest
 
+from gateway.settings import Settings
 from tests.support.api import ADMIN, order_body
 from tests.support.processes import Serve, flashgate
 from tests.support.receiver import Receiver
@@ -145,3 +146,13 @@ def test_a_bad_target_stops_the_relay_at_start(env: dict[str, str], message: str
     run = flashgate("relay", **env)
     assert run.returncode == 2
     assert message in run.stderr
+
+
+def test_the_replay_command_runs_against_the_target(settings: Settings) -> None:
+    run = flashgate(
+        "relay", "--replay-dead", "--sku", "nothing-here",
+        REDIS_URL=settings.redis_url or "", FLASHGATE_RELAY_URL="http://127.0.0.1:9/hook",
+        FLASHGATE_RELAY_SECRET=WHSEC,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "0 relay dead letter(s) sent again"

@@ -86,7 +86,13 @@ def _parser() -> argparse.ArgumentParser:
                 help="put the dead letters back on their order streams (after a repair), "
                 "then exit instead of running a finalizer",
             )  # fmt: skip
-        if name in ("dead", "finalizer"):
+        if name == "relay":
+            command.add_argument(
+                "--replay-dead", action="store_true",
+                help="send this target's dead letters again (same event ids), then exit "
+                "instead of running a relay",
+            )  # fmt: skip
+        if name in ("dead", "finalizer", "relay"):
             command.add_argument("--sku", action="append", help="only this SKU (repeatable)")
         if name == "dead":
             command.add_argument("--limit", type=int, default=20, help="per SKU (default 20)")
@@ -115,10 +121,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return Supervisor(settings).run()
         if args.command == "gateway":
             return run_gateway(settings)
-        if args.command == "finalizer" and args.replay_dead:
+        if args.command in ("finalizer", "relay") and args.replay_dead:
             from gateway.ops import status
 
-            return asyncio.run(status.replay_dead(resolve_redis(settings), args.sku))
+            replay = status.replay_dead if args.command == "finalizer" else status.replay_relay
+            return asyncio.run(replay(resolve_redis(settings), args.sku))
         if args.command in ("finalizer", "sweeper", "relay"):
             return asyncio.run(run_role(resolve_redis(settings), args.command))
         return _read(args, resolve_redis(settings))

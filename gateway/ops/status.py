@@ -24,7 +24,9 @@ from gateway.settings import Settings
 from gateway.store.figures import Sample, dead_letters, sample
 from gateway.transport.connect import Client, create_client
 
-DEAD_HEADER = ("sku_id", "dead_id", "entry_id", "event", "order_id", "payment_id", "reason")
+DEAD_HEADER = (
+    "sku_id", "dead_id", "entry_id", "event", "order_id", "payment_id", "reason", "from"
+)  # fmt: skip
 
 
 def text_table(rows: Sequence[Sequence[str]], *, numbers_right: bool = False) -> list[str]:
@@ -128,4 +130,34 @@ async def replay_dead(settings: Settings, sku_ids: list[str] | None) -> int:
     if done:
         print("\n".join(text_table([("sku_id", "dead_id", "entry_id"), *done])))
     print(f"{len(done)} dead letter(s) put back for the finalizers")
+    return 0
+
+
+async def replay_relay(settings: Settings, sku_ids: list[str] | None) -> int:
+    """`flashgate relay --replay-dead`: the relay's dead letters of FLASHGATE_RELAY_URL's target
+    sent again, oldest first; exits 1 when the target refused one (the rest stay dead)."""
+    from gateway.workers.relay.factory import target_for
+    from gateway.workers.relay.loop import group_for
+    from gateway.workers.relay.replay import replay_dead as send_again
+    from gateway.workers.relay.target import Unreachable
+
+    target = target_for(settings)
+    client = create_client(settings)
+    try:
+        try:
+            await target.start()
+        except Unreachable as exc:
+            print(f"flashgate relay: the target is out of reach: {exc}", file=sys.stderr)
+            return 1
+        done = await send_again(client, target, group_for(target.name, settings.relay_url or ""),
+                                sku_ids)  # fmt: skip
+    finally:
+        await target.close()
+        await client.aclose()
+    for event_id in done.sent:
+        print(event_id)
+    print(f"{len(done.sent)} relay dead letter(s) sent again")
+    if done.stopped:
+        print(f"stopped: {done.stopped}", file=sys.stderr)
+        return 1
     return 0

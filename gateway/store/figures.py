@@ -118,21 +118,29 @@ async def dead_letters(
     redis: Client, sku_ids: Sequence[str] | None, limit: int
 ) -> list[tuple[str, ...]]:
     """The newest `limit` dead letters of each SKU (all registered SKUs by default), newest
-    first: where they are, which entry they were, the order, the reason. Read only."""
+    first: where they are, which entry they were, the order, the reason, and whose they are
+    (`finalizer`: the order stream's, `relay`: an outbound event a relay's target kept
+    refusing). Read only."""
     if sku_ids is None:
         members: set[bytes] = await redis.smembers(keys.SKU_REGISTRY)  # type: ignore[assignment]
         sku_ids = sorted(m.decode() for m in members)
     rows: list[tuple[str, ...]] = []
     for sku_id in sku_ids:
         buckets = int(await redis.hget(keys.SkuKeys(sku_id).sku, "buckets") or 1)
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = []
+        entries: list[tuple[bytes, dict[bytes, bytes], str]] = []
         for tag in keys.bucket_tags(sku_id, buckets):  # each stock bucket has its own
-            entries += await redis.xrevrange(keys.SkuKeys(tag).dead, count=limit)  # type: ignore[arg-type]
+            sk = keys.SkuKeys(tag)
+            for stream, source in ((sk.dead, "finalizer"), (sk.relay_dead, "relay")):
+                got: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrevrange(
+                    stream, count=limit
+                )  # type: ignore[assignment]
+                entries += [(dead_id, fields, source) for dead_id, fields in got]
         entries.sort(key=lambda e: _entry_order(e[0]), reverse=True)
-        for dead_id, fields in entries[:limit]:
+        for dead_id, fields, source in entries[:limit]:
             f = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
             rows.append(
                 (sku_id, dead_id.decode(), f.get("entry_id", "-"), f.get("event", "-"),
-                 f.get("order_id", "-"), f.get("payment_id", "-"), f.get("reason", "-"))
+                 f.get("order_id", "-"), f.get("payment_id", "-"), f.get("reason", "-"),
+                 source)
             )  # fmt: skip
     return rows
