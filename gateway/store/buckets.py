@@ -16,7 +16,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,20 @@ class Layouts:
         """Every bucket tag of the SKU (just the SKU for one not bucketed or not configured)."""
         count = await self.count(sku_id)
         return self.tags(sku_id, count or 1)
+
+    async def every_bucket(
+        self, sku_ids: Sequence[str] | None = None
+    ) -> list[tuple[str, int, str]]:
+        """(sku_id, bucket, tag) of every stock bucket of `sku_ids` (every registered SKU by
+        default, sorted), the SKU's own tag first: where its streams are."""
+        if sku_ids is None:
+            members: set[bytes] = await self.redis.smembers(keys.SKU_REGISTRY)  # type: ignore[assignment]
+            sku_ids = sorted(text(m) for m in members)
+        return [
+            (sku_id, bucket, tag)
+            for sku_id in sku_ids
+            for bucket, tag in enumerate(await self.all_tags(sku_id))
+        ]
 
 
 @dataclass(frozen=True, slots=True)

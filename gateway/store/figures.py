@@ -7,6 +7,7 @@ entries in and out), and the dead letters themselves. Read only: pipelines, noth
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.store import keys
+from gateway.store.buckets import Layouts
 from gateway.transport.connect import Client
 
 
@@ -121,14 +123,11 @@ async def dead_letters(
     first: where they are, which entry they were, the order, the reason, and whose they are
     (`finalizer`: the order stream's, `relay`: an outbound event a relay's target kept
     refusing). Read only."""
-    if sku_ids is None:
-        members: set[bytes] = await redis.smembers(keys.SKU_REGISTRY)  # type: ignore[assignment]
-        sku_ids = sorted(m.decode() for m in members)
     rows: list[tuple[str, ...]] = []
-    for sku_id in sku_ids:
-        buckets = int(await redis.hget(keys.SkuKeys(sku_id).sku, "buckets") or 1)
+    every = await Layouts(redis).every_bucket(sku_ids)
+    for sku_id, buckets in itertools.groupby(every, key=lambda b: b[0]):
         entries: list[tuple[bytes, dict[bytes, bytes], str]] = []
-        for tag in keys.bucket_tags(sku_id, buckets):  # each stock bucket has its own
+        for _, _, tag in buckets:  # each stock bucket has its own
             sk = keys.SkuKeys(tag)
             for stream, source in ((sk.dead, "finalizer"), (sk.relay_dead, "relay")):
                 got: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrevrange(

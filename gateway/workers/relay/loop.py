@@ -120,13 +120,12 @@ class Relay:
     async def refresh_streams(self) -> list[Stream]:
         """Join the group on every bucket's events stream of every SKU; returns the new ones."""
         found = []
-        for sku_id in await self.redis.smembers(keys.SKU_REGISTRY):
-            for bucket, tag in enumerate(await self.layouts.all_tags(text(sku_id))):
-                sk = keys.SkuKeys(tag)
-                if sk.events not in self.streams:
-                    await self._join(sk.events)
-                    self.streams[sk.events] = stream = Stream(sk, bucket)
-                    found.append(stream)
+        for _, bucket, tag in await self.layouts.every_bucket():
+            sk = keys.SkuKeys(tag)
+            if sk.events not in self.streams:
+                await self._join(sk.events)
+                self.streams[sk.events] = stream = Stream(sk, bucket)
+                found.append(stream)
         self._streams_read_at = self.clock()
         return found
 

@@ -12,12 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from gateway.store import keys
+from gateway.store.buckets import Layouts
 from gateway.transport.connect import Client
-from gateway.transport.replies import text
+from gateway.transport.streams import entries
 from gateway.workers.relay.events import Event, from_entry
 from gateway.workers.relay.target import Refused, Target, Unreachable
 
-BATCH = 100  # dead letters read per XRANGE
 META = (b"entry_id", b"event_id", b"group", b"reason")  # what relay_dead.lua adds
 
 
@@ -31,31 +31,10 @@ async def replay_dead(
     redis: Client, target: Target, group: str, sku_ids: Sequence[str] | None = None
 ) -> Replay:
     """Send the dead letters of `group` again through `target` (started by the caller)."""
-    if sku_ids is None:
-        members: set[bytes] = await redis.smembers(keys.SKU_REGISTRY)  # type: ignore[assignment]
-        sku_ids = sorted(m.decode() for m in members)
     out = Replay(sent=[])
-    for sku_id in sku_ids:
-        buckets = int(await redis.hget(keys.SkuKeys(sku_id).sku, "buckets") or 1)
-        for bucket, tag in enumerate(keys.bucket_tags(sku_id, buckets)):
-            out.stopped = await _replay_bucket(redis, target, group, sku_id, bucket, tag, out)
-            if out.stopped:
-                return out
-    return out
-
-
-async def _replay_bucket(
-    redis: Client, target: Target, group: str, sku_id: str, bucket: int, tag: str, out: Replay
-) -> str | None:
-    dead_stream = keys.SkuKeys(tag).relay_dead
-    start = "-"
-    while True:
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = await redis.xrange(
-            dead_stream, min=start, count=BATCH
-        )  # type: ignore[assignment]
-        if not entries:
-            return None
-        for dead_id, fields in entries:
+    for sku_id, bucket, tag in await Layouts(redis).every_bucket(sku_ids):
+        dead_stream = keys.SkuKeys(tag).relay_dead
+        async for dead_id, fields in entries(redis, dead_stream):
             if fields.get(b"group", b"").decode() != group:
                 continue  # another target's
             event = _event(sku_id, bucket, fields)
@@ -64,10 +43,11 @@ async def _replay_bucket(
             try:
                 await target.deliver(event)
             except (Refused, Unreachable) as exc:
-                return f"{event.id}: {exc}"
+                out.stopped = f"{event.id}: {exc}"
+                return out
             await redis.xdel(dead_stream, dead_id)
             out.sent.append(event.id)
-        start = "(" + text(entries[-1][0])
+    return out
 
 
 def _event(sku_id: str, bucket: int, fields: dict[bytes, bytes]) -> Event | None:
