@@ -5,6 +5,7 @@ target delivers again, persistent messages survive) and a queue declared otherwi
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,15 +15,22 @@ from typing import Any
 import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from redis.asyncio import Redis
 from yarl import URL
 
 from gateway.ops.embedded import free_port
-from gateway.settings import ConfigError
+from gateway.schemas import SkuConfig
+from gateway.settings import ConfigError, Settings
+from gateway.store import keys
+from gateway.store.inventory import Inventory
+from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.relay.events import Event
+from gateway.workers.relay.loop import Relay
 from gateway.workers.relay.rabbitmq import QueueMismatch, RabbitTarget
 from gateway.workers.relay.target import Refused, Unreachable
 from tests.support import rabbitmq as rabbitmq_support
 from tests.support.rabbitmq import BrokerMissing, RabbitBroker
+from tests.support.relaying import until
 
 pytestmark = pytest.mark.integration
 TIMEOUT_S = 2.0
@@ -219,3 +227,42 @@ async def test_after_a_restart_the_target_reconnects_and_messages_survive(
     async with connection:
         got = await drain(await connection.channel(), queue)
     assert [m.message_id for m in got] == [event(n).id for n in range(4)]
+
+
+async def test_a_relay_started_before_its_broker_waits_then_delivers(
+    queue: str,
+    rabbitmq_url: str,
+    rabbitmq_broker: RabbitBroker | None,
+    redis: Redis,
+    settings: Settings,
+) -> None:
+    """A broker not up yet when the relay starts: the relay keeps trying (no exit, nothing
+    dead-lettered), then delivers once the broker is there."""
+    broker = restartable(rabbitmq_broker)
+    scripts = ScriptRegistry()
+    await scripts.load_all(redis)
+    sk = keys.SkuKeys("sa")
+    inventory = Inventory(redis, scripts, settings)
+    await inventory.configure_sku("sa", SkuConfig(promotion_id="p", stock=1, per_user_limit=1))
+    entry_id = await redis.xadd(
+        sk.events, {"event": "CONFIRMED", "order_id": "o1.sa", "quantity": "1", "at": "1"}
+    )
+    target = RabbitTarget(rabbitmq_url, queue, max_length=10, timeout_s=2)
+    relay = Relay(redis, scripts, settings.replace(relay_url=rabbitmq_url), target, backoff_s=0.05)
+    await asyncio.to_thread(broker.stop)
+    try:
+        running = asyncio.create_task(relay.run())
+        await asyncio.sleep(0.5)
+        assert not running.done()  # waiting for the target, not gone
+    finally:
+        await asyncio.to_thread(broker.start)
+    try:
+        await until(lambda: relay.delivered == 1, timeout_s=30)
+        assert relay.dead == 0
+    finally:
+        relay.stop()
+        await asyncio.wait_for(running, 10)
+    connection = await aio_pika.connect(rabbitmq_url, timeout=10)
+    async with connection:
+        got = await drain(await connection.channel(), queue)
+    assert [m.message_id for m in got] == [f"sa/0/{entry_id.decode()}"]

@@ -5,8 +5,6 @@ the token bucket file, the metrics directory)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 import os
 import shutil
 import signal
@@ -24,9 +22,6 @@ from gateway.transport.replies import REDIS_FAILURES
 if TYPE_CHECKING:
     from gateway.transport.connect import Client
     from gateway.transport.scripts import ScriptRegistry
-
-log = logging.getLogger("flashgate")
-UNREACHABLE_WAIT_MAX_S = 30.0  # the longest pause between tries of a target out of reach
 
 
 def resolve_redis(settings: Settings) -> Settings:
@@ -149,33 +144,18 @@ async def _run_worker(
 async def run_relay(
     settings: Settings, client: Client, scripts: ScriptRegistry, stop: asyncio.Event
 ) -> int:
-    """The relay until `stop`. A target out of reach at start (a broker not up yet) is waited
-    for, its backoff capped: a relay never exits, nor stops the others, for a target that is
-    down; a target that refuses what it is asked to declare (a queue declared otherwise,
-    wrong credentials) stops it with the reason."""
+    """The relay until `stop` (a target out of reach is waited for by the relay itself)."""
     from gateway.workers.relay.factory import target_for
     from gateway.workers.relay.loop import Relay
-    from gateway.workers.relay.target import Unreachable
 
     relay = Relay(client, scripts, settings, target_for(settings))
     stopping = asyncio.create_task(stop.wait())
     stopping.add_done_callback(lambda _: relay.stop())
-    wait_s = 0.5
     try:
-        while not stop.is_set():
-            try:
-                await relay.run()
-                return 0
-            except Unreachable as exc:
-                log.warning(
-                    "relay: target unreachable at start (%s); retrying in %g s", exc, wait_s
-                )
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), wait_s)
-                wait_s = min(wait_s * 2, UNREACHABLE_WAIT_MAX_S)
-        return 0
+        await relay.run()
     finally:
         stopping.cancel()
+    return 0
 
 
 def local_cluster(directory: str, primaries: int, replicas: int, first_port: int) -> int:

@@ -269,11 +269,13 @@ class Relay:
 
     async def run(self) -> None:
         """Deliver until `stop()`: one task per stream, new streams joined about once a
-        second, trimming every few seconds. Redis outages are waited out."""
+        second, trimming every few seconds. Redis outages and a target out of reach (at start
+        too: a broker not up yet) are waited out; a target that refuses what it must declare
+        (a queue declared otherwise, wrong credentials) stops the relay with its error."""
         log.info("relay %s started (group %s)", self.consumer, self.group)
-        await self.target.start()
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
+            await self._start_target()
             while not self._stop.is_set():
                 await self._supervise(tasks)
                 await _wait_for(self._stop, STREAMS_REFRESH_S)
@@ -285,6 +287,21 @@ class Relay:
         log.info(
             "relay %s stopped (%d delivered, %d dead)", self.consumer, self.delivered, self.dead
         )
+
+    async def _start_target(self) -> None:
+        """Start the target, trying again with the delivery backoff while it is out of reach
+        (until `stop()`)."""
+        misses = 0
+        while not self._stop.is_set():
+            try:
+                await self.target.start()
+                return
+            except Unreachable as exc:
+                misses += 1
+                delay = self.backoff(misses)
+                log.warning("relay: %s unreachable at start (%s); again in %.1f s",
+                            self.target.name, exc, delay)  # fmt: skip
+                await _wait_for(self._stop, delay)
 
     async def _supervise(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         try:
