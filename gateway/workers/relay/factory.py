@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+from gateway.setting import BROKER_SCHEMES
 from gateway.settings import ConfigError, Settings
 from gateway.workers.relay.target import Target
 
@@ -15,7 +16,7 @@ def target_for(settings: Settings) -> Target:
     url = settings.relay_url
     if not url:
         raise ConfigError("FLASHGATE_RELAY_URL is not set: the relay has no target")
-    if urlsplit(url).scheme in ("amqp", "amqps"):
+    if urlsplit(url).scheme in BROKER_SCHEMES:
         from gateway.workers.relay.rabbitmq import RabbitTarget
 
         return RabbitTarget(

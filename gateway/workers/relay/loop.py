@@ -158,8 +158,9 @@ class Relay:
         if RelayRead(code) is RelayRead.BUSY:
             return 0
         batch: list[Entry] = [(e[0], _fields(e[1])) for e in entries]
+        ids = [entry_id for entry_id, _ in batch]
         for i, entry in enumerate(batch):
-            await self.handle(stream, entry, [e[0] for e in batch[i:]])
+            await self.handle(stream, entry, ids[i:])
         return len(batch)
 
     async def handle(self, stream: Stream, entry: Entry, held: list[bytes]) -> None:
