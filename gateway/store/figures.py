@@ -17,6 +17,7 @@ from typing import Any
 from gateway.store import keys
 from gateway.store.buckets import Layouts
 from gateway.transport.connect import Client
+from gateway.transport.streams import id_order
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,11 +112,6 @@ async def sample(redis: Client) -> Sample:
     )
 
 
-def _entry_order(entry_id: bytes) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition(b"-")
-    return int(ms), int(seq or 0)
-
-
 async def dead_letters(
     redis: Client, sku_ids: Sequence[str] | None, limit: int
 ) -> list[tuple[str, ...]]:
@@ -134,7 +130,7 @@ async def dead_letters(
                     stream, count=limit
                 )  # type: ignore[assignment]
                 entries += [(dead_id, fields, source) for dead_id, fields in got]
-        entries.sort(key=lambda e: _entry_order(e[0]), reverse=True)
+        entries.sort(key=lambda e: id_order(e[0]), reverse=True)
         for dead_id, fields, source in entries[:limit]:
             f = {k.decode(): v.decode(errors="replace") for k, v in fields.items()}
             rows.append(

@@ -15,11 +15,7 @@ from redis.exceptions import ResponseError
 
 from gateway.transport.connect import Client
 from gateway.transport.replies import text
-
-
-def id_order(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
+from gateway.transport.streams import id_order
 
 
 def next_id(entry_id: str) -> str:
