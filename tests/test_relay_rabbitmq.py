@@ -6,6 +6,7 @@ target delivers again, persistent messages survive) and a queue declared otherwi
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -173,6 +174,26 @@ async def test_no_broker_is_unreachable_at_start(make_target: MakeTarget) -> Non
         await target.start()
     with pytest.raises(Unreachable):
         await target.deliver(event(1))
+
+
+async def test_a_failed_connect_is_closed_not_left_to_the_finalizer(
+    make_target: MakeTarget,
+) -> None:
+    """aio-pika closes a connection left open from its finalizer by scheduling a task, which
+    fails (an unawaited coroutine) when the loop is not running then; and the log record of
+    the failure keeps the connection alive until some later test. A failed connect is closed."""
+    port = free_port()
+    target = await make_target(start=False, url=f"amqp://guest:guest@127.0.0.1:{port}/")
+    for _ in range(3):
+        with pytest.raises(Unreachable):
+            await target.start()
+    gc.collect()
+    left_open = [
+        o
+        for o in gc.get_objects()
+        if isinstance(o, aio_pika.Connection) and o.url.port == port and not o.is_closed
+    ]
+    assert left_open == []
 
 
 async def test_wrong_credentials_are_named_at_start(

@@ -19,6 +19,7 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange
+from aio_pika.connection import make_url
 
 from gateway.settings import ConfigError
 from gateway.workers.relay.events import Event
@@ -124,7 +125,10 @@ class RabbitTarget:
 
     async def _connect(self) -> None:
         try:
-            self._connection = await aio_pika.connect(self.url, timeout=self.timeout_s)
+            # held before connecting, so that a failed connect is closed by _drop: aio-pika
+            # closes an unclosed connection from its finalizer, which needs a running loop
+            self._connection = aio_pika.Connection(make_url(self.url))
+            await self._connection.connect(timeout=self.timeout_s)
             self._channel = await self._connection.channel(
                 publisher_confirms=True, on_return_raises=True
             )
