@@ -104,6 +104,44 @@ def _wait(what: str, check: Any, timeout_s: float = 10.0) -> Any:
         time.sleep(0.1)
 
 
+@pytest.mark.integration
+def test_the_console_adds_up_every_worker_of_the_instance(tmp_path: Path) -> None:
+    """`serve --workers 2`: orders answered by both workers, each on a new connection; the
+    view, whichever worker answers it, counts them all and lists both workers."""
+    serve = Serve(tmp_path / "data", "--workers", "2")
+    try:
+        serve.put_hot(5)
+        pids = set()
+        statuses = []
+        for i in range(12):
+            r = httpx.post(
+                f"{serve.base}/api/v1/order/create",
+                json=order_body(user_id=f"w{i}", sku_id="hot"),
+                headers={"X-Idempotency-Key": str(uuid.uuid4()), "Connection": "close"},
+            )
+            statuses.append(r.status_code)
+            pids.add(
+                httpx.get(f"{serve.base}/readyz", headers={"Connection": "close"}).json()["pid"]
+            )
+        assert statuses.count(202) == 5 and statuses.count(409) == 7 and len(pids) == 2
+
+        def view() -> dict[str, Any]:
+            got: dict[str, Any] = httpx.get(
+                f"{serve.base}/api/v1/admin/console", headers={**ADMIN, "Connection": "close"}
+            ).json()
+            return got
+
+        # the other worker's counts reach the files within its next flush (1 s)
+        got = _wait(
+            "every answer", lambda: (v := view())["answers"] == {"created": 5, "sold_out": 7} and v
+        )
+        assert got["latency"]["counts"][-1] == 12
+        assert {w["pid"] for w in got["workers"]} == pids
+        assert {(w["breaker"], w["mode"]) for w in got["workers"]} == {("closed", "NORMAL")}
+    finally:
+        serve.stop()
+
+
 def _sale(base: str, stop: threading.Event) -> None:
     """A small sale in rounds of 30 orders every 0.4 s until `stop`: new shoppers (held, then
     sold out), some back for a second unit (limit_exceeded) and some malformed (invalid)."""
