@@ -234,6 +234,13 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
         workers = browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
         assert [w.text.split()[1:] for w in workers] == [["closed", "NORMAL"]] * 2
         assert not browser.find_element(By.ID, "rules").is_displayed()  # no rules API: 404
+        # figures the page does not know (another gateway's view) are found and named
+        found = browser.execute_script(
+            "return extras({mode: 'NORMAL', skus: [], relay_lag: 4, queue: {length: 7},"
+            " relays: [{group: 'webhook-g', target: 'webhook', lag: 3, oldest_s: 1.5}]})"
+        )
+        assert found == {"relay_lag": 4, "queue.length": 7, "relays.webhook-g.lag": 3,
+                         "relays.webhook-g.oldest_s": 1.5}  # fmt: skip
 
         browser.find_element(By.ID, "switch").click()  # the sale goes on, now queued
         alert = browser.switch_to.alert

@@ -116,6 +116,7 @@ class Chart {
     this.uplot = new uPlot({
       width: this.plot.clientWidth || 500, height: 230,
       legend: { show: false },
+      hooks: { drawClear: [shadeQueueOnly] },
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, y: { range: (u, lo, hi) => [0, Math.max(hi * 1.1, 1)] } },
       axes: [Object.assign({ values: clock, space: 70 }, axis), y],
@@ -143,6 +144,25 @@ class Chart {
 
 let charts = null;
 const xs = [];
+const modes = [];           // the mode of each reading in xs
+
+// Behind each chart: the readings taken in QUEUE_ONLY, shaded.
+function shadeQueueOnly(u) {
+  const ctx = u.ctx;
+  const { top, height } = u.bbox;
+  ctx.save();
+  ctx.fillStyle = getComputedStyle(document.documentElement).getPropertyValue("--queued");
+  for (let i = 0; i < modes.length; i++) {
+    if (modes[i] !== "QUEUE_ONLY") continue;
+    let j = i;
+    while (j + 1 < modes.length && modes[j + 1] === "QUEUE_ONLY") j++;
+    const x0 = u.valToPos(xs[Math.max(0, i - 1)], "x", true);
+    const x1 = u.valToPos(xs[j], "x", true);
+    ctx.fillRect(x0, top, Math.max(x1 - x0, 2), height);
+    i = j;
+  }
+  ctx.restore();
+}
 
 function makeCharts() {
   const p = palette();
@@ -215,20 +235,28 @@ function latencyNow(view) {
   return { p50: quantile(0.5, lat.le_ms, delta), p99: quantile(0.99, lat.le_ms, delta) };
 }
 
-// Numeric figures the page has no place for: top-level numbers and the numbers of top-level
-// objects ("relay.lag"), as the view gives them.
+// Numeric figures the page has no place for: top-level numbers, the numbers of top-level
+// objects ("queue.length") and of lists of records ("relays.<group>.lag"), as the view gives them.
 function extras(view) {
   const found = {};
   for (const [key, value] of Object.entries(view)) {
     if (KNOWN.has(key)) continue;
     if (typeof value === "number") found[key] = value;
-    else if (value && typeof value === "object" && !Array.isArray(value)) {
-      for (const [sub, v] of Object.entries(value)) {
-        if (typeof v === "number") found[key + "." + sub] = v;
-      }
-    }
+    else if (Array.isArray(value)) {
+      // a list of records ("relays": [{group, target, lag, ...}]): each by its first text field
+      value.forEach((item, i) => {
+        if (!item || typeof item !== "object") return;
+        const name = Object.values(item).find((v) => typeof v === "string") || String(i);
+        numbers(item, `${key}.${name}`, found);
+      });
+    } else if (value && typeof value === "object") numbers(value, key, found);
   }
   return found;
+}
+function numbers(record, prefix, found) {
+  for (const [sub, v] of Object.entries(record)) {
+    if (typeof v === "number") found[prefix + "." + sub] = v;
+  }
 }
 
 function showExtras(found) {
@@ -350,7 +378,9 @@ function render(view, at) {
   const backlog = view.skus.reduce((sum, s) => sum + s.backlog, 0);
   previous = { at, answers: view.answers || {}, entries_in: view.entries_in };
   xs.push(at / 1000);
+  modes.push(view.mode);
   while (xs.length > WINDOW) xs.shift();
+  while (modes.length > WINDOW) modes.shift();
   const o = r.outcomes;
   charts.outcomes.push(xs, o);
   charts.refusals.push(xs, r.reasons);
