@@ -233,7 +233,6 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
         assert 0 < latency["p50"] <= latency["p99"]
         workers = browser.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
         assert [w.text.split()[1:] for w in workers] == [["closed", "NORMAL"]] * 2
-        assert not browser.find_element(By.ID, "rules").is_displayed()  # no rules API: 404
         # figures the page does not know (another gateway's view) are found and named
         found = browser.execute_script(
             "return extras({mode: 'NORMAL', skus: [], relay_lag: 4, queue: {length: 7},"
@@ -271,5 +270,88 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
         stop.set()
         if selling.is_alive():
             selling.join()
+        browser.quit()
+        serve.stop()
+
+
+def _open(browser: Any, serve: Serve, operator: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{serve.base}/console")
+    browser.find_element(By.ID, "token").send_keys(ADMIN["Authorization"].split()[1])
+    browser.find_element(By.ID, "operator").clear()
+    browser.find_element(By.ID, "operator").send_keys(operator)
+    browser.find_element(By.CSS_SELECTOR, "#login button").click()
+    _wait("the board", lambda: browser.find_element(By.ID, "board").is_displayed())
+
+
+def _propose(browser: Any, changes: dict[str, str]) -> list[str]:
+    """Type new values, press Review change: the confirm step's lines."""
+    from selenium.webdriver.common.by import By
+
+    for name, value in changes.items():
+        field = browser.find_element(By.CSS_SELECTOR, f"#rules-table input[name={name}]")
+        field.clear()
+        field.send_keys(value)
+    browser.find_element(By.CSS_SELECTOR, "#rules-form button").click()
+    assert browser.find_element(By.ID, "rules-confirm").is_displayed()
+    return [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#rules-diff li")]
+
+
+@pytest.mark.browser
+@pytest.mark.integration
+def test_the_rules_panel_in_a_real_browser(tmp_path: Path) -> None:
+    """The rules panel follows `GET /api/v1/admin/rules`: hidden while it answers 404; else
+    the rules in force, a change reviewed then applied by the operator (a bad value refused
+    with the gateway's message and nothing applied), and the change in the history."""
+    from selenium.webdriver.common.by import By
+
+    serve = Serve(tmp_path / "data")
+    browser = _chromium()
+    try:
+        _open(browser, serve, "bob")
+        rules = httpx.get(f"{serve.base}/api/v1/admin/rules", headers=ADMIN)
+        if rules.status_code == 404:  # a gateway without runtime rules: the page asked, and hid
+            asked = _wait("the page asking for the rules", lambda: [
+                e for e in browser.get_log("browser")
+                if "/api/v1/admin/rules" in e["message"] and "404" in e["message"]])  # fmt: skip
+            assert asked and not browser.find_element(By.ID, "rules").is_displayed()
+            assert _problems(browser) == []
+            return
+        was = rules.json()
+        panel = _wait("the rules", lambda: browser.find_element(By.ID, "rules").is_displayed())
+        assert panel and browser.find_element(By.ID, "rules-version").text == str(was["version"])
+
+        def in_force(name: str) -> str:
+            cell = f"#rules-table tr[data-rule={name}] td:nth-child(2)"
+            text: str = browser.find_element(By.CSS_SELECTOR, cell).text
+            return text
+
+        qps, ratio = in_force("qps"), in_force("breaker_slow_ratio")
+        assert (float(qps), float(ratio)) == (was["qps"], was["breaker_slow_ratio"])
+
+        lines = _propose(browser, {"qps": "1234", "breaker_slow_ratio": "7"})
+        assert lines == [f"qps: {qps} → 1234", f"breaker_slow_ratio: {ratio} → 7"]
+        browser.find_element(By.ID, "rules-apply").click()
+        refused = _wait("the 400", lambda: browser.find_element(By.ID, "rules-error").text)
+        assert "400" in refused and "breaker_slow_ratio" in refused
+        assert httpx.get(f"{serve.base}/api/v1/admin/rules", headers=ADMIN).json() == was
+
+        assert len(_propose(browser, {"breaker_slow_ratio": "0.6"})) == 2  # qps still edited
+        browser.find_element(By.ID, "rules-apply").click()
+        _wait("applied", lambda: "applied" in browser.find_element(By.ID, "rules-note").text)
+        now = httpx.get(f"{serve.base}/api/v1/admin/rules", headers=ADMIN).json()
+        assert (now["qps"], now["breaker_slow_ratio"]) == (1234, 0.6)
+        assert now["version"] == was["version"] + 1 and now["history"][0]["by"] == "bob"
+
+        def history() -> str:
+            rows = browser.find_elements(By.CSS_SELECTOR, "#rules-history tbody tr")
+            return rows[0].text if rows else ""
+
+        changed = _wait("the change in the history", history)
+        assert "bob" in changed and "1234" in changed and "0.6" in changed
+        # a refused PUT is a failed request in the browser's log; nothing else may be
+        assert [p for p in _problems(browser) if "400" not in p] == []
+    finally:
         browser.quit()
         serve.stop()
