@@ -126,17 +126,40 @@ class ConsoleSku(Struct, frozen=True, kw_only=True):
     dead: int  # dead letters
 
 
+class ConsoleWorker(Struct, frozen=True, kw_only=True):
+    """One live worker process of the instance that answered."""
+
+    pid: int
+    breaker: str  # closed | open | half_open
+    mode: str | None  # the mode this worker applies (None: not known yet)
+
+
+class ConsoleLatency(Struct, frozen=True, kw_only=True):
+    """The order endpoint's latency histogram since the instance started, every worker summed:
+    `counts[i]` answers took at most `le_ms[i]` milliseconds (cumulative); the last count,
+    one more than the bounds, is every answer. Two readings give the quantiles between them."""
+
+    le_ms: list[float]
+    counts: list[int]
+    sum_s: float
+
+
 class ConsoleView(Struct, frozen=True, kw_only=True):
-    """What the ops console shows: the shared mode and its recent switches, the breaker of the
-    worker that answered, and every SKU's figures from Redis. `entries_in` counts every entry
-    ever added to the SKUs' streams (orders and payments): its rate is intake per second."""
+    """What the ops console shows: the shared mode and its recent switches, every SKU's
+    figures from Redis, and what the workers of the answering instance counted.
+    `entries_in` counts every entry ever added to the SKUs' streams (orders and payments, all
+    instances): its rate is intake per second. `answers` counts the order endpoint's answers
+    by code (`created`, `replayed`, or the error code) since the instance started."""
 
     mode: str
     changed_at: int | None
     history: msgspec.Raw  # [ModeSwitch, ...] newest first
-    breaker: str  # closed | open | half_open, this worker's
+    breaker: str  # closed | open | half_open, the answering worker's
     entries_in: int
     skus: list[ConsoleSku]
+    answers: dict[str, int]
+    latency: ConsoleLatency
+    workers: list[ConsoleWorker]  # by pid
 
 
 ORDER_STATUSES = ("QUEUED", "HELD", "CONFIRMED", "EXPIRED", "REJECTED", "PAID_AFTER_EXPIRY")

@@ -158,7 +158,7 @@ async def flush_every(seconds: float) -> None:
             flush()
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -177,7 +177,7 @@ def _forget_dead_workers(directory: str) -> None:
         if name.endswith(".db") and tail.isdigit():
             pids.add(int(tail))
     for pid in pids:
-        if not _alive(pid):
+        if not alive(pid):
             multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
