@@ -1,12 +1,14 @@
 """The ops console: its data endpoint and files in process, and the page itself in a real
 headless Chromium (Debian's, driven by Selenium) against a real `serve --workers 2` during a
 small real sale: no console error, no CSP violation, charts drawn from the sale's figures,
-the switch, and the screenshot the docs show (`docs/images/console.png`)."""
+the switch, and the screenshot the docs show (`docs/images/console.png`, refreshed with
+FLASHGATE_DOCS_SCREENSHOTS=1)."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import threading
 import time
 import uuid
@@ -19,7 +21,15 @@ import pytest
 from tests.support.api import ADMIN, Client, create, order_body, put_sku
 from tests.support.processes import Serve
 
-SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "console.png"
+DOCS_SCREENSHOT = Path(__file__).resolve().parents[1] / "docs" / "images" / "console.png"
+
+
+def screenshot_path(tmp_path: Path) -> Path:
+    """Where the browser test saves its screenshot: the docs' image when
+    FLASHGATE_DOCS_SCREENSHOTS=1 (to refresh it), else the test's own folder."""
+    if os.environ.get("FLASHGATE_DOCS_SCREENSHOTS") == "1":
+        return DOCS_SCREENSHOT
+    return tmp_path / "console.png"
 
 
 async def test_the_console_data_needs_the_token_and_adds_up(client: Client) -> None:
@@ -261,8 +271,10 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
 
         _wait("both workers in QUEUE_ONLY", both_workers_queue_only)
         time.sleep(3)  # a few seconds of queued intake on the charts, for the screenshot
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        browser.save_screenshot(str(SCREENSHOT))
+        shot = screenshot_path(tmp_path)
+        shot.parent.mkdir(exist_ok=True)
+        assert browser.save_screenshot(str(shot))
+        assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         stop.set()
         selling.join()
         assert _problems(browser) == []
