@@ -8,10 +8,13 @@ import json
 import math
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client import REGISTRY
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from gateway.schemas import OrderRequest, QueueView, SkuConfig
@@ -22,9 +25,11 @@ from gateway.store.outcomes import CreateResult, Finalized
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.finalizer import Finalizer
 from tests.support.api import ADMIN, Client, create, put_sku
+from tests.support.processes import Serve
 from tests.support.state import BOTH_BACKENDS
 
 SWITCH = "/api/v1/order/switch"
+CREATE = "/api/v1/order/create"
 
 
 class Line:
@@ -305,3 +310,55 @@ def test_a_slow_queue_keeps_its_eta_longer() -> None:
     assert queue.eta_s(10, 100.0, now - 31_000, now) is None
     assert queue.eta_s(10, 0.1, now - 31_000, now) == 100.0  # 5 drains take 50 s at 0.1/s
     assert queue.eta_s(10, 0.0, now, now) is None
+
+
+def test_serve_shoppers_poll_as_told_until_decided(tmp_path: Path) -> None:
+    """`flashgate serve` (gateway, finalizer, embedded server): shoppers queue in QUEUE_ONLY
+    and poll as `Retry-After` tells them until decided; their positions never rise, and the
+    finalizer's wait histogram and the drain rate reach `GET /metrics`."""
+    serve = Serve(tmp_path / "data")
+    try:
+        serve.put_hot(150)
+        switched = httpx.post(f"{serve.base}{SWITCH}", params={"mode": "QUEUE_ONLY"}, headers=ADMIN)
+        assert switched.status_code == 200
+        time.sleep(1.2)  # every worker applies the switch within a second
+        trails = asyncio.run(shoppers(serve.base, 200))
+        metrics = httpx.get(f"{serve.base}/metrics").text
+    finally:
+        assert serve.stop() == 0
+    statuses = [t[-1] for t in trails]
+    assert statuses.count("HELD") == 150 and statuses.count("REJECTED") == 50
+    for trail in trails:
+        positions = [p for p in trail if isinstance(p, int)]
+        assert positions and non_increasing(positions), trail
+    assert all(1 <= int(t[0]) <= 200 for t in trails)  # the finalizer drained meanwhile
+    samples = {(s.name, tuple(s.labels.items())): s.value for s in parsed(metrics)}
+    assert samples["flashgate_queue_wait_seconds_count", ()] == 200
+    assert ("flashgate_sku_drain_rate", (("sku", "hot"),)) in samples
+
+
+def parsed(text: str) -> list[Any]:
+    return [s for family in text_string_to_metric_families(text) for s in family.samples]
+
+
+async def shoppers(base: str, n: int) -> list[list[int | str]]:
+    """n shoppers, each: one order, then its GET whenever Retry-After says, until decided.
+    Each trail: the 202's position, every polled position, the final status."""
+
+    async def shopper(c: httpx.AsyncClient, i: int) -> list[int | str]:
+        body = {"user_id": f"u{i}", "sku_id": "hot", "quantity": 1, "promotion_id": "promo-1"}
+        r = await c.post(CREATE, json=body, headers={"X-Idempotency-Key": str(uuid.uuid4())})
+        assert r.status_code == 202, r.text
+        trail: list[int | str] = [r.json()["position"]]
+        while True:
+            got = await c.get(f"/api/v1/order/{r.json()['order_id']}")
+            view = got.json()
+            if view["status"] != "QUEUED":
+                assert "queue" not in view and "retry-after" not in got.headers
+                return [*trail, view["status"]]
+            assert got.headers["retry-after"] == str(view["queue"]["poll_after_s"])
+            trail.append(view["queue"]["position"])
+            await asyncio.sleep(int(got.headers["retry-after"]))
+
+    async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+        return await asyncio.wait_for(asyncio.gather(*(shopper(c, i) for i in range(n))), 60)
