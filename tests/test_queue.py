@@ -314,27 +314,49 @@ def test_a_slow_queue_keeps_its_eta_longer() -> None:
 
 def test_serve_shoppers_poll_as_told_until_decided(tmp_path: Path) -> None:
     """`flashgate serve` (gateway, finalizer, embedded server): shoppers queue in QUEUE_ONLY
-    and poll as `Retry-After` tells them until decided; their positions never rise, and the
-    finalizer's wait histogram and the drain rate reach `GET /metrics`."""
+    and poll as `Retry-After` tells them until decided, one of them with the example client of
+    docs/api/shoppers.md; their positions never rise, and the finalizer's wait histogram and
+    the drain rate reach `GET /metrics`."""
     serve = Serve(tmp_path / "data")
     try:
         serve.put_hot(150)
         switched = httpx.post(f"{serve.base}{SWITCH}", params={"mode": "QUEUE_ONLY"}, headers=ADMIN)
         assert switched.status_code == 200
         time.sleep(1.2)  # every worker applies the switch within a second
-        trails = asyncio.run(shoppers(serve.base, 200))
+        trails, doc_order, doc_places = asyncio.run(line_up(serve.base, 200))
         metrics = httpx.get(f"{serve.base}/metrics").text
     finally:
         assert serve.stop() == 0
-    statuses = [t[-1] for t in trails]
-    assert statuses.count("HELD") == 150 and statuses.count("REJECTED") == 50
+    statuses = [t[-1] for t in trails] + [doc_order["status"]]
+    assert statuses.count("HELD") == 150 and statuses.count("REJECTED") == 51
     for trail in trails:
         positions = [p for p in trail if isinstance(p, int)]
         assert positions and non_increasing(positions), trail
-    assert all(1 <= int(t[0]) <= 200 for t in trails)  # the finalizer drained meanwhile
+    assert all(1 <= int(t[0]) <= 201 for t in trails)  # the finalizer drained meanwhile
+    assert non_increasing([p["position"] for p in doc_places])
     samples = {(s.name, tuple(s.labels.items())): s.value for s in parsed(metrics)}
-    assert samples["flashgate_queue_wait_seconds_count", ()] == 200
+    assert samples["flashgate_queue_wait_seconds_count", ()] == 201
     assert ("flashgate_sku_drain_rate", (("sku", "hot"),)) in samples
+
+
+def doc_client() -> Any:
+    """`buy`, the example client of docs/api/shoppers.md (its first Python block)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api" / "shoppers.md").read_text()
+    source = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "docs/api/shoppers.md", "exec"), namespace)
+    return namespace["buy"]
+
+
+async def line_up(
+    base: str, n: int
+) -> tuple[list[list[int | str]], dict[str, Any], list[dict[str, Any]]]:
+    """n shoppers, and the docs' example client among them (in a thread: it blocks)."""
+    places: list[dict[str, Any]] = []
+    buy = doc_client()
+    doc = asyncio.to_thread(buy, base, "doc-shopper", "hot", "promo-1", places.append)
+    trails, order = await asyncio.gather(shoppers(base, n), doc)
+    return trails, order, places
 
 
 def parsed(text: str) -> list[Any]:
