@@ -18,7 +18,8 @@
     QUEUED -> HELD (its hold deadline starts now) or QUEUED -> REJECTED; the SKU's backlog
     shrinks by one, once per order, and the queue's counters move: queue_out (orders drained,
     ever) and the drain rate (orders per second of busy time, an EWMA over windows of 1 s or
-    more; busy: between two drains when the first left orders waiting).
+    500 orders, whichever comes first; busy: between two drains when the first left orders
+    waiting).
   "paid" (confirm_payment.lua recorded the payment on the order and judged it in time or late):
     HELD and paid in time -> CONFIRMED (held units become sold); HELD and paid late ->
     PAID_AFTER_EXPIRY (the hold is released first); EXPIRED -> PAID_AFTER_EXPIRY; a payment of
@@ -98,7 +99,7 @@ local function drained()  -- one order left the queue: its counters and the drai
   if r[1] and tonumber(r[2]) > 0 then  -- orders waited since the last drain: busy time
     busy_ms, busy_n = busy_ms + math.max(0, now - tonumber(r[1])), busy_n + 1
   end
-  if busy_ms >= 1000 then
+  if busy_ms >= 1000 or (busy_n >= 500 and busy_ms > 0) then  -- a window closes
     local rate = busy_n * 1000 / busy_ms
     if r[5] then
       rate = ALPHA * rate + (1 - ALPHA) * tonumber(r[5])
