@@ -147,6 +147,36 @@ async def test_orders_that_are_not_queued_carry_no_place(client: Client) -> None
 
 
 @BOTH_BACKENDS
+async def test_a_bucketed_sku_has_one_line_per_bucket(line: Line) -> None:
+    cfg = SkuConfig(promotion_id="p", stock=100, per_user_limit=100, buckets=3)
+    await line.inv.configure_sku("s", cfg)
+    bodies = await line.queue(30)
+    by_bucket: dict[str, list[int]] = {}
+    for b in bodies:
+        by_bucket.setdefault(b["order_id"].partition(".")[2], []).append(b["position"])
+    assert len(by_bucket) == 3  # 30 shoppers spread over the three buckets
+    for positions in by_bucket.values():
+        assert positions == list(range(1, len(positions) + 1))
+    for b in bodies:
+        place = await line.place(b["order_id"])
+        assert place is not None and place.position == b["position"]
+
+
+async def test_a_backlog_from_before_the_numbering_counts_ahead(line: Line) -> None:
+    """A SKU whose stream already held orders when the queue counters started: the first
+    numbered order counts them ahead of it."""
+    await line.sku()
+    await line.redis.hset(keys.SkuKeys("s").sku, "backlog", 5)
+    (first,) = await line.queue(1)
+    assert first["position"] == 6
+    assert await line.counters() == {"in": 6, "out": 0, "backlog": 6}
+    await line.redis.hset(keys.SkuKeys("s").sku, "backlog", 1)  # as if the 5 were drained
+    await line.redis.hset(keys.SkuKeys("s").sku, "queue_out", 5)
+    place = await line.place(first["order_id"])
+    assert place is not None and place.position == 1
+
+
+@BOTH_BACKENDS
 async def test_positions_never_increase_while_a_finalizer_drains(line: Line) -> None:
     await line.sku(stock=150)  # some are rejected: REJECTED orders leave the queue too
     bodies = await line.queue(200)
