@@ -158,10 +158,10 @@ local out = tonumber(q[2] or '0')
 local seq = rcall('HINCRBY', KEYS[1], 'queue_in', q[1] and 1 or out + backlog_now)
 local position = ''
 if not hold then
-  position = string.format('%d', seq - out)
+  position = string.format('%d', math.max(1, seq - out))
   rcall('HSET', KEYS[5], 'queue_seq', seq)
   if q[3] and tonumber(q[3]) > 0 then  -- the ETA told now, for the ETA error (finalize.lua)
-    rcall('HSET', KEYS[5], 'queue_eta_ms', math.floor((seq - out) * 1000 / q[3]))
+    rcall('HSET', KEYS[5], 'queue_eta_ms', math.floor(tonumber(position) * 1000 / q[3]))
   end
 end
 rcall('HSET', KEYS[5], 'status', status, 'user_id', ARGV[2], 'sku_id', ARGV[3],

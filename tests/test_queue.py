@@ -125,6 +125,7 @@ async def test_sequential_queued_orders_are_numbered_1_to_n(client: Client, redi
     assert counters == [b"25", b"25"]
 
 
+@BOTH_BACKENDS
 async def test_a_replayed_queued_answer_repeats_its_position(client: Client) -> None:
     await put_sku(client, stock=10)
     await client.post(SWITCH, params={"mode": "QUEUE_ONLY"}, headers=ADMIN)
