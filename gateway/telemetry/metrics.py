@@ -43,6 +43,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.store import figures
+from gateway.telemetry import queueing  # noqa: F401  (registered: every scrape shows them)
 from gateway.transport.replies import REDIS_FAILURES
 
 log = logging.getLogger("flashgate")
