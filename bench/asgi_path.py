@@ -6,7 +6,9 @@ the multiplexed client and the answer.
     python -m bench.asgi_path --orders 20000 --concurrency 64
 
 Prints one JSON line per scenario: CPU microseconds per order of this process (the server's
-CPU is not counted) and orders per CPU-second.
+CPU is not counted) and orders per CPU-second. The `get_queued` and `get_held` scenarios read
+orders back (`GET /api/v1/order/{id}`): a QUEUED order with its place in line (what every
+shopper in line polls), and a HELD one; their figure is CPU microseconds per GET.
 """
 
 from __future__ import annotations
@@ -29,7 +31,9 @@ from gateway.web.app import create_app
 TOKEN = "bench"
 
 
-async def call(app: Any, method: str, path: str, body: bytes, headers: list[Any]) -> int:
+async def call(
+    app: Any, method: str, path: str, body: bytes, headers: list[Any], query: bytes = b""
+) -> int:
     """One request through the app; returns the status."""
     scope = {
         "type": "http",
@@ -39,7 +43,7 @@ async def call(app: Any, method: str, path: str, body: bytes, headers: list[Any]
         "scheme": "http",
         "path": path,
         "raw_path": path.encode(),
-        "query_string": b"",
+        "query_string": query,
         "root_path": "",
         "headers": [(b"content-length", str(len(body)).encode()), *headers],
         "client": ("127.0.0.1", 50000),
@@ -96,6 +100,29 @@ async def drive(app: Any, requests: list[tuple[bytes, list[Any]]], concurrency: 
     return took
 
 
+async def drive_gets(app: Any, order_ids: list[str], concurrency: int) -> float:
+    """CPU seconds of this process to read every order once, `concurrency` at a time."""
+    queue = iter(order_ids)
+    statuses: dict[int, int] = {}
+
+    async def worker() -> None:
+        for oid in queue:
+            s = await call(app, "GET", f"/api/v1/order/{oid}", b"", [])
+            statuses[s] = statuses.get(s, 0) + 1
+
+    started = time.process_time()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    took = time.process_time() - started
+    print(f"  statuses {statuses}", file=sys.stderr)
+    return took
+
+
+async def order_ids(redis: Any, sku: str, n: int) -> list[str]:
+    """The ids of the first n orders of the SKU's stream."""
+    entries = await redis.xrange(f"fg:{{{sku}}}:stream", count=n)
+    return [fields[b"order_id"].decode() for _, fields in entries]
+
+
 async def main_async(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as d:
         server = EmbeddedServer(d, persist=False)
@@ -123,6 +150,34 @@ async def run(url: str, args: argparse.Namespace) -> None:
             row = {"scenario": name, "cpu_us_per_order": round(cpu / n * 1e6, 2)}
             row["orders_per_cpu_s"] = round(n / cpu)
             print(json.dumps(row), flush=True)
+        await reads(app, url, args)
+
+
+async def reads(app: Any, url: str, args: argparse.Namespace) -> None:
+    """GET of QUEUED orders (a line with a known drain rate, no finalizer: they stay queued)
+    and of HELD ones."""
+    from redis.asyncio import Redis
+
+    n = args.orders
+    auth = [(b"authorization", b"Bearer " + TOKEN.encode())]
+    await put_sku(app, "line", 1_000_000_000)
+    status = await call(app, "POST", "/api/v1/order/switch", b"", auth, b"mode=QUEUE_ONLY")
+    assert status == 200, status
+    await drive(app, [order(f"q{i}", "line", str(uuid.uuid4())) for i in range(n)], 64)
+    redis = Redis.from_url(url)
+    try:
+        await redis.hset("fg:{line}:sku", "drain_rate", "1000")
+        queued = await order_ids(redis, "line", n)
+        first = queued[0].partition(".")[0]
+        assert await redis.hget(f"fg:{{line}}:o:{first}", "status") == b"QUEUED"
+        held = await order_ids(redis, "hot", n)
+    finally:
+        await redis.aclose()
+    for name, ids in (("get_queued", queued), ("get_held", held)):
+        cpu = await drive_gets(app, ids, args.concurrency)
+        row = {"scenario": name, "cpu_us_per_get": round(cpu / len(ids) * 1e6, 2)}
+        row["gets_per_cpu_s"] = round(len(ids) / cpu)
+        print(json.dumps(row), flush=True)
 
 
 def main() -> None:

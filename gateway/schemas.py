@@ -56,6 +56,16 @@ class SkuConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     buckets: Annotated[int, Meta(ge=1, le=MAX_BUCKETS)] = 1
 
 
+Position = Annotated[
+    int,
+    Meta(
+        ge=1,
+        description="QUEUED: the unprocessed orders of the SKU bucket's queue ahead of this "
+        "one, itself included (1 = next); never increases",
+    ),
+]
+
+
 class OrderAccepted(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The `202` of an order (built by `create_order.lua`; described here for the document)."""
 
@@ -64,6 +74,7 @@ class OrderAccepted(Struct, frozen=True, kw_only=True, omit_defaults=True):
     sku_id: str
     quantity: int
     hold_expires_at: int | None = None  # epoch ms; absent when QUEUED
+    position: Position | None = None  # QUEUED only
 
 
 class PaymentAccepted(Struct, frozen=True, kw_only=True):
@@ -174,6 +185,27 @@ class OrderTransition(Struct, frozen=True, kw_only=True):
     at: int  # epoch ms
 
 
+class QueueView(Struct, frozen=True, kw_only=True):
+    """Where a QUEUED order stands (docs/api/shoppers.md)."""
+
+    position: Position
+    eta_s: Annotated[
+        float | None,
+        Meta(
+            description="seconds until the order is decided at the queue's measured drain "
+            "rate; null while the rate is unknown"
+        ),
+    ]
+    poll_after_s: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=30,
+            description="whole seconds to wait before asking again (also `Retry-After`)",
+        ),
+    ]
+
+
 class OrderView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     order_id: str
     status: OrderStatus
@@ -184,6 +216,7 @@ class OrderView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     created_at: int
     history: msgspec.Raw  # [OrderTransition, ...] oldest first
     hold_expires_at: int | None = None
+    queue: QueueView | None = None  # QUEUED orders only
 
 
 class Health(Struct, frozen=True, kw_only=True):

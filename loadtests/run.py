@@ -1,7 +1,9 @@
 """`python -m loadtests.run`: one headless load test from nothing, checked.
 
 Starts `flashgate serve` (embedded server, fresh data directory, free port), configures the
-SKUs through the admin API, runs Locust headless with the spike shape (`locustfile.py`), lets
+SKUs through the admin API, runs Locust headless with the spike shape (`locustfile.py`; with
+`--scenario queue`, shoppers in a QUEUE_ONLY line, `queue_locustfile.py`, and a report of their
+poll volume and ETA error), lets
 the finalizers drain, runs `flashgate audit`, reads the figures from Redis and prints the
 oversold, duplicate, lost and unsettled counts. Exit code 0 only when all of them are 0, the
 audit passes and Locust saw no unexpected answer. Whatever happens (Ctrl-C, SIGTERM, an error)
@@ -30,21 +32,31 @@ import redis
 
 from gateway.ops.embedded import free_port
 from gateway.ops.localcluster import LocalCluster
-from loadtests.procs import Locust, Serve, Tracker
+from loadtests import line as queue_line
+from loadtests.procs import Locust, Serve, Throttle, Tracker, child_running
 from loadtests.report import LocustStats, read_locust, report_files
 from loadtests.verify import Findings, check_records, check_skus, drain, read_records
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+LOCUSTFILES = {"spike": LOCUSTFILE, "queue": Path(__file__).with_name("queue_locustfile.py")}
 REPORTS = Path(__file__).with_name("reports")  # in .gitignore
 PROMOTION = "promo-load"
 HOT = "hot"
-OUTPUTS = ("accepted.jsonl", "serve.log", "locust.log", "audit.txt", "summary.json")
+OUTPUTS = ("accepted.jsonl", "line.jsonl", "serve.log", "locust.log", "audit.txt", "summary.json")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m loadtests.run", description=__doc__.split("\n\n")[0] if __doc__ else ""
     )
+    p.add_argument(
+        "--scenario", choices=sorted(LOCUSTFILES), default="spike",
+        help="spike: the 0:00 spike (default); queue: shoppers in a QUEUE_ONLY line",
+    )  # fmt: skip
+    p.add_argument(
+        "--finalizer-share", type=float, default=1.0, metavar="SHARE",
+        help="a slow back end: the finalizer runs this share of each 100 ms (default 1: always)",
+    )  # fmt: skip
     p.add_argument("--users", type=int, default=300, help="peak users (default 300)")
     p.add_argument("--spawn-seconds", type=float, default=2, help="0 to peak in (default 2)")
     p.add_argument("--hold-seconds", type=float, default=30, help="peak held for (default 30)")
@@ -116,7 +128,7 @@ def configure(
 
 def locust_argv(args: argparse.Namespace, host: str, out: Path) -> list[str]:
     argv = [
-        *(sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless"),
+        *(sys.executable, "-m", "locust", "-f", str(LOCUSTFILES[args.scenario]), "--headless"),
         *("--host", host, "--csv", str(out / "locust"), "--html", str(out / "report.html")),
         *("--only-summary", "--stop-timeout", "5", "--exit-code-on-error", "1"),
     ]
@@ -133,6 +145,7 @@ def locust_env(args: argparse.Namespace, env: dict[str, str], out: Path, skus: l
         "FLASHGATE_LT_SKUS": ",".join(skus),
         "FLASHGATE_LT_PROMOTION": PROMOTION,
         "FLASHGATE_LT_ACCEPTED": str(out / "accepted.jsonl"),
+        "FLASHGATE_LT_LINE": str(out / "line.jsonl"),
         "FLASHGATE_LT_USERS": str(args.users),
         "FLASHGATE_LT_SPAWN_S": str(args.spawn_seconds),
         "FLASHGATE_LT_HOLD_S": str(args.hold_seconds),
@@ -220,6 +233,7 @@ class LoadRun:
             args.verbose,
         )
         self.tracker = Tracker()
+        self.throttled: Throttle | None = None
         self.summary: dict[str, Any] = {"ok": False}
 
     def scan(self) -> None:
@@ -242,9 +256,16 @@ class LoadRun:
             f"SKUs: {HOT} stock {args.stock} limit {args.hot_limit}; {', '.join(self.skus)} "
             f"stock {args.sku_stock} limit {args.sku_limit}; promotion {PROMOTION}"
         )
+        if args.scenario == "queue":
+            self.switch("QUEUE_ONLY")
+            time.sleep(1.2)  # every worker applies a switch within a second
+        if args.finalizer_share < 1:
+            self.throttle()
         started = time.monotonic()
         self.locust.start()
         locust_rc = self.locust.wait(span + 120, self.scan)
+        if self.throttled is not None:
+            self.throttled.stop()  # the drain below runs at full speed
         seconds = time.monotonic() - started
         self.scan()
         print(f"locust: exit code {locust_rc} after {seconds:.1f} s, log {out / 'locust.log'}")
@@ -253,13 +274,7 @@ class LoadRun:
                 f"flashgate serve exited during the run (code {serve.proc.returncode}); "
                 f"the end of {serve.log_path}:\n{serve.log_tail()}"
             )
-        r = httpx.post(  # the operator may have been stopped in QUEUE_ONLY
-            f"{serve.base}/api/v1/order/switch?mode=NORMAL",
-            headers={"Authorization": f"Bearer {self.token}"},
-            timeout=10,
-        )
-        if r.status_code != 200:
-            raise RuntimeError(f"switch back to NORMAL: {r.status_code} {r.text}")
+        self.switch("NORMAL")  # the operator may have been stopped in QUEUE_ONLY
         findings = Findings()
         client: Any
         if self.cluster is not None:
@@ -282,6 +297,13 @@ class LoadRun:
         stats = read_locust(out / "locust")
         print_locust(stats, seconds)
         print_findings(findings)
+        if args.scenario == "queue":
+            metrics = httpx.get(f"{serve.base}/metrics", timeout=10).text
+            self.summary["line"] = report = {
+                "shoppers": queue_line.shoppers_side(out / "line.jsonl", seconds),
+                "finalizers": queue_line.finalizers_side(metrics),
+            }
+            queue_line.print_line(report)
         counts = findings.counts()
         ok = (
             not any(counts.values())
@@ -314,6 +336,27 @@ class LoadRun:
         print("reports: " + ", ".join(str(p) for p in reports))
         return 0 if ok else 1
 
+    def throttle(self) -> None:
+        """Slow the finalizer of the run's `flashgate serve` down to `--finalizer-share`."""
+        assert self.serve.proc is not None
+        deadline = time.monotonic() + 10
+        while (pid := child_running(self.serve.proc.pid, "finalizer")) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("no finalizer process under flashgate serve")
+            time.sleep(0.1)
+        self.throttled = Throttle(pid, self.args.finalizer_share)
+        self.throttled.start()
+        print(f"finalizer {pid}: runs {self.args.finalizer_share:.0%} of the time")
+
+    def switch(self, mode: str) -> None:
+        r = httpx.post(
+            f"{self.serve.base}/api/v1/order/switch?mode={mode}",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10,
+        )
+        if r.status_code != 200:
+            raise RuntimeError(f"switch to {mode}: {r.status_code} {r.text}")
+
     def audit(self) -> int:
         argv = [sys.executable, "-m", "gateway", "audit", "--data-dir", str(self.serve.data_dir)]
         audit = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=300)
@@ -329,6 +372,8 @@ class LoadRun:
         their trees must be gone. The number left (killed now)."""
         self.scan()
         self.locust.stop()
+        if self.throttled is not None:
+            self.throttled.stop()
         serve_rc = self.serve.stop()
         if self.cluster is not None:
             self.cluster.stop()

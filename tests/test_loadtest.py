@@ -84,6 +84,34 @@ def test_short_spike_nothing_oversold_duplicated_or_lost(tmp_path: Path) -> None
     assert summary["orders"] > 0 and summary["recorded"] >= summary["orders"]
 
 
+@pytest.mark.timeout(150)
+def test_short_queue_shoppers_poll_as_told(tmp_path: Path) -> None:
+    """`--scenario queue`: shoppers in a QUEUE_ONLY line behind a slow finalizer (2 % of the
+    time), each reading its order only as Retry-After says; positions never rise (a Locust
+    failure otherwise), nothing is lost, and the report has the poll volume and ETA error."""
+    out = tmp_path / "line"
+    argv = [
+        *(sys.executable, "-m", "loadtests.run", "--out", str(out), "--scenario", "queue"),
+        *("--users", "60", "--spawn-seconds", "1", "--hold-seconds", "6", "--tail-seconds", "1"),
+        *("--tail-users", "5", "--stock", "100000", "--finalizer-share", "0.02"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=140)
+    log = f"stdout:\n{run.stdout[-6000:]}\nstderr:\n{run.stderr[-3000:]}"
+
+    assert run.returncode == 0 and processes_of(out) == [], log
+    summary = json.loads((out / "summary.json").read_text())
+    counts = {k: summary.get(k) for k in ("oversold", "duplicate", "lost", "unsettled")}
+    assert counts == {"oversold": 0, "duplicate": 0, "lost": 0, "unsettled": 0}, log
+    assert summary["failures"] == 0 and summary["exceptions"] == 0, log
+    assert summary["by_answer"].get("202 QUEUED", 0) > 0 and "202 HELD" not in summary["by_answer"]
+    shoppers, finalizers = summary["line"]["shoppers"], summary["line"]["finalizers"]
+    assert shoppers["orders"] > 0 and shoppers["reads"] >= shoppers["orders"], log
+    assert finalizers["wait_s_count"] == summary["orders"], log  # every order was queued
+    assert finalizers["eta_error_s_count"] > 0, log  # the rate was measured, ETAs were told
+    assert "ETA error" in run.stdout and "reads" in run.stdout
+
+
 def test_the_checks_count_what_they_are_for(tmp_path: Path) -> None:
     """The runner's checks against a real server: a clean record passes, and each planted
     fault is counted once: a key with two orders, a user over the limit, an order and a

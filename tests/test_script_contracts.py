@@ -137,6 +137,9 @@ CONTRACTS = {
         reply=outcomes.Finalized,
         codes=outcomes.FinalizeResult,
     ),
+    "read_order": Contract(
+        calls.read_order, dict(order=SK.order("abc.s1"), sku=SK), reply=outcomes.OrderRead
+    ),
     "dead_letter": Contract(
         calls.dead_letter,
         dict(sku=SK, stream=SK.stream, order_id="abc.s1", group="g", entry_id=b"1-0",

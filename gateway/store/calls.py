@@ -197,6 +197,11 @@ def finalize(
     return ks, [group, entry_id, event, order_id, payment_id, hold_ttl_ms, _opt(now_ms)]
 
 
+def read_order(order: str, sku: SkuKeys) -> Call:
+    """`order` is the record key (`keys.order_key`); `sku` its bucket's keys."""
+    return [order, sku.sku], []
+
+
 def dead_letter(
     sku: SkuKeys,
     stream: str,

@@ -23,6 +23,7 @@ from gateway.transport.streams import id_order
 @dataclass(frozen=True, slots=True)
 class SkuSample:
     sku_id: str
+    drain_rate: float  # orders its finalizers decide per second of busy time (finalize.lua)
     stock: int
     available: int
     held: int
@@ -50,13 +51,21 @@ def _added(info: Any) -> int:
     return int(info.get("entries-added", info.get(b"entries-added", 0)) or 0)
 
 
-async def _bucket_figures(redis: Client, tag: str) -> tuple[list[int], int, int] | None:
-    """One SKU's (or stock bucket's) figures in SkuSample's order, its bucket count and total
-    stock; None when not configured."""
+async def _bucket_figures(redis: Client, tag: str) -> tuple[list[int], float, int, int] | None:
+    """One SKU's (or stock bucket's) figures in SkuSample's order, its drain rate, its bucket
+    count and total stock; None when not configured."""
     sk = keys.SkuKeys(tag)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hmget(
-            sk.sku, "stock", "available", "held", "sold", "backlog", "buckets", "total_stock"
+            sk.sku,
+            "stock",
+            "available",
+            "held",
+            "sold",
+            "backlog",
+            "buckets",
+            "total_stock",
+            "drain_rate",
         )
         pipe.xinfo_stream(sk.stream)
         pipe.xinfo_stream(sk.events)
@@ -79,7 +88,7 @@ async def _bucket_figures(redis: Client, tag: str) -> tuple[list[int], int, int]
         _added(stream),
         _added(events),
     ]
-    return values, int(figures[5] or 1), int(figures[6] or 0)
+    return values, float(figures[7] or 0), int(figures[5] or 1), int(figures[6] or 0)
 
 
 async def sample(redis: Client) -> Sample:
@@ -94,16 +103,17 @@ async def sample(redis: Client) -> Sample:
         home = await _bucket_figures(redis, sku_id)
         if home is None:
             continue  # registered, not configured: `flashgate audit` reports it
-        figures, buckets, total = home
+        figures, rate, buckets, total = home
         if buckets > 1:  # a bucketed SKU: every bucket summed, units in transit available
             for tag in keys.bucket_tags(sku_id, buckets)[1:]:
                 more = await _bucket_figures(redis, tag)
                 if more is not None:
                     figures = [a + b for a, b in zip(figures, more[0], strict=True)]
+                    rate += more[1]
             in_transit = total - figures[0]
             figures[0] += in_transit
             figures[1] += in_transit
-        skus.append(SkuSample(sku_id, *figures))
+        skus.append(SkuSample(sku_id, rate, *figures))
     return Sample(
         at=time.monotonic(),
         mode=mode.decode() if mode else "NORMAL",

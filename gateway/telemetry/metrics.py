@@ -43,6 +43,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.store import figures
+from gateway.telemetry import queueing  # noqa: F401  (registered: every scrape shows them)
 from gateway.transport.replies import REDIS_FAILURES
 
 log = logging.getLogger("flashgate")
@@ -207,6 +208,7 @@ class _RedisFigures(Collector):
             "backlog": "Orders in the SKU's stream no finalizer has decided yet",
             "pending": "Stream entries delivered to a finalizer, not yet acknowledged",
             "dead": "Dead letters (entries that failed repeatedly)",
+            "drain_rate": "Orders the finalizers decide per second while orders wait (an EWMA)",
         }
         for field, text in per_sku.items():
             family = GaugeMetricFamily(f"flashgate_sku_{field}", text, labels=["sku"])

@@ -91,6 +91,11 @@ CREATE = Operation(
 )
 CREATE_PATH = PathItem(ORDER_PATH, (CREATE,))  # served by `front.GatewayApp`, not routed
 
+RETRY_AFTER_QUEUED = {  # the answer header of a QUEUED order
+    "description": "`QUEUED` orders only: `queue.poll_after_s`, whole seconds to wait",
+    "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+}
+
 GET_ORDER = Operation(
     method="GET",
     tag=SHOPPER,
@@ -105,7 +110,19 @@ GET_ORDER = Operation(
             "example": ORDER_ID_EXAMPLE,
         },
     ),
-    answers=(Answer(status=200, body=OrderView, description="the order"),),
+    description=(
+        "A `QUEUED` order also carries `queue`: its position in its SKU's queue (never "
+        "increases), the ETA (`null` while the drain rate is unknown) and `poll_after_s`, "
+        "which `Retry-After` repeats: ask again no sooner. See the Shoppers' view page."
+    ),
+    answers=(
+        Answer(
+            status=200,
+            body=OrderView,
+            description="the order",
+            headers={"Retry-After": RETRY_AFTER_QUEUED},
+        ),
+    ),
     raises=(errors.UnknownOrder, errors.NotFound, errors.BackendUnavailable),
 )
 
@@ -145,6 +162,8 @@ def routes(services: Services) -> list[Resource]:
         order = await services.inventory.get_order(request.path_params["order_id"])
         if order is None:
             raise errors.UnknownOrder()
+        if order.queue is not None:  # poll no sooner than the queue says
+            return MsgspecResponse(order, headers={"Retry-After": str(order.queue.poll_after_s)})
         return MsgspecResponse(order)
 
     return [Resource("/api/v1/order/{order_id}", (GET_ORDER, get_order))]

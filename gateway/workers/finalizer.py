@@ -31,6 +31,7 @@ from gateway.settings import Settings
 from gateway.store import calls, keys
 from gateway.store.buckets import Layouts, Mover
 from gateway.store.outcomes import Finalized, FinalizeResult
+from gateway.telemetry.queueing import ETA_ERROR, QUEUE_WAIT
 from gateway.transport.connect import Client, create_script_client
 from gateway.transport.durable import acked
 from gateway.transport.replies import REDIS_FAILURES, text
@@ -205,6 +206,10 @@ class Finalizer:
 
             return await self._failed(stream, sku_id, entry, str(exc))
         self.applied += 1
+        if done.waited_ms is not None:  # a QUEUED order left the queue
+            QUEUE_WAIT.observe(done.waited_ms / 1000)
+            if done.eta_ms is not None:
+                ETA_ERROR.observe((done.eta_ms - done.waited_ms) / 1000)
         if done.code is FinalizeResult.APPLIED and done.status == "PAID_AFTER_EXPIRY":
             # A late payment may have released a hold: sold-out memos must look again.
             await self.redis.publish(keys.NOTICES, keys.stock_notice(sk.sku_id))
