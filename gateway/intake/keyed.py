@@ -156,19 +156,22 @@ class KeyedBuckets:
         fp = int.from_bytes(hasher.digest(), "little") | 1  # never 0 (empty)
         base = _HEAD_SIZE + table + (fp >> 32) % self._sets * _SET.size
         entries = _SET.unpack_from(self._buf, base)
+        for way in range(0, 3 * WAYS, 3):
+            if entries[way] == fp:
+                tokens, last = entries[way + 1], entries[way + 2]
+                if now > last:  # a clock going backwards adds nothing
+                    tokens += (now - last) * rate
+                return base + way * 8, tokens if tokens < cap else cap
         victim, fullest = base, -1.0
-        for way in range(WAYS):
-            found, tokens, last = entries[3 * way : 3 * way + 3]
-            if now > last:  # a clock going backwards adds nothing
+        for way in range(0, 3 * WAYS, 3):
+            if entries[way] == 0:  # an empty entry is taken first
+                victim = base + way * 8
+                break
+            tokens, last = entries[way + 1], entries[way + 2]
+            if now > last:
                 tokens += (now - last) * rate
-            if tokens > cap:
-                tokens = cap
-            if found == fp:
-                return base + way * _ENTRY.size, tokens
-            if found == 0:
-                tokens = math.inf  # an empty entry is taken first
             if tokens > fullest:
-                victim, fullest = base + way * _ENTRY.size, tokens
+                victim, fullest = base + way * 8, tokens
         _ENTRY.pack_into(self._buf, victim, fp, cap, now)
         return victim, cap
 

@@ -15,26 +15,43 @@ both are there, as most proxies write that one).
 
 from __future__ import annotations
 
-import ipaddress
+from socket import AF_INET, AF_INET6, inet_ntop, inet_pton
 
 from starlette.types import Scope
 
 from gateway.setting import proxy_networks
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 CLIENT = "flashgate.client"  # the scope's client address, set by `front.GatewayApp`
-KNOWN_MAX = 4096  # peers whose trust is remembered before the memo starts again
+KNOWN_MAX = 4096  # hops whose reading is remembered before the memo starts again
 
 
-def parse_hop(text: str) -> IPAddress | None:
-    """One hop's address: `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]:80` (quotes
-    around it allowed); None for anything else."""
+def _packed(host: str) -> tuple[int, bytes] | None:
+    try:
+        if ":" in host:
+            return AF_INET6, inet_pton(AF_INET6, host.partition("%")[0])  # no zone
+        return AF_INET, inet_pton(AF_INET, host)
+    except (OSError, ValueError):  # ValueError: a NUL inside
+        return None
+
+
+def parse_hop(text: str) -> str | None:
+    """One hop's address in its canonical text: from `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`,
+    `[2001:db8::1]:80` (quotes around it allowed); None for anything else."""
+    found = _hop(text)
+    return None if found is None else inet_ntop(*found)
+
+
+def _hop(text: str) -> tuple[int, bytes] | None:
     t = text.strip()
     if len(t) >= 2 and t[0] == '"' and t[-1] == '"':
         t = t[1:-1]
     if t.startswith("["):
         host, bracket, port = t[1:].partition("]")
-        if not bracket or (port and not (port[0] == ":" and port[1:].isdecimal())):
+        if (
+            not bracket
+            or ":" not in host
+            or (port and not (port[0] == ":" and port[1:].isdecimal()))
+        ):
             return None
     elif t.count(":") == 1:
         host, _, port = t.partition(":")
@@ -42,10 +59,7 @@ def parse_hop(text: str) -> IPAddress | None:
             return None
     else:
         host = t
-    try:
-        return ipaddress.ip_address(host)
-    except ValueError:
-        return None
+    return _packed(host)
 
 
 def forwarded_for(value: str) -> list[str]:
@@ -66,29 +80,51 @@ class ClientAddress:
 
     def __init__(self, trusted_proxies: str) -> None:
         self.networks = proxy_networks(trusted_proxies)
-        self._known: dict[str, bool] = {}  # peer text -> trusted
+        # (family, network as an integer, mask): a membership test without ipaddress objects
+        self._nets = [
+            (AF_INET if net.version == 4 else AF_INET6, int(net.network_address), int(net.netmask))
+            for net in self.networks
+        ]
+        self._peers: dict[str, bool] = {}  # peer text -> trusted
+        self._hops: dict[str, tuple[str, bool] | None] = {}  # hop text -> (address, trusted)
 
     def of(self, scope: Scope) -> str:
         client = scope.get("client")
         peer = client[0] if client else ""
         if not isinstance(peer, str):
             return ""
-        if not self.networks or not self.trusted_peer(peer):
+        if not self._nets or not self.trusted_peer(peer):
             return peer
         return self.forwarded(scope["headers"], peer)
 
     def trusted_peer(self, peer: str) -> bool:
-        known = self._known.get(peer)
+        known = self._peers.get(peer)
         if known is None:
-            ip = parse_hop(peer)
-            known = ip is not None and self.trusted(ip)
-            if len(self._known) >= KNOWN_MAX:
-                self._known.clear()
-            self._known[peer] = known
+            found = _packed(peer)
+            known = found is not None and self.trusted(found)
+            if len(self._peers) >= KNOWN_MAX:
+                self._peers.clear()
+            self._peers[peer] = known
         return known
 
-    def trusted(self, ip: IPAddress) -> bool:
-        return any(ip in net for net in self.networks)
+    def trusted(self, found: tuple[int, bytes]) -> bool:
+        family, packed = found
+        n = int.from_bytes(packed, "big")
+        return any(f == family and n & mask == net for f, net, mask in self._nets)
+
+    def hop(self, text: str) -> tuple[str, bool] | None:
+        """A hop's canonical address and whether it is a trusted proxy (None: not an address);
+        remembered, as the same clients and proxies come again and again."""
+        try:
+            return self._hops[text]
+        except KeyError:
+            pass
+        found = _hop(text)
+        read = None if found is None else (inet_ntop(*found), self.trusted(found))
+        if len(self._hops) >= KNOWN_MAX:
+            self._hops.clear()
+        self._hops[text] = read
+        return read
 
     def forwarded(self, headers: list[tuple[bytes, bytes]], peer: str) -> str:
         """The client a trusted peer names in its headers; `peer` when they name none."""
@@ -100,12 +136,13 @@ class ClientAddress:
             if not fwd:
                 return peer
             hops = forwarded_for(b",".join(fwd).decode("latin-1"))
-        leftmost: IPAddress | None = None
-        for hop in reversed(hops):
-            ip = parse_hop(hop)
-            if ip is None:
+        leftmost = peer
+        for text in reversed(hops):
+            read = self.hop(text)
+            if read is None:
                 return peer  # malformed where it matters: ignored
-            if not self.trusted(ip):
-                return str(ip)
-            leftmost = ip
-        return str(leftmost) if leftmost is not None else peer
+            address, trusted = read
+            if not trusted:
+                return address
+            leftmost = address
+        return leftmost
