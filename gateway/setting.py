@@ -115,6 +115,10 @@ and quotes around the value are allowed). Booleans take `1/true/yes/on` or `0/fa
 (flags: `--x` / `--no-x`). A bad value stops start-up with a message naming the variable.
 `flashgate <command> --help` lists the flags with their defaults.
 
+The protection settings `qps`, `burst`, `breaker_*`, `client_*` and `user_*` are runtime rules:
+they seed the rules in Redis when it has none, and from then on the rules change through
+`PUT /api/v1/admin/rules` (docs/operations/rules.md), not the environment.
+
 | variable | flag | default | accepts | meaning |
 | --- | --- | --- | --- | --- |
 """
@@ -124,7 +128,9 @@ def reference_page(settings: Iterable[Setting]) -> str:
     """`docs/reference/settings.md`: the settings table, in Markdown."""
     rows = []
     for s in settings:
-        default = "unset" if s.default is None else f"`{s.default_text}`"
+        default = (
+            "unset" if s.default is None else f"`{s.default_text}`" if s.default_text else "empty"
+        )
         accepts = s.accepts() + ("; secret: never shown" if s.secret else "")
         cells = (f"`{s.env}`", f"`{s.flag}`", default, accepts, s.description)
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n")

@@ -305,8 +305,9 @@ class Settings:
         Meta(
             description="one log line per answer on `flashgate.access`: `request_id` (the"
             " client's `X-Request-Id` when it is an id, else a new one), `method`, `route`"
-            " (the path template), `status`, `code`, `duration_ms`, `order_id` when there is"
-            " one; off by default (a line per request costs about as much as the request)"
+            " (the path template), `status`, `code`, `duration_ms`, `client`, `order_id` when"
+            " there is one; off by default (a line per request costs about as much as the"
+            " request)"
         ),
     ] = False
     log_level: Annotated[str, Meta(description="uvicorn's log level")] = "info"
