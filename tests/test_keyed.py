@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from gateway.intake.keyed import CLIENT, SETS, USER, WAYS, KeyedBuckets, capacity
+from gateway.intake.keyed import (
+    CLIENT,
+    SETS,
+    USER,
+    WAYS,
+    KeyedBuckets,
+    capacity,
+    subscriber,
+)
 from tests.support.state import Clock
 
 Make = Callable[..., KeyedBuckets]
@@ -64,6 +72,16 @@ def test_a_greedy_address_is_refused_whatever_user_it_names(make: Make) -> None:
     assert table.take("u99", "10.0.0.9")[0] == CLIENT
     assert allowed(table, "u1", "10.0.0.10", 2) == 2
     assert allowed(table, "u1", "", 50) == 50  # an unknown address is not limited
+
+
+def test_an_ipv6_client_counts_by_its_64(make: Make) -> None:
+    """A subscriber gets a /64: changing the low bits does not buy a fresh budget."""
+    table = make(client=(0.001, 3))
+    got = [table.take("u", f"2001:db8:1:2::{i:x}") for i in range(5)]
+    assert [limit for limit, _ in got] == ["", "", "", CLIENT, CLIENT]
+    assert table.take("u", "2001:db8:1:3::1") == ("", 0.0)  # the next /64
+    assert subscriber("2001:db8:1:2:aaaa::1") == "2001:db8:1:2::/64"
+    assert subscriber("10.0.0.1") == "10.0.0.1" and subscriber("bogus:") == "bogus:"
 
 
 def test_a_refusal_takes_from_neither_bucket(make: Make) -> None:

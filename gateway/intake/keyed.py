@@ -23,6 +23,7 @@ import math
 import mmap
 import os
 import secrets
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -36,6 +37,15 @@ _ENTRY = struct.Struct("=Qdd")  # fingerprint (0: empty), tokens, last refill (c
 _STATE = struct.Struct("=dd")  # an entry's tokens and last refill
 _SET = struct.Struct("=" + "Qdd" * WAYS)
 USER, CLIENT = "user", "client"  # the limit that refused, as the answer names it
+
+
+def subscriber(address: str) -> str:
+    """An IPv6 address's /64 (`2001:db8:1:2::/64`); any other text as it is."""
+    try:
+        packed = socket.inet_pton(socket.AF_INET6, address.partition("%")[0])
+    except (OSError, ValueError):
+        return address
+    return socket.inet_ntop(socket.AF_INET6, packed[:8] + bytes(8)) + "/64"
 
 
 def capacity(qps: float, burst: int) -> float:
@@ -105,12 +115,15 @@ class KeyedBuckets:
 
     def take(self, user: str, client: str) -> tuple[str, float]:
         """One order's token from the user's bucket and the client's (each only while its
-        limit is on; "" client: unknown, not limited). ("", 0.0) when allowed; else the limit
-        that refused and the seconds until it has a token, and nothing is taken."""
+        limit is on; "" client: unknown, not limited; an IPv6 client counts by its /64, what
+        one subscriber gets). ("", 0.0) when allowed; else the limit that refused and the
+        seconds until it has a token, and nothing is taken."""
         user_on = self.user_rate > 0
         client_on = self.client_rate > 0 and client != ""
         if not (user_on or client_on):
             return "", 0.0
+        if client_on and ":" in client:
+            client = subscriber(client)
         fd = self._fd
         if fd >= 0:
             fcntl.flock(fd, fcntl.LOCK_EX)
