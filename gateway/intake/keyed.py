@@ -31,8 +31,8 @@ from collections.abc import Callable
 WAYS = 4
 SETS = 16_384  # per table: 65536 keys, 1.5 MiB
 _MAGIC = b"fgkeyed1"
-_HEAD = struct.Struct("=8s16sI")  # magic, fingerprint key, sets
-_HEAD_SIZE = 32
+_HEAD = struct.Struct("=8s16sId")  # magic, fingerprint key, sets, made at (clock s)
+_HEAD_SIZE = 48
 _ENTRY = struct.Struct("=Qdd")  # fingerprint (0: empty), tokens, last refill (clock s)
 _STATE = struct.Struct("=dd")  # an entry's tokens and last refill
 _SET = struct.Struct("=" + "Qdd" * WAYS)
@@ -75,11 +75,11 @@ class KeyedBuckets:
         self._buf: bytearray | mmap.mmap
         if path is None:
             self._buf = bytearray(size)
-            _HEAD.pack_into(self._buf, 0, _MAGIC, secrets.token_bytes(16), sets)
+            _HEAD.pack_into(self._buf, 0, _MAGIC, secrets.token_bytes(16), sets, clock())
         else:
             self._fd, self._map = self._open(path, size)
             self._buf = self._map
-        _, key, _ = _HEAD.unpack_from(self._buf)
+        _, key, _, _ = _HEAD.unpack_from(self._buf)
         self._hasher = hashlib.blake2b(digest_size=8, key=key)
 
     def _open(self, path: str | os.PathLike[str], size: int) -> tuple[int, mmap.mmap]:
@@ -92,10 +92,12 @@ class KeyedBuckets:
                     os.ftruncate(fd, 0)
                     os.ftruncate(fd, size)
                 buf = mmap.mmap(fd, size)
-                magic, _, sets = _HEAD.unpack_from(buf)
-                if fresh or magic != _MAGIC or sets != self._sets:
+                magic, _, sets, made = _HEAD.unpack_from(buf)
+                now = self._clock()
+                # made after now: written before a reboot reset the clock, its times are void
+                if fresh or magic != _MAGIC or sets != self._sets or not made <= now:
                     buf[:] = bytes(size)
-                    _HEAD.pack_into(buf, 0, _MAGIC, secrets.token_bytes(16), self._sets)
+                    _HEAD.pack_into(buf, 0, _MAGIC, secrets.token_bytes(16), self._sets, now)
                 return fd, buf
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
