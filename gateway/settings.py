@@ -200,8 +200,8 @@ class Settings:
         Meta(
             ge=1,
             le=1000,  # every worker applies a switch within one second, notice or not
-            description="how often each gateway process re-reads the intake mode, in"
-            " milliseconds (at most 1000: the 1-s switch promise rests on it)",
+            description="how often each gateway process re-reads the intake mode and the"
+            " runtime rules, in milliseconds (at most 1000: the 1-s promise rests on it)",
         ),
     ] = 500
     soldout_recheck_ms: Annotated[
