@@ -48,6 +48,13 @@ def orders(base: str, user: str, n: int, xff: str | None = None) -> list[int]:
     return got
 
 
+def applied_versions(base: str) -> list[int]:
+    """The rules version each worker of an instance applies (`/metrics`, one line per pid)."""
+    text = httpx.get(f"{base}/metrics").text
+    lines = [line for line in text.splitlines() if line.startswith("flashgate_rules_version{")]
+    return sorted(int(float(line.rsplit(" ", 1)[1])) for line in lines)
+
+
 @pytest.mark.timeout(120)
 def test_two_instances_apply_a_change_within_a_second_and_after_a_restart(
     instances: list[Serve], redis_url: str, tmp_path: Path
@@ -65,6 +72,7 @@ def test_two_instances_apply_a_change_within_a_second_and_after_a_restart(
     assert orders(b.base, "u-b", 4) == [202, 202, 202, 429]
     # both workers of A apply it, and share each user's budget: 3 in all, not 3 each
     assert orders(a.base, "u-a", 8) == [202] * 3 + [429] * 5
+    assert applied_versions(a.base) == [1, 1]  # each worker's flashgate_rules_version
 
     bad = httpx.put(f"{b.base}{RULES}", json={"user_burst": -2}, headers=ADMIN)
     assert bad.status_code == 400 and "user_burst" in bad.json()["message"]
