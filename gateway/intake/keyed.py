@@ -9,8 +9,9 @@ full bucket is worth nothing (a key without an entry starts full), so a flood of
 evicts fresh keys and never the drained bucket of a greedy client. With the default 16384
 sets, each table holds 65536 keys in 1.5 MiB: 3 MiB for both, per instance.
 
-As `limiter.TokenBucket`: with `path=None` the tables live in this process; with `path`, in
-an `mmap` of that file, every check under `flock(LOCK_EX)`, so the workers of one instance
+As `limiter.TokenBucket`: with `path=None` the tables live in this process (anonymous
+memory); with `path`, in an `mmap` of that file (sparse: memory is taken page by page as
+entries are written), every check under `flock(LOCK_EX)`, so the workers of one instance
 share them (one lock for both tables). The fingerprint key is drawn by the first process
 that creates the file and kept in its header. Time: an injected monotonic clock in seconds.
 """
@@ -71,14 +72,11 @@ class KeyedBuckets:
         self.user_cap = self.client_cap = 0.0
         self.on = False  # either limit on
         self._fd = -1
-        self._map: mmap.mmap | None = None
-        self._buf: bytearray | mmap.mmap
-        if path is None:
-            self._buf = bytearray(size)
+        if path is None:  # anonymous: pages cost memory only once an entry is written
+            self._buf = mmap.mmap(-1, size)
             _HEAD.pack_into(self._buf, 0, _MAGIC, secrets.token_bytes(16), sets, clock())
         else:
-            self._fd, self._map = self._open(path, size)
-            self._buf = self._map
+            self._fd, self._buf = self._open(path, size)
         _, key, _, _ = _HEAD.unpack_from(self._buf)
         self._hasher = hashlib.blake2b(digest_size=8, key=key)
 
@@ -87,18 +85,18 @@ class KeyedBuckets:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
-                fresh = os.fstat(fd).st_size != size
-                if fresh:  # new, torn or of another size: nobody can be using it yet
-                    os.ftruncate(fd, 0)
-                    os.ftruncate(fd, size)
-                buf = mmap.mmap(fd, size)
-                magic, _, sets, made = _HEAD.unpack_from(buf)
+                head = os.pread(fd, _HEAD.size, 0)
                 now = self._clock()
-                # made after now: written before a reboot reset the clock, its times are void
-                if fresh or magic != _MAGIC or sets != self._sets or not made <= now:
-                    buf[:] = bytes(size)
-                    _HEAD.pack_into(buf, 0, _MAGIC, secrets.token_bytes(16), self._sets, now)
-                return fd, buf
+                usable = os.fstat(fd).st_size == size and len(head) == _HEAD.size
+                if usable:
+                    magic, _, sets, made = _HEAD.unpack(head)
+                    # made after now: written before a reboot reset the clock, times void
+                    usable = magic == _MAGIC and sets == self._sets and made <= now
+                if not usable:  # new, torn, of another size or another boot: start again
+                    os.ftruncate(fd, 0)
+                    os.ftruncate(fd, size)  # zeros, sparse: a page costs once written
+                    os.pwrite(fd, _HEAD.pack(_MAGIC, secrets.token_bytes(16), self._sets, now), 0)
+                return fd, mmap.mmap(fd, size)
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
         except BaseException:
@@ -191,11 +189,10 @@ class KeyedBuckets:
         return victim, cap
 
     def close(self) -> None:
-        """Unmap and close the shared file (idempotent); a no-op for local tables."""
-        if self._map is not None:
-            fd, self._fd = self._fd, -1
-            m, self._map = self._map, None
-            try:
-                m.close()
-            finally:
+        """Unmap (and close the shared file); idempotent."""
+        fd, self._fd = self._fd, -1
+        try:
+            self._buf.close()
+        finally:
+            if fd >= 0:
                 os.close(fd)
