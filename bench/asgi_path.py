@@ -4,6 +4,8 @@ gateway adds around the one script call: the front door, intake policy, the stor
 the multiplexed client and the answer.
 
     python -m bench.asgi_path --orders 20000 --concurrency 64
+    python -m bench.asgi_path --limits            # the per-user and per-address buckets on
+    python -m bench.asgi_path --limits --proxied  # and the address from X-Forwarded-For
 
 Prints one JSON line per scenario: CPU microseconds per order of this process (the server's
 CPU is not counted) and orders per CPU-second. The `get_queued` and `get_held` scenarios read
@@ -68,12 +70,19 @@ async def call(
     return status
 
 
+PROXIED = False  # --proxied: each order names its client in X-Forwarded-For
+
+
 def order(user: str, sku: str, key: str) -> tuple[bytes, list[Any]]:
     body = b'{"user_id":"%s","sku_id":"%s","quantity":1,"promotion_id":"p"}' % (
         user.encode(),
         sku.encode(),
     )
-    return body, [(b"x-idempotency-key", key.encode())]
+    headers = [(b"x-idempotency-key", key.encode())]
+    if PROXIED:
+        n = int(uuid.UUID(key)) % 2**24
+        headers.append((b"x-forwarded-for", b"203.%d.%d.%d" % (n >> 16, (n >> 8) & 255, n & 255)))
+    return body, headers
 
 
 async def put_sku(app: Any, sku: str, stock: int) -> None:
@@ -134,7 +143,12 @@ async def main_async(args: argparse.Namespace) -> None:
 
 
 async def run(url: str, args: argparse.Namespace) -> None:
-    settings = Settings(redis_url=url, admin_token=TOKEN, qps=1e9, burst=1_000_000_000)
+    limits: dict[str, Any] = {}
+    if args.limits:  # on, and never refusing: what they cost, not what they refuse
+        limits = {"user_qps": 1e9, "user_burst": 10**9, "client_qps": 1e9, "client_burst": 10**9}
+    if args.proxied:
+        limits["trusted_proxies"] = "127.0.0.1"
+    settings = Settings(redis_url=url, admin_token=TOKEN, qps=1e9, burst=1_000_000_000, **limits)
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         await put_sku(app, "hot", 1_000_000_000)
@@ -147,7 +161,8 @@ async def run(url: str, args: argparse.Namespace) -> None:
         await drive(app, gone[:1], 1)  # the one unit goes; the rest is sold out
         for name, reqs in (("intake", fresh), ("replay", replays), ("soldout", gone[1:])):
             cpu = await drive(app, reqs, args.concurrency)
-            row = {"scenario": name, "cpu_us_per_order": round(cpu / n * 1e6, 2)}
+            row: dict[str, Any] = {"scenario": name, "limits": args.limits}
+            row.update(proxied=args.proxied, cpu_us_per_order=round(cpu / n * 1e6, 2))
             row["orders_per_cpu_s"] = round(n / cpu)
             print(json.dumps(row), flush=True)
         await reads(app, url, args)
@@ -184,7 +199,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--orders", type=int, default=20_000)
     p.add_argument("--concurrency", type=int, default=64)
-    uvloop.run(main_async(p.parse_args()))
+    p.add_argument("--limits", action="store_true", help="per-user and per-address buckets on")
+    p.add_argument("--proxied", action="store_true", help="clients named in X-Forwarded-For")
+    args = p.parse_args()
+    global PROXIED
+    PROXIED = args.proxied
+    uvloop.run(main_async(args))
 
 
 if __name__ == "__main__":

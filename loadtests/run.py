@@ -43,6 +43,7 @@ REPORTS = Path(__file__).with_name("reports")  # in .gitignore
 PROMOTION = "promo-load"
 HOT = "hot"
 OUTPUTS = ("accepted.jsonl", "line.jsonl", "serve.log", "locust.log", "audit.txt", "summary.json")
+LATENCY = "latency.json"  # per Locust process: latency.json.<pid>
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,6 +95,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="a sold-out memo answering 409 before 404/422 is a failure (README)",
     )
+    p.add_argument(
+        "--scalpers", type=int, default=0, metavar="N",
+        help="N scalpers of each kind (one user many keys, one address many users) beside the"
+        " shoppers, every one behind a trusted proxy; the limits below set as runtime rules",
+    )  # fmt: skip
+    p.add_argument("--user-qps", type=float, default=5, help="scalper runs: user_qps (5)")
+    p.add_argument("--user-burst", type=int, default=10, help="scalper runs: user_burst (10)")
+    p.add_argument("--client-qps", type=float, default=5, help="scalper runs: client_qps (5)")
+    p.add_argument("--client-burst", type=int, default=10, help="scalper runs: client_burst (10)")
     p.add_argument("--drain-timeout", type=float, default=120, help="seconds (default 120)")
     p.add_argument("--verbose", action="store_true", help="show Locust's output as it runs")
     return p.parse_args(argv)
@@ -109,6 +119,8 @@ def prepare(out: Path) -> None:
     shutil.rmtree(out / "data", ignore_errors=True)
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
+    for path in out.glob(LATENCY + ".*"):
+        path.unlink()
     for path in report_files(out / "locust", out / "report.html"):
         path.unlink(missing_ok=True)
 
@@ -156,7 +168,74 @@ def locust_env(args: argparse.Namespace, env: dict[str, str], out: Path, skus: l
         "FLASHGATE_LT_QUEUE_ONLY_S": str(args.queue_only_seconds),
         "FLASHGATE_LT_THINK_S": str(args.think_seconds),
         "FLASHGATE_LT_STRICT": "1" if args.strict else "0",
+        "FLASHGATE_LT_SCALPERS": str(args.scalpers),
+        "FLASHGATE_LT_LATENCY": str(out / LATENCY),
     }
+
+
+def set_limits(base: str, token: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The scalper run's per-user and per-address limits, through the rules API."""
+    rules = {
+        "user_qps": args.user_qps,
+        "user_burst": args.user_burst,
+        "client_qps": args.client_qps,
+        "client_burst": args.client_burst,
+    }
+    headers = {"Authorization": f"Bearer {token}", "X-Operator": "loadtest"}
+    r = httpx.put(f"{base}/api/v1/admin/rules", json=rules, headers=headers, timeout=10)
+    if r.status_code != 200:
+        raise RuntimeError(f"PUT rules: {r.status_code} {r.text}")
+    return rules
+
+
+def percentile(histogram: dict[int, int], share: float) -> int | None:
+    """The smallest whole ms at or under which `share` of the requests were answered."""
+    total = sum(histogram.values())
+    if not total:
+        return None
+    seen = 0
+    for ms in sorted(histogram):
+        seen += histogram[ms]
+        if seen >= share * total:
+            return ms
+    return max(histogram)
+
+
+def groups(out: Path, stats: LocustStats) -> dict[str, Any]:
+    """Honest shoppers' and scalpers' creates: how many, how they were answered, p50/p99."""
+    merged: dict[str, dict[int, int]] = {"honest": {}, "scalper": {}}
+    for path in out.glob(LATENCY + ".*"):
+        for group, hist in json.loads(path.read_text(encoding="utf-8")).items():
+            for ms, n in hist.items():
+                merged[group][int(ms)] = merged[group].get(int(ms), 0) + n
+    found: dict[str, Any] = {}
+    for group, hist in merged.items():
+        answers: dict[str, int] = {}
+        for name, (count, _) in stats.by_name.items():
+            if not name.startswith("POST create ") or "[" not in name:
+                continue
+            if name.startswith("POST create scalper") != (group == "scalper"):
+                continue
+            answer = name.rsplit("[", 1)[1].rstrip("]")
+            answers[answer] = answers.get(answer, 0) + count
+        found[group] = {
+            "creates": sum(answers.values()),
+            "accepted": sum(n for a, n in answers.items() if a.startswith("202")),
+            "client_rate_limited": answers.get("429 client_rate_limited", 0),
+            "p50_ms": percentile(hist, 0.5),
+            "p99_ms": percentile(hist, 0.99),
+            "answers": dict(sorted(answers.items())),
+        }
+    return found
+
+
+def print_groups(found: dict[str, Any]) -> None:
+    for group, g in found.items():
+        print(
+            f"{group} creates: {g['creates']}, accepted {g['accepted']}, 429"
+            f" client_rate_limited {g['client_rate_limited']}; p50 {g['p50_ms']} ms,"
+            f" p99 {g['p99_ms']} ms"
+        )
 
 
 def print_locust(stats: LocustStats, seconds: float) -> None:
@@ -213,6 +292,8 @@ class LoadRun:
             FLASHGATE_ADMIN_TOKEN=self.token,
             FLASHGATE_PAYMENT_SECRET=args.payment_secret or secrets.token_urlsafe(18),
         )
+        if args.scalpers:  # Locust, on 127.0.0.1, is the shoppers' trusted proxy
+            self.env.update(FLASHGATE_TRUSTED_PROXIES="127.0.0.1")
         self.skus = [f"std-{i}" for i in range(1, args.skus + 1)]
         self.catalogue = {
             HOT: (args.stock, args.hot_limit),
@@ -251,6 +332,9 @@ class LoadRun:
         serve.start(self.scan)
         self.scan()
         configure(serve.base, self.token, self.catalogue, args.hot_buckets)
+        if args.scalpers:
+            limits = set_limits(serve.base, self.token, args)
+            print(f"scalpers: {args.scalpers} of each kind; limits {limits}")
         print(f"serve: {serve.base}, data in {serve.data_dir}, log {serve.log_path}")
         print(
             f"SKUs: {HOT} stock {args.stock} limit {args.hot_limit}; {', '.join(self.skus)} "
@@ -296,6 +380,8 @@ class LoadRun:
 
         stats = read_locust(out / "locust")
         print_locust(stats, seconds)
+        found = groups(out, stats)
+        print_groups(found)
         print_findings(findings)
         if args.scenario == "queue":
             metrics = httpx.get(f"{serve.base}/metrics", timeout=10).text
@@ -331,6 +417,7 @@ class LoadRun:
             payments=findings.payments,
             statuses=dict(findings.statuses),
             skus=findings.skus,
+            groups=found,
             reports=[str(p) for p in reports],
         )
         print("reports: " + ", ".join(str(p) for p in reports))

@@ -175,6 +175,13 @@ CONTRACTS = {
         dict(mode="QUEUE_ONLY", channel="fg:notices", history_kept=100, by="op", client=""),
         reply=outcomes.ModeChange,
     ),
+    "set_rules": Contract(
+        calls.set_rules,
+        dict(expected_version=3, rules=b'{"qps":1}', channel="fg:notices", history_kept=20,
+             by="op", client=""),
+        reply=outcomes.RulesChange,
+        codes=outcomes.RulesResult,
+    ),
 }  # fmt: skip
 
 SCRIPTS = sorted(p.stem for p in LUA.glob("*.lua"))

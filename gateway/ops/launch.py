@@ -65,7 +65,8 @@ def run_gateway(settings: Settings) -> int:
     import uvicorn
 
     settings = resolve_redis(settings)
-    if settings.workers > 1 and not settings.bucket_file:
+    own_file = settings.workers > 1 and not settings.bucket_file
+    if own_file:
         settings = settings.replace(bucket_file=str(bucket_path(settings.port)))
     os.environ.update(settings.to_env())
     # every worker's metrics files, added up by whichever worker answers GET /metrics
@@ -83,12 +84,14 @@ def run_gateway(settings: Settings) -> int:
         log_config=logs.uvicorn_config(settings.log_format, settings.log_level),
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
-        # X-Forwarded-* is deliberately not parsed: the client address the operator audit
-        # records is the peer's (a proxy's, behind one), never a header anyone can write;
+        # uvicorn's own X-Forwarded-* handling stays off: the gateway reads those headers
+        # itself, from the peers FLASHGATE_TRUSTED_PROXIES lists only (web/clients.py);
         # no `server:` header (it names the software and version to every caller).
         proxy_headers=False,
         server_header=False,
     )
+    if own_file:  # every worker has stopped: the client limits' table goes with them
+        Path(f"{settings.bucket_file}.clients").unlink(missing_ok=True)
     return 0
 
 

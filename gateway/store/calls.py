@@ -255,3 +255,16 @@ def sweep(sku: SkuKeys, *, now_ms: int | None, batch: int, orders_prefix: str, s
 
 def switch_mode(*, mode: str, channel: str, history_kept: int, by: str, client: str) -> Call:
     return [keys.MODE, keys.MODE_HISTORY], [mode, channel, history_kept, by, client]
+
+
+def set_rules(
+    *, expected_version: int, rules: bytes, channel: str, history_kept: int, by: str, client: str
+) -> Call:
+    return [keys.RULES, keys.RULES_HISTORY], [
+        expected_version,
+        rules,
+        channel,
+        history_kept,
+        by,
+        client,
+    ]

@@ -238,6 +238,23 @@ class ModeChange(NamedTuple):
         return cls(int(raw[0]), text(raw[1]), text(raw[2]))
 
 
+class RulesResult(IntEnum):
+    STALE = 0  # the version moved (or, seeding, there were rules already): nothing set
+    SET = 1
+
+
+class RulesChange(NamedTuple):
+    """set_rules.lua: SET or STALE, the version and rules JSON in force (-1 and b"": none)."""
+
+    code: RulesResult
+    version: int
+    rules: bytes
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> RulesChange:
+        return cls(RulesResult(int(raw[0])), int(raw[1]), bytes(raw[2]))
+
+
 # The order-state contract's transitions; (None, X) is the creation entry.
 TRANSITIONS = frozenset(
     {

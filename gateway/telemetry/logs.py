@@ -9,7 +9,8 @@ standard library with these formatters. A JSON line carries `ts` (UTC, ms), `lev
 The access log (`FLASHGATE_ACCESS_LOG=1`, off by default: one line per request costs about as
 much as the request) is flashgate's own, one line per answer on the `flashgate.access` logger:
 request id (the client's `X-Request-Id` when it is an id, else a new one), method, route
-template, status, answer code, duration, and the order id when there is one.
+template, status, answer code, duration, the client's address (the peer's, or behind a proxy
+listed in `FLASHGATE_TRUSTED_PROXIES` the one it names) and the order id when there is one.
 """
 
 from __future__ import annotations

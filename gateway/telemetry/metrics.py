@@ -81,6 +81,16 @@ BREAKER_TRANSITIONS = Counter(
 BUCKET_REFUSALS = Counter(
     "flashgate_token_bucket_refusals_total", "Orders refused by the token bucket (429)"
 )
+CLIENT_REFUSALS = Counter(
+    "flashgate_client_refusals_total",
+    "Orders refused by a user's or a client address's bucket (429 client_rate_limited)",
+    ["limit"],
+)
+RULES_VERSION = Gauge(
+    "flashgate_rules_version",
+    "Version of the runtime rules this worker applies",
+    multiprocess_mode="liveall",
+)
 WORKER_MODE = Gauge(
     "flashgate_worker_mode_queue_only",
     "1 when this worker applies QUEUE_ONLY, 0 for NORMAL",

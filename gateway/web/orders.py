@@ -86,6 +86,7 @@ CREATE = Operation(
         errors.KeyInUse,
         errors.PayloadTooLarge,
         errors.KeyReused,
+        errors.ClientRateLimited,
         *OVERLOAD,
     ),
 )
@@ -134,6 +135,7 @@ def create_handler(services: Services) -> OrderHandler:
     answer out (a refusal raises its `GatewayError`)."""
     limit = services.settings.max_body_bytes
     max_quantity = services.settings.max_quantity
+    clients = services.clients
 
     async def create_order(scope: Scope, receive: Receive) -> Response:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -149,7 +151,9 @@ def create_handler(services: Services) -> OrderHandler:
         except msgspec.ValidationError as exc:
             raise errors.InvalidRequest(str(exc)) from None
 
-        result, payload = await services.intake.create(req, key)
+        intake = services.intake
+        client = clients.of(scope) if intake.keyed.on else ""  # only the client limit needs it
+        result, payload = await intake.create(req, key, client)
         if result is CreateResult.REPLAYED:
             return RawJSONResponse(payload, status_code=202, headers=REPLAYED_HEADERS)
         return RawJSONResponse(payload, status_code=202)
