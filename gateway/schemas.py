@@ -126,10 +126,18 @@ class ConsoleSku(Struct, frozen=True, kw_only=True):
     dead: int  # dead letters
 
 
+class ConsoleRelay(Struct, frozen=True, kw_only=True):
+    group: str  # the relay target's consumer group
+    target: str  # webhook | rabbitmq
+    lag: int  # events the target has not confirmed yet
+    oldest_unconfirmed_s: float  # age of the oldest of them (0: none)
+
+
 class ConsoleView(Struct, frozen=True, kw_only=True):
     """What the ops console shows: the shared mode and its recent switches, the breaker of the
-    worker that answered, and every SKU's figures from Redis. `entries_in` counts every entry
-    ever added to the SKUs' streams (orders and payments): its rate is intake per second."""
+    worker that answered, every SKU's figures from Redis and each relay target's lag (as its
+    relays last wrote it). `entries_in` counts every entry ever added to the SKUs' streams
+    (orders and payments): its rate is intake per second."""
 
     mode: str
     changed_at: int | None
@@ -137,6 +145,7 @@ class ConsoleView(Struct, frozen=True, kw_only=True):
     breaker: str  # closed | open | half_open, this worker's
     entries_in: int
     skus: list[ConsoleSku]
+    relays: list[ConsoleRelay]
 
 
 ORDER_STATUSES = ("QUEUED", "HELD", "CONFIRMED", "EXPIRED", "REJECTED", "PAID_AFTER_EXPIRY")

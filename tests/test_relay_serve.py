@@ -101,6 +101,13 @@ async def test_a_sale_reaches_the_webhook_once_per_final_state(tmp_path: Path) -
         for event, n in (("CONFIRMED", PAID), ("EXPIRED", ORDERS - PAID)):
             line = f'flashgate_relay_delivered_total{{event="{event}",target="webhook"}} {n}.0'
             assert line in text.splitlines(), [x for x in text.splitlines() if "relay" in x]
+
+        async def caught_up() -> bool:  # the relay's lag, written by it, read by the gateway
+            async with httpx.AsyncClient(base_url=serve.base) as c:
+                lines = (await c.get("/metrics")).text.splitlines()
+            return any(x.startswith("flashgate_relay_lag{") and x.endswith(" 0.0") for x in lines)
+
+        await until("the relay's lag at 0 in the gateway's /metrics", caught_up)
     finally:
         await asyncio.to_thread(serve.stop)
         await receiver.stop()

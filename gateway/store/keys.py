@@ -27,6 +27,7 @@ under its own tag; the order id names its bucket's tag.
 | `fg:{S}:transfers` | hash | stock moving out of this bucket: transfer id -> units, to, at |
 | `fg:{S}:received` | zset | transfer ids this bucket received -> when (a week) |
 | `fg:{mode}` | hash | mode, changed_at: the intake mode shared by every gateway |
+| `fg:relay-lag` | hash | relay group -> its lag figures (JSON), written by a relay each second |
 | `fg:{mode}:history` | list | the latest mode changes (who, from where), newest first (JSON) |
 | `fg:{u:<user>}:ik:<key>` | string | sku_id the key was first used for (24 h), standalone |
 | `fg:{p:<payment_id>}` | string | order_id the payment confirmed, across SKUs, standalone |
@@ -47,6 +48,7 @@ from gateway.transport.cluster import SLOTS
 PREFIX = "fg"
 FINALIZER_GROUP = "finalizers"  # the consumer group every finalizer joins on every SKU stream
 SKU_REGISTRY = f"{PREFIX}:skus"
+RELAY_LAG = f"{PREFIX}:relay-lag"
 MODE = f"{PREFIX}:{{mode}}"
 MODE_HISTORY = f"{MODE}:history"
 # Pub/sub channel of gateway notices: "mode" (re-read the mode), "stock:<sku_id>" (stock came

@@ -3,12 +3,13 @@ second with the admin token."""
 
 from __future__ import annotations
 
+import time
 from importlib import resources
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.schemas import ConsoleSku, ConsoleView
+from gateway.schemas import ConsoleRelay, ConsoleSku, ConsoleView
 from gateway.store import figures
 from gateway.transport.replies import call
 from gateway.web.operators import admin_raises, require_admin
@@ -29,7 +30,7 @@ VIEW = Operation(
     method="GET",
     security=ADMIN,
     operation_id="getConsoleView",
-    summary="What the ops console shows: mode, switches, this worker's breaker, SKUs",
+    summary="What the ops console shows: mode, switches, this worker's breaker, SKUs, relay lag",
     answers=(Answer(status=200, body=ConsoleView, description="the console's figures"),),
     raises=admin_raises(),
 )
@@ -54,6 +55,7 @@ def routes(services: Services) -> list[Resource]:
         require_admin(request, services.settings.admin_token, services.admin_refusals)
         sample = await call(figures.sample(services.redis))
         modes = await call(services.modes.view(limit=10))
+        now_ms = int(time.time() * 1000)
         view = ConsoleView(
             mode=modes.mode.value,
             changed_at=modes.changed_at,
@@ -74,6 +76,15 @@ def routes(services: Services) -> list[Resource]:
                 )  # fmt: skip
                 for s in sample.skus
             ],
+            relays=[
+                ConsoleRelay(
+                    group=r.group,
+                    target=r.target,
+                    lag=r.lag,
+                    oldest_unconfirmed_s=r.oldest_age_s(now_ms),
+                )
+                for r in sample.relays
+            ],  # fmt: skip
         )
         return MsgspecResponse(view)
 

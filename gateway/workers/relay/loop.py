@@ -30,7 +30,7 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.exceptions import ResponseError
 
 from gateway.settings import Settings
-from gateway.store import calls, keys
+from gateway.store import calls, keys, relaylag
 from gateway.store.buckets import Layouts
 from gateway.store.outcomes import RelayDead, RelayRead
 from gateway.telemetry.metrics import RELAY_DEAD, RELAY_DELIVERED, RELAY_RETRIES
@@ -39,6 +39,7 @@ from gateway.transport.replies import REDIS_FAILURES, text
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.finalizer import consumer_name
 from gateway.workers.relay.events import Event, event_id, from_entry
+from gateway.workers.relay.lag import Lag, measure
 from gateway.workers.relay.target import Refused, Target, Unreachable
 from gateway.workers.relay.trim import trim_stream
 
@@ -47,6 +48,7 @@ log = logging.getLogger("flashgate")
 Entry = tuple[bytes, dict[bytes, bytes] | None]
 STREAMS_REFRESH_S = 1.0  # how soon a new SKU's streams are read
 TRIM_EVERY_S = 5.0
+LAG_EVERY_S = 1.0  # how often the lag is measured and written for /metrics and the console
 BACKOFF_S = 0.5  # the first retry's delay, doubled at each further one
 BACKOFF_CAP_S = 30.0
 IDLE_POLL_S = (0.05, 1.0)  # an idle stream is read again after 50 ms, doubling up to 1 s
@@ -108,12 +110,14 @@ class Relay:
         self.delivered = 0
         self.dead = 0
         self.retries = 0
+        self.lag = Lag(0, 0)
         self._read = scripts["relay_read"]
         self._dead = scripts["relay_dead"]
         self._limit = asyncio.Semaphore(concurrency)
         self._stop = asyncio.Event()
         self._streams_read_at = -1e9
         self._trimmed_at = -1e9
+        self._measured_at = -1e9
 
     # -- the streams ---------------------------------------------------------------------------
 
@@ -246,9 +250,25 @@ class Relay:
                 return await self.step(stream)
 
         handled = sum(await asyncio.gather(*(bounded(s) for s in list(self.streams.values()))))
+        await self._housekeep()
+        return handled
+
+    async def _housekeep(self) -> None:
+        """The lag measured and the streams trimmed, each when due."""
+        if self.clock() - self._measured_at >= LAG_EVERY_S:
+            await self.measure_lag()
         if self.clock() - self._trimmed_at >= TRIM_EVERY_S:
             await self.trim()
-        return handled
+
+    async def measure_lag(self) -> Lag:
+        """Measure the group's lag over every stream (one pipelined pass) and write it to
+        `fg:relay-lag` for /metrics and the console."""
+        self.lag = await measure(self.redis, list(self.streams), self.group)
+        lag, at_ms = self.lag, int(time.time() * 1000)
+        figures = relaylag.RelayLag(self.group, self.target.name, lag.events, lag.oldest_ms, at_ms)
+        await relaylag.write(self.redis, figures)
+        self._measured_at = self.clock()
+        return self.lag
 
     async def drain(self) -> int:
         """Rounds until one handles nothing; returns how many entries were handled."""
@@ -269,10 +289,11 @@ class Relay:
         self._stop.set()
 
     async def run(self) -> None:
-        """Deliver until `stop()`: one task per stream, new streams joined about once a
-        second, trimming every few seconds. Redis outages and a target out of reach (at start
-        too: a broker not up yet) are waited out; a target that refuses what it must declare
-        (a queue declared otherwise, wrong credentials) stops the relay with its error."""
+        """Deliver until `stop()`: one task per stream, new streams joined and the lag
+        measured about once a second, trimming every few seconds. Redis outages and a target
+        out of reach (at start too: a broker not up yet) are waited out; a target that refuses
+        what it must declare (a queue declared otherwise, wrong credentials) stops the relay
+        with its error."""
         log.info("relay %s started (group %s)", self.consumer, self.group)
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
@@ -307,8 +328,7 @@ class Relay:
     async def _supervise(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         try:
             await self.refresh_streams()
-            if self.clock() - self._trimmed_at >= TRIM_EVERY_S:
-                await self.trim()
+            await self._housekeep()
         except REDIS_FAILURES as exc:
             log.warning("relay: Redis unavailable (%s); retrying", exc)
         for key, stream in self.streams.items():
