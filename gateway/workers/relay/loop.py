@@ -110,6 +110,7 @@ class Relay:
         self.delivered = 0
         self.dead = 0
         self.retries = 0
+        self.refusals = 0  # answers that did not take an event (each used up an attempt)
         self.lag = Lag(0, 0)
         self._read = scripts["relay_read"]
         self._dead = scripts["relay_dead"]
@@ -189,6 +190,7 @@ class Relay:
                 await self.target.deliver(event)
             except Refused as exc:
                 refusals += 1
+                self.refusals += 1
                 if refusals >= self.max_attempts:
                     await self.dead_letter(stream, entry, f"refused {refusals} times: {exc}")
                     return
