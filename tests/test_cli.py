@@ -271,6 +271,22 @@ def test_supervisor_gives_up_after_repeated_crashes(tmp_path: Path, comes_up: bo
     assert server.restarts == 3
 
 
+def test_a_child_killed_by_a_signal_is_started_again_one_that_exits_stops_all() -> None:
+    """kill -9 of a child: started again with the same arguments; a child that exits by
+    itself (here `--version`, code 0) shuts serve down."""
+    sup = Supervisor(Settings())
+    env = {**os.environ}
+    sup._spawn("worker", ["--version"], env)
+    ((_, first),) = sup.children
+    first.wait(30)
+    first.returncode = -signal.SIGKILL  # as if killed: the supervisor starts it again
+    assert sup._watch() == 1  # then the new one exits by itself: everything stops
+    ((_, second),) = sup.children
+    assert second.pid != first.pid and second.args == first.args
+    assert second.wait(30) == 0 and len(sup._child_backoff["worker"].restarts) == 1
+    sup.shutdown()
+
+
 def test_two_workers_serve_and_stop(data_dir: Path) -> None:
     s = Serve(data_dir, "--workers", "2")
     try:
