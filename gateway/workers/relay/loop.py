@@ -41,7 +41,7 @@ from gateway.workers.finalizer import consumer_name
 from gateway.workers.relay.events import Event, event_id, from_entry
 from gateway.workers.relay.lag import Lag, measure
 from gateway.workers.relay.target import Refused, Target, Unreachable
-from gateway.workers.relay.trim import trim_stream
+from gateway.workers.trim import trim_stream
 
 log = logging.getLogger("flashgate")
 
