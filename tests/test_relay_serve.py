@@ -108,6 +108,7 @@ async def test_a_sale_reaches_the_webhook_once_per_final_state(tmp_path: Path) -
             return any(x.startswith("flashgate_relay_lag{") and x.endswith(" 0.0") for x in lines)
 
         await until("the relay's lag at 0 in the gateway's /metrics", caught_up)
+        assert "HTTP Request: POST" not in serve.log.read_text()  # no log line per delivery
     finally:
         await asyncio.to_thread(serve.stop)
         await receiver.stop()
