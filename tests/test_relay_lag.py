@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from gateway.ops import status
 from gateway.settings import Settings
 from gateway.store import figures, keys, relaylag
 from gateway.transport.scripts import ScriptRegistry
@@ -100,6 +101,8 @@ async def test_the_oldest_unconfirmed_ages_while_the_receiver_refuses(
         assert lag.oldest_age_s(int(time.time() * 1000)) > 0
         view = (await app.get("/api/v1/admin/console", headers=ADMIN)).json()
         assert view["relays"][0]["lag"] == 3 and view["relays"][0]["oldest_unconfirmed_s"] > 0
+        shown = status.render(sample, sample)  # `flashgate status`
+        assert f"relay webhook ({relay.group}): lag 3, oldest unconfirmed " in shown[-1]
         receiver.refuse_every = 0
         await until(lambda: len(receiver.received()) == 3)
         await until(lambda: relay.lag.events == 0, timeout_s=5)
