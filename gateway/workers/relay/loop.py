@@ -12,7 +12,8 @@ streams it is slow on. An entry is acknowledged only once the target confirmed i
 A refusal uses up one of `relay_max_attempts`; then the entry goes to the relay's dead letters
 with the reason, acknowledged in the same step (`relay_dead.lua`). An unreachable target uses
 up none: backoff (exponential, jittered) capped at 30 s, and the relay keeps trying. While it
-waits, the relay keeps its held entries from looking idle, so no other relay claims them.
+waits, and while a slow batch goes out, the relay keeps its held entries from looking idle
+(every third of the claim idle time), so no other relay claims them.
 """
 
 from __future__ import annotations
@@ -164,7 +165,11 @@ class Relay:
             return 0
         batch: list[Entry] = [(e[0], _fields(e[1])) for e in entries]
         ids = [entry_id for entry_id, _ in batch]
+        every, touched = self._touch_every_s(), self.clock()
         for i, entry in enumerate(batch):
+            if self.clock() - touched >= every:  # a slow batch: keep the rest from looking idle
+                await self._touch(stream, ids[i:])
+                touched = self.clock()
             await self.handle(stream, entry, ids[i:])
         return len(batch)
 
@@ -215,14 +220,22 @@ class Relay:
         delay: float = min(BACKOFF_CAP_S, self.backoff_s * 2.0 ** min(attempt - 1, 32))
         return delay * (0.5 + self.rng.random() / 2)
 
+    def _touch_every_s(self) -> float:
+        """How often held entries are touched: a third of the claim idle time."""
+        return max(self.claim_idle_ms / 3000, 0.01)
+
+    async def _touch(self, stream: Stream, held: list[Any]) -> None:
+        """Reset the idle time of the entries held here, so no other relay takes them."""
+        await self.redis.xclaim(stream.key, self.group, self.consumer, 0, held, justid=True)
+
     async def _wait(self, stream: Stream, held: list[Any], delay: float) -> None:
-        """Sleep `delay` seconds; every third of the claim idle time, reset the idle time of
-        the entries held here, so no other relay takes them while this one waits."""
-        every = max(self.claim_idle_ms / 3000, 0.01)
+        """Sleep `delay` seconds, touching the entries held here every third of the claim
+        idle time, so no other relay takes them while this one waits."""
+        every = self._touch_every_s()
         while delay > 0:
             await self.sleep(min(delay, every))
             delay -= every
-            await self.redis.xclaim(stream.key, self.group, self.consumer, 0, held, justid=True)
+            await self._touch(stream, held)
 
     async def dead_letter(self, stream: Stream, entry: Entry, reason: str) -> None:
         entry_id, fields = entry
