@@ -6,17 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
-import pytest
 from redis.asyncio import Redis
 
 from gateway.settings import Settings
 from gateway.store import figures, keys
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.relay.replay import replay_dead
-from tests.support.api import MakeClient
 from tests.support.receiver import Receiver
 from tests.support.relaying import (
-    PAYMENT_SECRET,
     Orders,
     entries,
     event_ids,
@@ -24,20 +21,6 @@ from tests.support.relaying import (
     until,
 )
 from tests.support.state import BOTH_BACKENDS
-
-
-@pytest.fixture
-async def scripts(redis: Redis) -> ScriptRegistry:
-    registry = ScriptRegistry()
-    await registry.load_all(redis)
-    return registry
-
-
-@pytest.fixture
-async def orders(
-    redis: Redis, scripts: ScriptRegistry, settings: Settings, make_client: MakeClient
-) -> Orders:
-    return Orders(redis, scripts, settings, await make_client(payment_secret=PAYMENT_SECRET))
 
 
 def in_commit_order(receiver: Receiver) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
@@ -15,27 +14,10 @@ from gateway.ops import status
 from gateway.settings import Settings
 from gateway.store import figures, keys, relaylag
 from gateway.transport.scripts import ScriptRegistry
-from tests.support.api import ADMIN, Client, MakeClient
+from tests.support.api import ADMIN, Client
 from tests.support.receiver import Receiver
-from tests.support.relaying import PAYMENT_SECRET, Orders, entries, make_relay, until
+from tests.support.relaying import Orders, entries, make_relay, until
 from tests.support.state import BOTH_BACKENDS
-
-
-@pytest.fixture
-async def scripts(redis: Redis) -> ScriptRegistry:
-    registry = ScriptRegistry()
-    await registry.load_all(redis)
-    return registry
-
-
-@pytest.fixture
-async def app(make_client: MakeClient) -> Client:
-    return await make_client(payment_secret=PAYMENT_SECRET)
-
-
-@pytest.fixture
-async def orders(redis: Redis, scripts: ScriptRegistry, settings: Settings, app: Client) -> Orders:
-    return Orders(redis, scripts, settings, app)
 
 
 async def scraped(app: Client) -> dict[str, float]:
@@ -51,13 +33,9 @@ async def scraped(app: Client) -> dict[str, float]:
 
 @BOTH_BACKENDS
 async def test_the_lag_rises_with_unconfirmed_events_and_falls_to_zero(
-    redis: Redis,
-    scripts: ScriptRegistry,
-    settings: Settings,
-    orders: Orders,
-    receiver: Receiver,
-    app: Client,
+    redis: Redis, scripts: ScriptRegistry, settings: Settings, orders: Orders, receiver: Receiver
 ) -> None:
+    app = orders.client
     await orders.confirmed("sa", 5)
     await orders.confirmed("hot", 6, buckets=2)
     relay = make_relay(redis, scripts, settings, receiver)
@@ -81,13 +59,9 @@ async def test_the_lag_rises_with_unconfirmed_events_and_falls_to_zero(
 
 
 async def test_the_oldest_unconfirmed_ages_while_the_receiver_refuses(
-    redis: Redis,
-    scripts: ScriptRegistry,
-    settings: Settings,
-    orders: Orders,
-    receiver: Receiver,
-    app: Client,
+    redis: Redis, scripts: ScriptRegistry, settings: Settings, orders: Orders, receiver: Receiver
 ) -> None:
+    app = orders.client
     await orders.confirmed("sa", 3)
     receiver.refuse_every = 1
     relay = make_relay(redis, scripts, settings.replace(relay_max_attempts=1000), receiver)
