@@ -9,6 +9,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -123,7 +124,9 @@ class Supervisor:
             # Stopped in reverse: the gateway first, then the finalizer drains what it can.
             self._spawn("sweeper", ["sweeper"], env)
             if settings.relay_url:  # stopped after the finalizer: its last events go out too
-                self._spawn("relay", ["relay"], env)
+                # one name across restarts: a relay started again resumes what it held at once
+                name = f"{socket.gethostname()}-serve-{settings.port}-relay"
+                self._spawn("relay", ["relay", "--consumer", name], env)
             self._spawn("finalizer", ["finalizer"], env)
             self._spawn("gateway", ["gateway"], env)
             return self._watch()
