@@ -155,9 +155,17 @@ class ConsoleLatency(Struct, frozen=True, kw_only=True):
     sum_s: float
 
 
+class ConsoleRelay(Struct, frozen=True, kw_only=True):
+    group: str  # the relay target's consumer group
+    target: str  # webhook | rabbitmq
+    lag: int  # events the target has not confirmed yet
+    oldest_unconfirmed_s: float  # age of the oldest of them (0: none)
+
+
 class ConsoleView(Struct, frozen=True, kw_only=True):
     """What the ops console shows: the shared mode and its recent switches, every SKU's
-    figures from Redis, and what the workers of the answering instance counted.
+    figures from Redis, each relay target's lag (as its relays last wrote it), and what the
+    workers of the answering instance counted.
     `entries_in` counts every entry ever added to the SKUs' streams (orders and payments, all
     instances): its rate is intake per second. `answers` counts the order endpoint's answers
     by code (`created`, `replayed`, or the error code) since the instance started."""
@@ -171,6 +179,7 @@ class ConsoleView(Struct, frozen=True, kw_only=True):
     answers: dict[str, int]
     latency: ConsoleLatency
     workers: list[ConsoleWorker]  # by pid
+    relays: list[ConsoleRelay]
 
 
 ORDER_STATUSES = ("QUEUED", "HELD", "CONFIRMED", "EXPIRED", "REJECTED", "PAID_AFTER_EXPIRY")

@@ -230,3 +230,12 @@ async def test_the_dashboard_queries_only_metrics_and_labels_that_exist(client: 
             have = set().union(*(labels.get(n, set()) for n in names))
             if have:  # no sample yet (no breaker transition in this test): name checked above
                 assert {g.strip() for g in group.split(",")} <= have | {"le"}, (expr, have)
+
+
+def test_the_dashboard_shows_the_relay_lag() -> None:
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
+    for name in ("flashgate_relay_lag", "flashgate_relay_oldest_unconfirmed_seconds"):
+        assert name in exprs

@@ -1,6 +1,7 @@
 """What Redis holds about the sale, read for the people on call: the intake mode and its last
 switch, each SKU's figures (stock, available, held, sold, holds, backlog, pending, dead letters,
-entries in and out), and the dead letters themselves. Read only: pipelines, nothing written.
+entries in and out), each relay group's lag (as its relays last wrote it), and the dead letters
+themselves. Read only: pipelines, nothing written.
 
 `flashgate status`, `flashgate dead`, `GET /metrics` and the admin overview read through here.
 """
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.store import keys
+from gateway.store import keys, relaylag
 from gateway.store.buckets import Layouts
 from gateway.transport.connect import Client
 from gateway.transport.streams import id_order
@@ -42,6 +43,7 @@ class Sample:
     mode: str
     last_switch: dict[str, Any] | None
     skus: list[SkuSample]
+    relays: list[relaylag.RelayLag]  # each relay group's lag, as its relays last wrote it
 
 
 def _added(info: Any) -> int:
@@ -96,7 +98,8 @@ async def sample(redis: Client) -> Sample:
         pipe.hget(keys.MODE, "mode")
         pipe.lindex(keys.MODE_HISTORY, 0)
         pipe.smembers(keys.SKU_REGISTRY)
-        mode, last, members = await pipe.execute()
+        pipe.hgetall(keys.RELAY_LAG)
+        mode, last, members, relays = await pipe.execute()
     sku_ids = sorted(m.decode() for m in members)
     skus: list[SkuSample] = []
     for sku_id in sku_ids:
@@ -119,6 +122,7 @@ async def sample(redis: Client) -> Sample:
         mode=mode.decode() if mode else "NORMAL",
         last_switch=json.loads(last) if last else None,
         skus=skus,
+        relays=relaylag.parse(relays, int(time.time() * 1000)),
     )
 
 

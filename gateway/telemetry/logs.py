@@ -49,6 +49,10 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+# Libraries that log every request at INFO (httpx: one line per webhook delivery of the relay)
+QUIET = ("httpx", "httpcore")
+
+
 def formatter(fmt: str) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
 
@@ -62,6 +66,8 @@ def configure(fmt: str, *, force: bool = True) -> None:
     handler.setFormatter(formatter(fmt))
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    for chatty in QUIET:
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def uvicorn_config(fmt: str, level: str) -> dict[str, Any]:

@@ -10,8 +10,9 @@ Two sources:
   the variable (tests, an app embedded elsewhere) the process's own registry is served.
 - what Redis holds, read at scrape time by the worker that answers: the shared intake mode and,
   per SKU, stock, available, held, sold, active holds, backlog, entries pending at a finalizer,
-  dead letters (`gateway.store.figures`, the same sample as `flashgate status`). SKU labels
-  only, never users.
+  dead letters (`gateway.store.figures`, the same sample as `flashgate status`); per relay
+  group, its lag and the age of its oldest unconfirmed event, as the relays wrote them. SKU and
+  relay labels only, never users.
 
 The hot path adds to plain dicts; each worker writes its counts to prometheus-client once a
 second and before a scrape it answers (`flush`), so another worker's counts may be up to a
@@ -26,6 +27,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -225,6 +227,28 @@ class _RedisFigures(Collector):
             for s in self.sample.skus:
                 family.add_metric([s.sku_id], getattr(s, field))
             yield family
+        yield from _relay_figures(self.sample)
+
+
+def _relay_figures(sample: figures.Sample) -> Iterator[GaugeMetricFamily]:
+    """Each relay group's lag as its relays last wrote it (`fg:relay-lag`, about once a
+    second): nothing is measured per scrape."""
+    lag = GaugeMetricFamily(
+        "flashgate_relay_lag",
+        "Events the relay group's target has not confirmed yet (handed out or not), all streams",
+        labels=["target", "group"],
+    )
+    oldest = GaugeMetricFamily(
+        "flashgate_relay_oldest_unconfirmed_seconds",
+        "Age of the oldest event the relay group's target has not confirmed (0: none)",
+        labels=["target", "group"],
+    )
+    now_ms = int(time.time() * 1000)
+    for r in sample.relays:
+        lag.add_metric([r.target, r.group], r.lag)
+        oldest.add_metric([r.target, r.group], r.oldest_age_s(now_ms))
+    yield lag
+    yield oldest
 
 
 async def render(redis: Any) -> bytes:

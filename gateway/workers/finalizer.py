@@ -5,7 +5,8 @@ one atomic step: an entry is never acknowledged without its effect, and a redeli
 finds its effect already stored, so processing is idempotent. Entries left pending by a dead
 finalizer are claimed with XAUTOCLAIM once idle for `claim_idle_ms`; an entry that fails
 `max_deliveries` times moves to the SKU's dead-letter stream with its reason. Acknowledged
-entries are trimmed (XTRIM MINID below the oldest pending, never an unprocessed one).
+entries are trimmed below what every consumer group confirmed (`workers.trim`, as the relay
+trims the events streams), never an unprocessed one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from gateway.transport.connect import Client, create_script_client
 from gateway.transport.durable import acked
 from gateway.transport.replies import REDIS_FAILURES, text
 from gateway.transport.scripts import ScriptRegistry
+from gateway.workers.trim import trim_stream
 
 log = logging.getLogger("flashgate")
 
@@ -266,22 +268,12 @@ class Finalizer:
         log.error("entry %s of %s dead-lettered: %s", entry_id, stream, reason)
 
     async def trim(self) -> int:
-        """Drop acknowledged entries: everything below the oldest pending entry (or, with none
-        pending, below the last delivered one). Returns how many entries went."""
+        """Drop what every group of each order stream has confirmed (`workers.trim`): below
+        the oldest pending entry, or with none pending, up to the last delivered one. Returns
+        how many entries went."""
         dropped = 0
         for stream in self._streams:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xinfo_groups(stream)
-                pipe.xpending(stream, self.group)
-                groups, pending = await pipe.execute()
-            group = next((g for g in groups if text(g["name"]) == self.group), None)
-            if group is None:
-                continue
-            floor = text(group["last-delivered-id"])
-            if int(pending["pending"]):
-                floor = text(pending["min"])
-            if floor != "0-0":
-                dropped += await self.redis.xtrim(stream, minid=floor, approximate=False)
+            dropped += await trim_stream(self.redis, stream)
         self._trimmed_at = self.clock()
         return dropped
 

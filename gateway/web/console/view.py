@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import time
 from importlib import resources
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.schemas import ConsoleLatency, ConsoleSku, ConsoleView, ConsoleWorker
+from gateway.schemas import (
+    ConsoleLatency,
+    ConsoleRelay,
+    ConsoleSku,
+    ConsoleView,
+    ConsoleWorker,
+)
 from gateway.store import figures
 from gateway.telemetry import snapshot
 from gateway.transport.replies import call
@@ -32,8 +39,8 @@ VIEW = Operation(
     method="GET",
     security=ADMIN,
     operation_id="getConsoleView",
-    summary="What the ops console shows: mode, switches, SKUs, the instance's order answers, "
-    "latency and workers",
+    summary="What the ops console shows: mode, switches, SKUs, relay lag, the instance's "
+    "order answers, latency and workers",
     answers=(Answer(status=200, body=ConsoleView, description="the console's figures"),),
     raises=admin_raises(),
 )
@@ -62,6 +69,7 @@ def routes(services: Services) -> list[Resource]:
         sample = await call(figures.sample(services.redis))
         modes = await call(services.modes.view(limit=10))
         counted = snapshot.take(ORDER_PATH)
+        now_ms = int(time.time() * 1000)
         view = ConsoleView(
             mode=modes.mode.value,
             changed_at=modes.changed_at,
@@ -89,6 +97,15 @@ def routes(services: Services) -> list[Resource]:
             workers=[
                 ConsoleWorker(pid=w.pid, breaker=w.breaker, mode=w.mode) for w in counted.workers
             ],
+            relays=[
+                ConsoleRelay(
+                    group=r.group,
+                    target=r.target,
+                    lag=r.lag,
+                    oldest_unconfirmed_s=r.oldest_age_s(now_ms),
+                )
+                for r in sample.relays
+            ],  # fmt: skip
         )
         return MsgspecResponse(view)
 
