@@ -192,6 +192,30 @@ class Taken(NamedTuple):
         return cls._make(int(x) for x in raw)
 
 
+class SkuFigures(NamedTuple):
+    """sku_figures.lua: one SKU's (or stock bucket's) figures, in `figures.SkuSample`'s order
+    and then its bucket count and total stock."""
+
+    stock: int
+    available: int
+    held: int
+    sold: int
+    holds: int
+    backlog: int
+    pending: int
+    dead: int
+    entries_in: int
+    entries_out: int
+    buckets: int
+    total_stock: int
+
+    @classmethod
+    def of(cls, raw: Sequence[int]) -> SkuFigures | None:
+        """None for an empty reply (the SKU is not configured). The script answers integers:
+        taken as they are (10,000 SKUs a pass)."""
+        return cls._make(raw) if raw else None
+
+
 class Swept(NamedTuple):
     """sweep.lua: orders expired, their units, due holds looked at, holds out of the index."""
 

@@ -1,5 +1,5 @@
-"""The Redis client factory: how the gateway connects (the general client, and the order
-path's multiplexed one).
+"""The Redis client factory: how the gateway connects (the general client, the order path's
+multiplexed one, and the ops reads' own batch client).
 
 On the order path a retried script could hold stock twice, so the client never retries by
 itself: every command runs once, within a deadline (`FLASHGATE_REDIS_TIMEOUT_MS`). A caller
@@ -7,6 +7,9 @@ that wants to try again sends the same idempotency key, which makes the retry a 
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.retry import Retry
@@ -66,3 +69,38 @@ def create_script_client(
     if settings.redis_cluster:
         return ClusterMux(target, timeout_s=settings.redis_timeout_ms / 1000)
     return Multiplexed(target, timeout_s=settings.redis_timeout_ms / 1000)
+
+
+class Batch(Protocol):
+    """Many commands in one round trip (per node): `Multiplexed`, `ClusterMux` or
+    `PipelineBatch`. Replies in order, a command's failure (its exception) in its place."""
+
+    async def execute_many(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class PipelineBatch:
+    """`Batch` on the general client (`FLASHGATE_REDIS_CLIENT=pool`): one redis-py pipeline.
+    Does not own the client."""
+
+    def __init__(self, redis: Client) -> None:
+        self.redis = redis
+
+    async def execute_many(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for args in commands:
+                pipe.execute_command(*args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        return replies
+
+    async def aclose(self) -> None:
+        return None
+
+
+def create_reader(settings: Settings, redis: Client, url: str | None = None) -> Batch:
+    """The ops reads' client (figures for /metrics, the console, `flashgate status`): a
+    multiplexed connection of its own, so a pass over every SKU never queues the order path's
+    commands behind its replies; on the general client when the multiplexed one is off."""
+    own = create_script_client(settings, url)
+    return PipelineBatch(redis) if own is None else own

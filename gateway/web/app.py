@@ -18,7 +18,12 @@ from starlette.types import ExceptionHandler
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.settings import Settings
 from gateway.telemetry import logs, metrics
-from gateway.transport.connect import Client, create_client, create_script_client
+from gateway.transport.connect import (
+    Client,
+    create_client,
+    create_reader,
+    create_script_client,
+)
 from gateway.transport.scripts import ScriptRegistry
 from gateway.web import admin, health, orders, payments
 from gateway.web.console import view as console
@@ -80,10 +85,11 @@ def lifespan(
     async def running(app: Starlette) -> AsyncIterator[None]:
         client = redis if redis is not None else create_client(settings)
         fast = create_script_client(settings)
+        reader = create_reader(settings, client)
         try:
             await scripts.load_all(client)
             await check_waitaof(client, settings)
-            services.start(client, scripts, fast)
+            services.start(client, scripts, fast, reader)
             await services.watcher.start()
             flushing = asyncio.create_task(metrics.flush_every(METRICS_FLUSH_S))
             try:
@@ -95,6 +101,7 @@ def lifespan(
                 await services.watcher.stop()
                 services.close()
         finally:
+            await reader.aclose()
             if fast is not None:
                 await fast.aclose()
             if redis is None:

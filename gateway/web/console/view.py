@@ -9,7 +9,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway.schemas import ConsoleSku, ConsoleView
-from gateway.store import figures
 from gateway.transport.replies import call
 from gateway.web.operators import admin_raises, require_admin
 from gateway.web.responses import MsgspecResponse
@@ -52,7 +51,7 @@ async def console_page(request: Request) -> Response:
 def routes(services: Services) -> list[Resource]:
     async def console_view(request: Request) -> Response:
         require_admin(request, services.settings.admin_token, services.admin_refusals)
-        sample = await call(figures.sample(services.redis))
+        sample = await call(services.figures.sample(streams=1))
         modes = await call(services.modes.view(limit=10))
         view = ConsoleView(
             mode=modes.mode.value,
