@@ -29,7 +29,12 @@ from gateway.web import admin, health, orders, payments
 from gateway.web.console import view as console
 from gateway.web.front import ANSWER_CODE, GatewayApp
 from gateway.web.openapi import Document
-from gateway.web.responses import MsgspecResponse, error_response, internal_error
+from gateway.web.responses import (
+    MsgspecResponse,
+    RenderedErrors,
+    error_response,
+    internal_error,
+)
 from gateway.web.routing import Resource
 from gateway.web.services import Services, check_waitaof
 
@@ -53,6 +58,7 @@ def create_app(settings: Settings, *, redis: Client | None = None) -> Starlette:
     app.state.document = document
     app.create_order = orders.create_handler(services)
     app.busy_message = settings.busy_message
+    app.errors = RenderedErrors(settings.busy_message)
     app.access_log = settings.access_log
     app.route_names = {route.endpoint: route.path for route in routes}
     # A path with a trailing slash is a 404, not a redirect: API clients do not follow one,
