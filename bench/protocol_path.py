@@ -31,7 +31,7 @@ from uvicorn.server import ServerState
 from bench.apps import bare_app
 from gateway.ops.embedded import EmbeddedServer
 from gateway.settings import Settings
-from gateway.web.app import create_app
+from gateway.web.app import create_app, settle_heap
 from gateway.web.protocol import GatewayHttpProtocol
 
 TOKEN = "bench"
@@ -171,6 +171,7 @@ async def run(url: str, args: argparse.Namespace) -> None:
         await put_sku(app, "hot", 1_000_000_000)
         await put_sku(app, "gone", 1)
         gw, bare = uvicorn_config(app), uvicorn_config(bare_app())
+        settle_heap()  # as `app_from_env` does in a worker: no full collection scans it
         replay_key = str(uuid.uuid4())
         first = request("hot", "r1", replay_key)
         await drive(GatewayHttpProtocol, gw, [first, request("gone", "s0", str(uuid.uuid4()))], 1)
@@ -181,6 +182,8 @@ async def run(url: str, args: argparse.Namespace) -> None:
             "replay": (GatewayHttpProtocol, gw, "hot", True),
             "soldout": (GatewayHttpProtocol, gw, "gone", False),
         }
+        if args.only:
+            scenarios = {k: v for k, v in scenarios.items() if k in args.only or k == "bare"}
         results: dict[str, list[float]] = {name: [] for name in scenarios}
         for _ in range(args.rounds):
             for name, (cls, config, sku, replay) in scenarios.items():
@@ -222,6 +225,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=20_000)
     p.add_argument("--connections", type=int, default=64)
     p.add_argument("--rounds", type=int, default=5, help="alternations; the median is shown")
+    p.add_argument("--only", type=lambda v: v.split(","), help="scenarios besides bare")
     args = p.parse_args()
     print(f"python {sys.version.split()[0]}", file=sys.stderr)
     uvloop.run(main_async(args))
