@@ -24,6 +24,9 @@ from gateway.transport.connect import Batch, Client
 from gateway.transport.scripts import ScriptRegistry
 from gateway.transport.streams import id_order
 
+Figures = list[int]  # sku_figures.lua's reply, in SkuFigures' order (empty: not configured)
+_BUCKETS = SkuFigures._fields.index("buckets")
+_TOTAL_STOCK = SkuFigures._fields.index("total_stock")
 Streams = Literal[0, 1, 2]  # which streams' entries added a pass counts (sku_figures.lua)
 
 
@@ -116,9 +119,9 @@ class Sampler:
         more = {}  # bucketed SKUs seen for the first time: their other buckets
         for sku_id in sku_ids:
             home = got.get(sku_id)
-            if home is not None and home.buckets != len(tags[sku_id]):
-                self._buckets[sku_id] = home.buckets
-                tags[sku_id] = keys.bucket_tags(sku_id, home.buckets)
+            if home and home[_BUCKETS] != len(tags[sku_id]):
+                self._buckets[sku_id] = home[_BUCKETS]
+                tags[sku_id] = keys.bucket_tags(sku_id, home[_BUCKETS])
                 more[sku_id] = tags[sku_id][1:]
         if more:
             got.update(await self._figures([t for ts in more.values() for t in ts], streams))
@@ -133,7 +136,7 @@ class Sampler:
             streams=streams,
         )
 
-    async def _figures(self, tags: list[str], streams: Streams) -> dict[str, SkuFigures | None]:
+    async def _figures(self, tags: list[str], streams: Streams) -> dict[str, Figures]:
         """sku_figures.lua of every bucket tag, in one write (plus one after a script flush:
         EVAL for the calls the server answered NOSCRIPT)."""
         script = self._script
@@ -152,7 +155,8 @@ class Sampler:
             evals = [("EVAL", script.source, *made[tags[i], streams]) for i in again]
             for i, reply in zip(again, await self.reader.execute_many(evals), strict=True):
                 replies[i] = reply
-        return dict(zip(tags, map(SkuFigures.of, _raise_first(replies)), strict=True))
+        # the replies as they are (lists of integers): 10,000 SKUs a pass
+        return dict(zip(tags, _raise_first(replies), strict=True))
 
 
 def _raise_first(replies: list[Any]) -> list[Any]:
@@ -163,7 +167,7 @@ def _raise_first(replies: list[Any]) -> list[Any]:
 
 
 def _sku_samples(
-    sku_ids: list[str], tags: dict[str, list[str]], got: dict[str, SkuFigures | None]
+    sku_ids: list[str], tags: dict[str, list[str]], got: dict[str, Figures]
 ) -> list[SkuSample]:
     return [
         sample
@@ -172,19 +176,19 @@ def _sku_samples(
     ]
 
 
-def _sku_sample(sku_id: str, buckets: list[SkuFigures | None]) -> SkuSample | None:
+def _sku_sample(sku_id: str, buckets: list[Figures | None]) -> SkuSample | None:
     """One SKU's sample from its buckets' figures (home first): summed, the units in transit
     between buckets counted as stock and available; None when not configured."""
     home = buckets[0]
-    if home is None:
+    if not home:
         return None  # registered, not configured: `flashgate audit` reports it
     if len(buckets) == 1:
         return SkuSample(sku_id, *home[:10])
     figures = list(home[:10])
     for more in buckets[1:]:
-        if more is not None:
+        if more:
             figures = [a + b for a, b in zip(figures, more[:10], strict=True)]
-    in_transit = home.total_stock - figures[0]
+    in_transit = home[_TOTAL_STOCK] - figures[0]
     figures[0] += in_transit
     figures[1] += in_transit
     return SkuSample(sku_id, *figures)
