@@ -19,6 +19,8 @@ from gateway.settings import Settings
 from gateway.transport.cluster import ClusterMux
 from gateway.transport.wire import Multiplexed
 
+READS_TIMEOUT_S = 10.0  # the ops reads' deadline per call, at least
+
 # The general client: one server's, or a cluster's (`FLASHGATE_REDIS_CLUSTER=1`).
 Client = Redis | RedisCluster
 
@@ -102,5 +104,11 @@ def create_reader(settings: Settings, redis: Client, url: str | None = None) -> 
     """The ops reads' client (figures for /metrics, the console, `flashgate status`): a
     multiplexed connection of its own, so a pass over every SKU never queues the order path's
     commands behind its replies; on the general client when the multiplexed one is off."""
-    own = create_script_client(settings, url)
-    return PipelineBatch(redis) if own is None else own
+    target = url or settings.redis_url
+    if settings.redis_client != "mux" or not target:
+        return PipelineBatch(redis)
+    # a reading is thousands of calls in one write: the last reply comes long after the first
+    timeout_s = max(settings.redis_timeout_ms / 1000, READS_TIMEOUT_S)
+    if settings.redis_cluster:
+        return ClusterMux(target, timeout_s=timeout_s)
+    return Multiplexed(target, timeout_s=timeout_s)
