@@ -6,7 +6,8 @@ nothing due and to release them, and the memory each hold takes.
 
 Orders go in through create_order.lua (the order path's script and builder), many calls per
 write on the multiplexed client; the holds are made with a `now_ms` one hold TTL in the past,
-so all of them are due for the sweep at the end. Prints one JSON object.
+so all of them are due for the sweep at the end. Prints one JSON object and writes it to
+`bench/results/scale.json`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import tempfile
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import uvloop
@@ -140,13 +142,17 @@ async def main_async(args: argparse.Namespace) -> None:
             result = await run(server.url, args.holds, args.sweep_batch)
         finally:
             server.stop()
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text + "\n")
+    print(text)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--holds", type=int, default=1_000_000)
     p.add_argument("--sweep-batch", type=int, default=Settings().sweep_batch)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
     uvloop.run(main_async(p.parse_args()))
 
 
