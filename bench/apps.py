@@ -1,7 +1,9 @@
 """The benchmark's reference servers, run under the same uvicorn settings as the gateway.
 
-`bare_app`: the ceiling of the stack. One Starlette JSON endpoint at the order path that reads
-the body and answers a small JSON object, without Redis.
+`bare_app`: the ceiling of the stack. One Starlette JSON endpoint at the order path that does
+what any real handler does before its own work: reads the body, decodes and validates it into
+the order's Struct, reads the idempotency key, and answers a JSON object the size of an
+accepted order's, without Redis.
 
 `naive_app`: the design flashgate replaces. Four separate steps, one Redis round trip each:
 check the stock, lock the shopper, create the order, deduct the stock. On the same client path
@@ -30,9 +32,20 @@ _encode = msgspec.json.encode
 
 def bare_app() -> Starlette:
     async def order(request: Request) -> Response:
-        await request.body()
+        req = _decode(await request.body())
+        key = request.headers.get("x-idempotency-key")
+        if key is None:
+            return Response(b'{"error":"invalid_request"}', 400, media_type="application/json")
         return Response(
-            _encode({"order_id": "bare", "status": "HELD"}),
+            _encode(
+                {
+                    "order_id": "x3kq7m2a4b6c5d2e4f6g7h2j3n." + req.sku_id,
+                    "status": "HELD",
+                    "sku_id": req.sku_id,
+                    "quantity": req.quantity,
+                    "hold_expires_at": 1767225600000,
+                }
+            ),
             status_code=202,
             media_type="application/json",
         )

@@ -65,11 +65,16 @@ class Scenario:
     sku: str = "bench-intake"
     kind: str = "unique"
     queue_only: bool = False
-    maxima: list[dict[str, Any]] = field(default_factory=list)
+    maxima: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # by connections
     latency: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def median_rps(self) -> float:
-        return statistics.median(m["rps"] for m in self.maxima) if self.maxima else 0.0
+    def median_rps(self, connections: int) -> float:
+        runs = self.maxima.get(connections, [])
+        return statistics.median(m["rps"] for m in runs) if runs else 0.0
+
+    def median_per_cpu(self, connections: int) -> float | None:
+        runs = [m["rps_per_cpu_s"] for m in self.maxima.get(connections, [])]
+        return statistics.median(r for r in runs if r) if any(runs) else None
 
 
 def scenarios() -> list[Scenario]:
@@ -241,6 +246,19 @@ def order(port: int, sku: str, user: str, key: str) -> tuple[int, dict[str, Any]
     )
 
 
+def settled(port: int, sku: str, user: str, key: str | None = None) -> int:
+    """An order's status once the gateway is not refusing for overload: a busy machine can
+    open the breaker in the run before (503 busy, for its open time), which is not this
+    order's answer."""
+    key = key or str(uuid.uuid4())
+    deadline = time.monotonic() + 30
+    while True:
+        status = order(port, sku, user, key)[0]
+        if status not in (429, 503) or time.monotonic() > deadline:
+            return status
+        time.sleep(0.5)
+
+
 def switch(port: int, mode: str) -> None:
     status, body = http(port, "POST", f"/api/v1/order/switch?mode={mode}", None, admin())
     if status != 200:
@@ -275,12 +293,12 @@ class Bench:
         put_sku(gw, "bench-direct", 1_000_000_000)
         put_sku(gw, "bench-replay", 1_000_000_000)
         put_sku(gw, "bench-soldout", 1)
-        assert order(gw, "bench-soldout", "first", str(uuid.uuid4()))[0] == 202
-        assert order(gw, "bench-soldout", "second", str(uuid.uuid4()))[0] == 409  # learnt
+        assert settled(gw, "bench-soldout", "first") == 202
+        assert settled(gw, "bench-soldout", "second") == 409  # learnt
         lines = []
         for i in range(self.args.replay_keys):
             user, key = f"r{i}", str(uuid.uuid4())
-            assert order(gw, "bench-replay", user, key)[0] == 202
+            assert settled(gw, "bench-replay", user, key) == 202
             lines.append(f"{user} {key}")
         self.pairs.write_text("\n".join(lines) + "\n")
         self.redis.set("naive:{bench-naive}:stock", 1_000_000_000)
@@ -305,8 +323,7 @@ class Bench:
                 switch(self.stack.ports["gateway"], "NORMAL")
                 time.sleep(0.6)
 
-    def wrk(self, sc: Scenario, seconds: float) -> dict[str, Any]:
-        connections = self.args.connections
+    def wrk(self, sc: Scenario, seconds: float, connections: int = 256) -> dict[str, Any]:
         env = {
             **os.environ,
             "BENCH_SKU": sc.sku,
@@ -332,7 +349,7 @@ class Bench:
         result["rps"] = round(result["requests"] / result["seconds"], 1)
         return result
 
-    def closed_max(self, sc: Scenario, seconds: float) -> dict[str, Any]:
+    def closed_max(self, sc: Scenario, seconds: float, connections: int) -> dict[str, Any]:
         evalsha = self.evalsha_calls()
         if sc.server == "direct":
             argv = [
@@ -344,6 +361,8 @@ class Bench:
                 self.stack.redis_url,
                 "--duration",
                 str(seconds),
+                "--concurrency",
+                str(connections),
             ]
             out = subprocess.run(
                 pinned(self.stack.server_cpu, argv),
@@ -359,7 +378,7 @@ class Bench:
             assert pid is not None
             cpu0 = cpu_seconds(pid)
             with self.mode(sc):
-                result = self.wrk(sc, seconds)
+                result = self.wrk(sc, seconds, connections)
             cpu = cpu_seconds(pid) - cpu0
             result["cpu_seconds"] = round(cpu, 3)
             result["rps_per_cpu_s"] = round(result["requests"] / cpu, 1) if cpu else None
@@ -415,7 +434,7 @@ class Bench:
         stats: dict[str, Any] = self.redis.info("commandstats")
         return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
-    def profile(self, sc: Scenario, seconds: float) -> dict[str, Any]:
+    def profile(self, sc: Scenario, seconds: float, connections: int) -> dict[str, Any]:
         """Where the server process spends its CPU under a closed-loop wrk run: py-spy samples
         grouped by the file of the innermost frame (the code that was running)."""
         pid = self.server_pid(sc)
@@ -424,7 +443,7 @@ class Bench:
             return {"skipped": "py-spy is not installed (pip install '.[bench]')"}
         raw = self.stack.work / f"profile-{sc.name}.txt"
         with self.mode(sc):
-            load = threading.Thread(target=self.wrk, args=(sc, seconds + 2))
+            load = threading.Thread(target=self.wrk, args=(sc, seconds + 2, connections))
             load.start()
             time.sleep(1)
             subprocess.run(
@@ -536,12 +555,17 @@ class Bench:
         return out
 
 
-def paired(sc: Scenario, bare: Scenario | None) -> list[float]:
-    """The scenario's maximum over bare's, round by round (the two measured minutes apart,
-    not a whole run apart: the machine drifts more than that between rounds)."""
+GATEWAY = ("intake", "soldout", "queue", "replay")  # the scenarios the headline is over
+
+
+def paired(sc: Scenario, bare: Scenario | None, connections: int, key: str = "rps") -> list[float]:
+    """The scenario's figure over bare's at one connection count, round by round (the two
+    measured minutes apart, not a whole run apart: the machine drifts more than that between
+    rounds). `key`: "rps" (wall clock) or "rps_per_cpu_s" (per CPU-second of the server)."""
     if bare is None:
         return []
-    return [round(m["rps"] / b["rps"], 3) for m, b in zip(sc.maxima, bare.maxima, strict=True)]
+    pairs = zip(sc.maxima.get(connections, []), bare.maxima.get(connections, []), strict=True)
+    return [round(m[key] / b[key], 3) for m, b in pairs if m.get(key) and b.get(key)]
 
 
 def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -552,6 +576,42 @@ def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
         **by_p99[(len(by_p99) - 1) // 2],
         "p99_of_each_run": [r["latency_ms"].get("p99") for r in runs],
     }
+
+
+def measure_maxima(bench: Bench, scs: list[Scenario], args: argparse.Namespace) -> None:
+    """Closed-loop maximums: every connection count, every scenario, `rounds` times; within a
+    round the scenarios of one connection count run back to back, in a new rotation each
+    round, so a scenario and bare are always measured minutes apart at most."""
+    for sc in scs:  # warm-up: imports, caches, connections
+        bench.reset()
+        bench.closed_max(sc, min(2.0, args.seconds), args.connections[-1])
+    for r in range(args.rounds):
+        for connections in args.connections:
+            for sc in scs[r % len(scs) :] + scs[: r % len(scs)]:
+                bench.reset()
+                got = bench.closed_max(sc, args.seconds, connections)
+                sc.maxima.setdefault(connections, []).append(got)
+                print(f"c{connections} {sc.name}: {got['rps']:,.0f}/s", file=sys.stderr)
+
+
+def measure_latency(bench: Bench, scs: list[Scenario], args: argparse.Namespace) -> None:
+    """Open loop at 25/50/75 % of each scenario's maximum at the largest connection count
+    (the open loop's own 256 connections)."""
+    fracs = (0.25, 0.5, 0.75)
+    runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    top = args.connections[-1]
+    for r in range(args.rounds):
+        for frac in fracs:
+            for sc in scs[r % len(scs) :] + scs[: r % len(scs)]:
+                rate = round(sc.median_rps(top) * frac, 1)
+                bench.reset()
+                run_ = bench.open_loop(sc, rate, args.latency_seconds)
+                runs.setdefault((sc.name, f"{int(frac * 100)}%"), []).append(run_)
+                p99 = run_["latency_ms"].get("p99")
+                print(f"{sc.name} @ {frac:.0%}: p99 {p99} ms", file=sys.stderr)
+    for sc in scs:
+        for frac in fracs:
+            sc.latency[f"{int(frac * 100)}%"] = median_run(runs[sc.name, f"{int(frac * 100)}%"])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -565,37 +625,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             stack.start()
             bench = Bench(stack, args)
             scs = [sc for sc in scenarios() if not args.only or sc.name in args.only]
-            for sc in scs:  # warm-up: imports, caches, connections
-                bench.reset()
-                bench.closed_max(sc, min(2.0, args.seconds))
-            for r in range(args.rounds):
-                order_ = scs[r % len(scs) :] + scs[: r % len(scs)]  # a new rotation each round
-                for sc in order_:
-                    bench.reset()
-                    sc.maxima.append(bench.closed_max(sc, args.seconds))
-                    print(f"max {sc.name}: {sc.maxima[-1]['rps']:,.0f}/s", file=sys.stderr)
-            fracs = (0.25, 0.5, 0.75) if "latency" in args.phases else ()
-            runs: dict[tuple[str, str], list[dict[str, Any]]] = {}
-            for r in range(args.rounds if fracs else 0):
-                for frac in fracs:
-                    order_ = scs[r % len(scs) :] + scs[: r % len(scs)]
-                    for sc in order_:
-                        rate = round(sc.median_rps() * frac, 1)
-                        bench.reset()
-                        run_ = bench.open_loop(sc, rate, args.latency_seconds)
-                        runs.setdefault((sc.name, f"{int(frac * 100)}%"), []).append(run_)
-                        p99 = run_["latency_ms"].get("p99")
-                        print(f"{sc.name} @ {frac:.0%}: p99 {p99} ms", file=sys.stderr)
-            for sc in scs:
-                for frac in fracs:
-                    sc.latency[f"{int(frac * 100)}%"] = median_run(
-                        runs[sc.name, f"{int(frac * 100)}%"]
-                    )
+            measure_maxima(bench, scs, args)
+            if "latency" in args.phases:
+                measure_latency(bench, scs, args)
             profiles: dict[str, Any] = {}
             for sc in scs if "profile" in args.phases else ():
                 if sc.name in ("bare", "intake", "soldout"):
                     bench.reset()
-                    profiles[sc.name] = bench.profile(sc, args.seconds)
+                    profiles[sc.name] = bench.profile(sc, args.seconds, 64)
             bench.reset()
             trips = bench.round_trips(args.trip_requests) if "trips" in args.phases else {}
             bench.reset()
@@ -610,47 +647,76 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         server_log = (Path(tmp) / "valkey" / "valkey.log").read_text(errors="replace")
     warnings = [ln for ln in server_log.splitlines() if "fsync" in ln or "rewrit" in ln.lower()]
     bare_sc = next((sc for sc in scs if sc.name == "bare"), None)
-    bare = bare_sc.median_rps() if bare_sc else 0.0
-
+    rows = [scenario_result(sc, bare_sc, args.connections, trips) for sc in scs]
     return {
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": "python -m bench " + " ".join(sys.argv[1:]),
         "machine": machine(),
         "method": {
             "server_cpu": server_cpu,
             "load_and_redis_cpu": load_cpu,
             "rounds": args.rounds,
+            "connections": args.connections,
             "seconds_per_max_run": args.seconds,
             "seconds_per_latency_run": args.latency_seconds,
             "latency": "median run of `rounds` by p99, rounds interleaved",
-            "wrk": f"wrk -t1 -c{args.connections}, closed loop",
+            "wrk": "wrk -t1 -c<connections>, closed loop",
             "open_loop": "bench.openloop, 256 connections, latency from the intended start",
         },
-        "scenarios": [
-            {
-                "name": sc.name,
-                "title": sc.title,
-                "max_rps_median": sc.median_rps(),
-                "ratio_to_bare": statistics.median(paired(sc, bare_sc)) if bare_sc else None,
-                "ratio_to_bare_each_round": paired(sc, bare_sc),
-                "ratio_of_medians": round(sc.median_rps() / bare, 3) if bare else None,
-                "rps_per_cpu_s_median": statistics.median(
-                    m["rps_per_cpu_s"] for m in sc.maxima if m.get("rps_per_cpu_s")
-                ),
-                "round_trips_per_request": trips.get(sc.name),
-                "evalsha_per_request": statistics.median(
-                    m["evalsha_per_request"] for m in sc.maxima
-                ),
-                "maxima": sc.maxima,
-                "latency": sc.latency,
-            }
-            for sc in scs
-        ],
+        "headline": headline(rows),
+        "scenarios": rows,
         "round_trips_per_request": trips,
         "profiles": profiles,
         "memory": memory,
         "server_log_fsync_and_rewrite": warnings[-20:],
         "oversell": race,
     }
+
+
+def scenario_result(
+    sc: Scenario, bare: Scenario | None, counts: list[int], trips: dict[str, float]
+) -> dict[str, Any]:
+    """One scenario's figures at every connection count."""
+    by_count = {}
+    for c in counts:
+        wall, cpu = paired(sc, bare, c), paired(sc, bare, c, "rps_per_cpu_s")
+        by_count[str(c)] = {
+            "max_rps_median": sc.median_rps(c),
+            "ratio_to_bare": statistics.median(wall) if wall else None,
+            "ratio_to_bare_each_round": wall,
+            "rps_per_cpu_s_median": sc.median_per_cpu(c),
+            "cpu_ratio_to_bare": statistics.median(cpu) if cpu else None,
+            "cpu_ratio_to_bare_each_round": cpu,
+            "evalsha_per_request": statistics.median(
+                m["evalsha_per_request"] for m in sc.maxima.get(c, [])
+            ),
+            "maxima": sc.maxima.get(c, []),
+        }
+    return {
+        "name": sc.name,
+        "title": sc.title,
+        "connections": by_count,
+        "round_trips_per_request": trips.get(sc.name),
+        "latency": sc.latency,
+    }
+
+
+def headline(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst ratio to bare of the gateway's scenarios over every connection count, wall
+    clock and per CPU-second: what the run is summed up by."""
+    worst: dict[str, Any] = {}
+    for key in ("ratio_to_bare", "cpu_ratio_to_bare"):
+        found = [
+            (figures[key], row["name"], int(c))
+            for row in rows
+            if row["name"] in GATEWAY
+            for c, figures in row["connections"].items()
+            if figures[key] is not None
+        ]
+        if found:
+            ratio, name, c = min(found)
+            worst[key] = {"ratio": ratio, "scenario": name, "connections": c}
+    return worst
 
 
 def _where(frame: str) -> str:
@@ -695,23 +761,51 @@ def machine() -> dict[str, Any]:
 
 
 def table(result: dict[str, Any]) -> str:
-    rows = [
-        "| scenario | max req/s (median) | × bare (median of rounds) | req per CPU-s "
-        "| p50 / p99 / p99.9 ms at 50 % | p99 ms at 25 / 75 % | Redis round trips per req |",
-        "|---|---:|---:|---:|---|---|---:|",
-    ]
+    """The throughput table (every connection count: req/s with its ratio to bare, req per
+    CPU-second with its ratio) and the latency table, as docs/testing/benchmarks.md has them."""
+    counts = result["method"]["connections"]
+    head = "| scenario | " + " | ".join(
+        f"c{c}: req/s (× bare) | c{c}: req/CPU-s (× bare)" for c in counts
+    )
+    rows = [head + " |", "|---|" + "---:|---:|" * len(counts)]
     for sc in result["scenarios"]:
-        lat = sc["latency"]
-        half = lat.get("50%", {}).get("latency_ms", {})
-        q = lat.get("25%", {}).get("latency_ms", {})
-        t = lat.get("75%", {}).get("latency_ms", {})
-        rows.append(
-            f"| {sc['title']} | {sc['max_rps_median']:,.0f} | {_num(sc['ratio_to_bare'])} | "
-            f"{sc['rps_per_cpu_s_median']:,.0f} | {half.get('p50')} / {half.get('p99')} / "
-            f"{half.get('p99.9')} | {q.get('p99')} / {t.get('p99')} | "
-            f"{_num(sc['round_trips_per_request'])} |"
-        )
+        cells = []
+        for c in counts:
+            f = sc["connections"][str(c)]
+            cells.append(f"{f['max_rps_median']:,.0f} ({_num(f['ratio_to_bare'])})")
+            per_cpu = f["rps_per_cpu_s_median"]
+            cells.append(
+                f"{per_cpu or 0:,.0f} ({_num(f['cpu_ratio_to_bare'])})" if per_cpu else "-"
+            )
+        rows.append(f"| {sc['title']} | " + " | ".join(cells) + " |")
+    if any(sc["latency"] for sc in result["scenarios"]):
+        rows += [
+            "",
+            "| scenario | p50 / p99 / p99.9 ms at 50 % | p99 ms at 25 / 75 % "
+            "| Redis round trips per req |",
+            "|---|---|---|---:|",
+        ]
+        for sc in result["scenarios"]:
+            lat = sc["latency"]
+            half = lat.get("50%", {}).get("latency_ms", {})
+            q = lat.get("25%", {}).get("latency_ms", {})
+            t = lat.get("75%", {}).get("latency_ms", {})
+            rows.append(
+                f"| {sc['title']} | {half.get('p50')} / {half.get('p99')} / "
+                f"{half.get('p99.9')} | {q.get('p99')} / {t.get('p99')} | "
+                f"{_num(sc['round_trips_per_request'])} |"
+            )
     return "\n".join(rows)
+
+
+def headline_text(result: dict[str, Any]) -> str:
+    worst = result["headline"]
+    parts = []
+    for key, what in (("ratio_to_bare", "req/s"), ("cpu_ratio_to_bare", "req per CPU-s")):
+        if key in worst:
+            w = worst[key]
+            parts.append(f"{w['ratio']:.2f} ({what}, {w['scenario']} at c{w['connections']})")
+    return "worst × bare Starlette: " + "; ".join(parts) if parts else "no ratio (bare not run)"
 
 
 def _num(value: float | None) -> str:
@@ -749,7 +843,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3, help="closed-loop runs per scenario")
     p.add_argument("--seconds", type=float, default=5.0, help="length of one closed-loop run")
     p.add_argument("--latency-seconds", type=float, default=5.0, help="one open-loop run")
-    p.add_argument("--connections", type=int, default=256, help="wrk connections")
+    p.add_argument(
+        "--connections",
+        type=lambda v: sorted(int(c) for c in v.split(",")),
+        default=[16, 64, 256],
+        help="comma-separated wrk connection counts (every scenario at each)",
+    )
     p.add_argument("--replay-keys", type=int, default=500)
     p.add_argument("--memory-orders", type=int, default=20_000)
     p.add_argument("--race-stock", type=int, default=1000)
@@ -779,6 +878,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "latest.json").write_text(text)
     if "latency" in args.phases:
         plot(result, args.out / "latency.png")
+    print(headline_text(result))
     print(table(result))
     if mem := result["memory"]:
         print(f"\nRedis memory per held order: {mem['bytes_per_order']:.0f} bytes", end=" ")

@@ -6,6 +6,7 @@ changed there."""
 from __future__ import annotations
 
 import enum
+import re
 from typing import Annotated
 
 import msgspec
@@ -28,6 +29,7 @@ EpochSeconds = Annotated[int, Meta(ge=0, le=253_402_300_799)]
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z"
 IdempotencyKey = Annotated[str, Meta(pattern=UUID_PATTERN)]
+_UUID = re.compile(UUID_PATTERN)
 
 
 class OrderRequest(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -265,8 +267,6 @@ def parse_idempotency_key(raw: str | None) -> str:
     value = raw.strip()
     if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
         value = value[1:-1]
-    try:
-        key: str = msgspec.convert(value, IdempotencyKey)
-    except msgspec.ValidationError:
-        raise msgspec.ValidationError("X-Idempotency-Key must be a UUID") from None
-    return key.lower()
+    if _UUID.match(value) is None:  # IdempotencyKey's pattern (msgspec.convert: 3x the time)
+        raise msgspec.ValidationError("X-Idempotency-Key must be a UUID")
+    return value.lower()

@@ -204,6 +204,16 @@ class Settings:
             " runtime rules, in milliseconds (at most 1000: the 1-s promise rests on it)",
         ),
     ] = 500
+    figures_max_age_ms: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=60_000,
+            description="how old the figures read from Redis for /metrics and the console may"
+            " be, in milliseconds: each process reads them at most this often, in two round"
+            " trips whatever the number of SKUs (0: on every read)",
+        ),
+    ] = 1000
     soldout_recheck_ms: Annotated[
         int,
         Meta(

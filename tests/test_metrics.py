@@ -47,7 +47,8 @@ async def scrape(c: Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     return parse(r.text)
 
 
-async def test_answers_latency_and_redis_figures(client: Client, redis: Redis) -> None:
+async def test_answers_latency_and_redis_figures(make_client: MakeClient, redis: Redis) -> None:
+    client = await make_client(figures_max_age_ms=0)  # both scrapes read Redis
     await put_sku(client, stock=3, per_user_limit=1)
     before = await scrape(client)
     key = "0b5a3f6e-8d7c-4e1f-9a2b-3c4d5e6f7a8b"
@@ -83,7 +84,7 @@ async def test_answers_latency_and_redis_figures(client: Client, redis: Redis) -
 async def test_bucket_refusals_breaker_and_mode_are_counted(
     make_client: MakeClient, redis: Redis
 ) -> None:
-    c = await make_client(qps=0.001, burst=1)
+    c = await make_client(qps=0.001, burst=1, figures_max_age_ms=0)
     await put_sku(c, stock=10)
     before = await scrape(c)
     assert (await create(c)).status_code == 202

@@ -12,7 +12,9 @@ from redis.asyncio import Redis
 
 from gateway.ops import status
 from gateway.settings import Settings
-from gateway.store import figures, keys, relaylag
+from gateway.store import keys, relaylag
+from gateway.store.figures import Sampler
+from gateway.transport.connect import PipelineBatch
 from gateway.transport.scripts import ScriptRegistry
 from tests.support.api import ADMIN, Client
 from tests.support.receiver import Receiver
@@ -69,7 +71,7 @@ async def test_the_oldest_unconfirmed_ages_while_the_receiver_refuses(
     try:
         await until(lambda: relay.retries >= 3 and relay.lag.events == 3)
         await asyncio.sleep(0.05)
-        sample = await figures.sample(redis)
+        sample = await Sampler(PipelineBatch(redis), ScriptRegistry(), max_age_s=0).sample()
         (lag,) = sample.relays
         assert lag.lag == 3 and lag.group == relay.group and lag.target == "webhook"
         assert lag.oldest_age_s(int(time.time() * 1000)) > 0

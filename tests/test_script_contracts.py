@@ -165,6 +165,9 @@ CONTRACTS = {
              reason="refused", fields=[b"event", b"CONFIRMED"]),
         codes=outcomes.RelayDead,
     ),
+    "sku_figures": Contract(
+        calls.sku_figures, dict(sku=SK, group="finalizers", streams=1), reply=outcomes.SkuFigures
+    ),
     "sweep": Contract(
         calls.sweep,
         dict(sku=SK, now_ms=None, batch=100, orders_prefix=SK.orders_prefix, skip=0),

@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from typing import TextIO
 
 from gateway.settings import Settings
-from gateway.store.figures import Sample, dead_letters, sample
-from gateway.transport.connect import Client, create_client
+from gateway.store.figures import Sample, Sampler, dead_letters
+from gateway.transport.connect import create_client, create_reader
+from gateway.transport.scripts import ScriptRegistry
 
 DEAD_HEADER = (
     "sku_id", "dead_id", "entry_id", "event", "order_id", "payment_id", "reason", "from"
@@ -76,14 +77,14 @@ def render(before: Sample, now: Sample) -> list[str]:
     return lines
 
 
-async def run(redis: Client, *, watch_s: float, count: int | None, out: TextIO) -> int:
+async def run(sampler: Sampler, *, watch_s: float, count: int | None, out: TextIO) -> int:
     """Print the table once (rates over 1 s) or every `watch_s` seconds, `count` times."""
     interval = watch_s if watch_s > 0 else 1.0
-    before = await sample(redis)
+    before = await sampler.sample(streams=2)
     shown = 0
     while True:
         await asyncio.sleep(interval)
-        now = await sample(redis)
+        now = await sampler.sample(streams=2)
         if shown:
             print(file=out)
         print(f"-- {time.strftime('%H:%M:%S')}", file=out)
@@ -95,13 +96,16 @@ async def run(redis: Client, *, watch_s: float, count: int | None, out: TextIO) 
 
 
 async def show_status(settings: Settings, watch_s: float, count: int | None) -> int:
-    """`flashgate status`: `run` on a client of its own."""
+    """`flashgate status`: `run` on a client of its own (two round trips a table)."""
     client = create_client(settings)
+    reader = create_reader(settings, client)
     try:
-        return await run(client, watch_s=watch_s, count=count, out=sys.stdout)
+        sampler = Sampler(reader, ScriptRegistry(), max_age_s=0)
+        return await run(sampler, watch_s=watch_s, count=count, out=sys.stdout)
     except KeyboardInterrupt:
         return 0
     finally:
+        await reader.aclose()
         await client.aclose()
 
 

@@ -65,8 +65,22 @@ class Audit:
         self._audit = scripts["audit_sku"]
         self._run = send.run
 
+    async def order_index(self) -> dict[str, list[bytes]]:
+        """Every order record's key, by bucket tag: one scan of the keyspace for an audit of
+        every SKU, where a scan per SKU (each of the whole keyspace) grew with SKUs x keys."""
+        index: dict[str, list[bytes]] = {}
+        start = len(keys.PREFIX) + 2  # "fg:{"
+        async for key in self.redis.scan_iter(match=f"{keys.PREFIX}:{{*}}:o:*", count=1000):
+            index.setdefault(key[start : key.index(b"}")].decode(), []).append(key)
+        return index
+
     async def audit_sku(
-        self, sku_id: str, *, now_ms: int | None = None, slack_ms: int | None = None
+        self,
+        sku_id: str,
+        *,
+        now_ms: int | None = None,
+        slack_ms: int | None = None,
+        index: dict[str, list[bytes]] | None = None,
     ) -> AuditRow | None:
         """One SKU's figures, its holds and every order record, checked against each other.
         With `now_ms` and `slack_ms`, a hold past its deadline by more than `slack_ms` counts
@@ -75,14 +89,17 @@ class Audit:
         A bucketed SKU is audited bucket by bucket (each bucket's invariants are exact: its
         scripts are atomic), then as a whole: the configured total must equal the buckets'
         stock plus the units in transfers not yet received. Buckets are read one after the
-        other, so a transfer completing in between is read again (up to 3 tries)."""
+        other, so a transfer completing in between is read again (up to 3 tries).
+
+        `index` (`order_index`): where the order records are, for an audit of many SKUs;
+        without it this SKU's are found by a scan of its own."""
         count = await self._run(self.layouts.count(sku_id))
         if count is None or count == 1:
-            return await self._audit_bucket(sku_id, now_ms, slack_ms)
+            return await self._audit_bucket(sku_id, now_ms, slack_ms, index)
         tags = self.layouts.tags(sku_id, count)
         for _ in range(3):
             total = int(await self._run(self.redis.hget(keys.SkuKeys(sku_id).sku, "total_stock")))
-            rows = [await self._audit_bucket(tag, now_ms, slack_ms) for tag in tags]
+            rows = [await self._audit_bucket(tag, now_ms, slack_ms, index) for tag in tags]
             transit = await self._in_transit(tags)
             combined = combine_rows(sku_id, tags, rows, total, transit)
             if not any(p.startswith("total stock") for p in combined.order_problems):
@@ -103,14 +120,19 @@ class Audit:
         return units
 
     async def _audit_bucket(
-        self, tag: str, now_ms: int | None, slack_ms: int | None
+        self,
+        tag: str,
+        now_ms: int | None,
+        slack_ms: int | None,
+        index: dict[str, list[bytes]] | None,
     ) -> AuditRow | None:
         sk = keys.SkuKeys(tag)
         call = calls.audit_sku(sk, orders_prefix=sk.orders_prefix)
         figures = AuditFigures.of(await self.send.script(self._audit, *call))
         if not figures.exists:
             return None
-        orders, problems = await self._check_orders(sk, now_ms, slack_ms)
+        records = None if index is None else index.get(tag, [])
+        orders, problems = await self._check_orders(sk, now_ms, slack_ms, records)
         earliest = figures.earliest_deadline_ms
         overdue = 0
         if earliest and now_ms is not None and slack_ms is not None:
@@ -133,12 +155,17 @@ class Audit:
         )
 
     async def _check_orders(
-        self, sk: keys.SkuKeys, now_ms: int | None, slack_ms: int | None
+        self,
+        sk: keys.SkuKeys,
+        now_ms: int | None,
+        slack_ms: int | None,
+        records: list[bytes] | None,
     ) -> tuple[dict[str, tuple[int, int]], list[str]]:
-        """Every order record of one bucket: (status -> (count, units), problems found)."""
+        """Every order record of one bucket (`records`, or found by a scan): (status ->
+        (count, units), problems found)."""
         orders: dict[str, tuple[int, int]] = {}
         problems: list[str] = []
-        async for batch in self._order_records(sk):
+        async for batch in self._order_records(sk, records):
             for key, (status, qty, history, payment_id, in_time, paid_at) in batch:
                 st = status.decode() if status else "?"
                 count, units = orders.get(st, (0, 0))
@@ -155,7 +182,11 @@ class Audit:
                         )
         return orders, problems
 
-    async def _order_records(self, sk: keys.SkuKeys) -> Any:
+    async def _order_records(self, sk: keys.SkuKeys, records: list[bytes] | None) -> Any:
+        if records is not None:
+            for i in range(0, len(records), 500):
+                yield await self._read_orders(records[i : i + 500])
+            return
         keys_seen: list[bytes] = []
         async for key in self.redis.scan_iter(match=f"{sk.orders_prefix}*", count=1000):
             keys_seen.append(key)

@@ -244,6 +244,10 @@ def relay_dead(
     return [sku.events, sku.relay_dead], [group, entry_id, event_id, reason, *fields]
 
 
+def sku_figures(sku: SkuKeys, *, group: str, streams: Literal[0, 1, 2]) -> Call:
+    return [sku.sku, sku.stream, sku.events, sku.dead, sku.holds], [group, streams]
+
+
 def sweep(sku: SkuKeys, *, now_ms: int | None, batch: int, orders_prefix: str, skip: int) -> Call:
     return [sku.sku, sku.users, sku.holds, sku.events], [
         _opt(now_ms),

@@ -38,6 +38,7 @@ under its own tag; the order id names its bucket's tag.
 from __future__ import annotations
 
 import base64
+import functools
 import os
 import re
 import zlib
@@ -183,6 +184,13 @@ class SkuKeys:
 
     def idempotency(self, user_id: str, key: str) -> str:
         return f"{self.tag}:idem:{user_id}:{key}"
+
+
+@functools.lru_cache(maxsize=4096)
+def sku_keys(tag: str) -> SkuKeys:
+    """`SkuKeys(tag)`, kept for the tags in use: the order path builds no key strings it
+    built before (eleven per SKU). Bounded: a flood of unknown SKU ids only cycles it."""
+    return SkuKeys(tag)
 
 
 def order_key(order_id: str) -> str | None:

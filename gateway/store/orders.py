@@ -26,6 +26,9 @@ from gateway.transport.scripts import Arg, ScriptRegistry
 
 log = logging.getLogger("flashgate")
 
+# a script's code as its CreateResult: a dict lookup, where CreateResult(code) runs the
+# enum's Python-level __call__ on every order
+CREATE_RESULTS = {int(r): r for r in CreateResult}
 REFILL_TRIES = 16  # a bucketed SKU's refills for one order, each moving at least one unit
 FENCED_TOKENS_KEPT = 16  # abandoned claims fenced per (user, key, SKU): recovery is rare
 
@@ -92,7 +95,7 @@ class Orders:
         except REDIS_FAILURES as exc:
             code, payload = await self.send.resend(exc, self._create, ks, args)
         if code != CreateResult.LAYOUT:
-            return CreateResult(code), payload
+            return CREATE_RESULTS[code], payload
         return await self._relayout(req, idempotency_key, int(payload), queue_only, now_ms)
 
     def _lists(
@@ -110,7 +113,7 @@ class Orders:
         """create_order.lua's call for one order on the bucket `tag` of a SKU with `count`."""
         user_id = req.user_id
         return calls.create_order(  # positional, in ARGV order: see the builder
-            keys.SkuKeys(tag),
+            keys.sku_keys(tag),
             idempotency_key,
             not self.two_phase,  # guarded
             order_id,
@@ -195,7 +198,7 @@ class Orders:
             return await self._create_two_phase(req, key, tag, order_id, count, queue_only, now_ms)
         ks, args = self._lists(req, key, tag, order_id, count, queue_only, now_ms)
         code, payload = await self._resending(self._create, ks, args)
-        return CreateResult(code), payload
+        return CREATE_RESULTS[code], payload
 
     async def _create_two_phase(
         self,

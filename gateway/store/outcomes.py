@@ -213,6 +213,31 @@ class Taken(NamedTuple):
         return cls._make(int(x) for x in raw)
 
 
+class SkuFigures(NamedTuple):
+    """sku_figures.lua: one SKU's (or stock bucket's) figures, in `figures.SkuSample`'s order
+    (its drain rate aside), then its bucket count, total stock and drain rate."""
+
+    stock: int
+    available: int
+    held: int
+    sold: int
+    holds: int
+    backlog: int
+    pending: int
+    dead: int
+    entries_in: int
+    entries_out: int
+    buckets: int
+    total_stock: int
+    drain_rate_milli: int  # orders decided per 1,000 s of busy time (finalize.lua's EWMA)
+
+    @classmethod
+    def of(cls, raw: Sequence[int]) -> SkuFigures | None:
+        """None for an empty reply (the SKU is not configured). The script answers integers:
+        taken as they are (10,000 SKUs a pass)."""
+        return cls._make(raw) if raw else None
+
+
 class Swept(NamedTuple):
     """sweep.lua: orders expired, their units, due holds looked at, holds out of the index."""
 

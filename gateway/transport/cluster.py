@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -125,6 +126,44 @@ class ClusterMux:
 
     async def execute_command(self, *args: Any, **_options: Any) -> Any:
         return await self._execute(args, None)
+
+    async def execute_many(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """`Multiplexed.execute_many` across the cluster: the commands grouped by the node
+        that owns their slot, one write per node, the nodes in parallel; a redirected command
+        is followed once (one more round trip, for those only)."""
+        if not self._loaded:
+            await self.refresh()
+        by_node: dict[str | None, list[int]] = {}
+        for i, args in enumerate(commands):
+            key = first_key(args)
+            address = self._seed if key is None else self._owner[key_slot(_as_bytes(key))]
+            by_node.setdefault(address, []).append(i)
+        replies: list[Any] = [None] * len(commands)
+
+        async def on_node(address: str | None, indexes: list[int]) -> None:
+            try:
+                if address is None:
+                    self._refresh_soon()
+                    raise SlotMoving("CLUSTERDOWN: the slot is not served by any node")
+                got = await self._node(address).execute_many([commands[i] for i in indexes])
+            except REDIS_FAILURES as exc:
+                got = [exc] * len(indexes)
+            for i, reply in zip(indexes, got, strict=True):
+                replies[i] = reply
+
+        await asyncio.gather(*(on_node(a, ix) for a, ix in by_node.items()))
+        for i, reply in enumerate(replies):
+            if isinstance(reply, ResponseError) and str(reply).startswith(_REDIRECTS):
+                try:
+                    replies[i] = await self._redirected(reply, tuple(commands[i]), None, False)
+                except RedisError as exc:
+                    replies[i] = exc
+        return replies
+
+    @property
+    def writes(self) -> int:
+        """Writes to every node so far: `Multiplexed.writes`, summed."""
+        return sum(node.writes for node in self._nodes.values())
 
     async def execute_with_barrier(
         self, barrier: tuple[Any, ...], *args: Any, after_reply: bool = False

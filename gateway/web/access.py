@@ -7,7 +7,6 @@ import re
 import uuid
 
 import msgspec
-from starlette.responses import Response
 from starlette.types import Scope
 
 from gateway.schemas import ID_PATTERN
@@ -50,10 +49,10 @@ def access(
     )  # fmt: skip
 
 
-def order_id_of(response: Response) -> str | None:
-    """The order id of a 202 order answer (a replay's too)."""
+def order_id_of(body: bytes) -> str | None:
+    """The order id of a 202 order answer's body (a replay's too)."""
     try:
-        order_id = msgspec.json.decode(response.body).get("order_id")
+        order_id = msgspec.json.decode(body).get("order_id")
     except (msgspec.DecodeError, AttributeError):
         return None
     return order_id if isinstance(order_id, str) else None

@@ -18,13 +18,23 @@ from starlette.types import ExceptionHandler
 from gateway.errors import GatewayError, MethodNotAllowed, NotFound
 from gateway.settings import Settings
 from gateway.telemetry import logs, metrics
-from gateway.transport.connect import Client, create_client, create_script_client
+from gateway.transport.connect import (
+    Client,
+    create_client,
+    create_reader,
+    create_script_client,
+)
 from gateway.transport.scripts import ScriptRegistry
 from gateway.web import admin, health, orders, payments
 from gateway.web.console import view as console
 from gateway.web.front import ANSWER_CODE, GatewayApp
 from gateway.web.openapi import Document
-from gateway.web.responses import MsgspecResponse, error_response, internal_error
+from gateway.web.responses import (
+    MsgspecResponse,
+    RenderedErrors,
+    error_response,
+    internal_error,
+)
 from gateway.web.routing import Resource
 from gateway.web.services import Services, check_waitaof
 
@@ -48,6 +58,7 @@ def create_app(settings: Settings, *, redis: Client | None = None) -> Starlette:
     app.state.document = document
     app.create_order = orders.create_handler(services)
     app.busy_message = settings.busy_message
+    app.errors = RenderedErrors(settings.busy_message)
     app.access_log = settings.access_log
     app.clients = services.clients
     app.route_names = {route.endpoint: route.path for route in routes}
@@ -82,10 +93,11 @@ def lifespan(
     async def running(app: Starlette) -> AsyncIterator[None]:
         client = redis if redis is not None else create_client(settings)
         fast = create_script_client(settings)
+        reader = create_reader(settings, client)
         try:
             await scripts.load_all(client)
             await check_waitaof(client, settings)
-            services.start(client, scripts, fast)
+            services.start(client, scripts, fast, reader)
             await services.watcher.start()
             flushing = asyncio.create_task(metrics.flush_every(METRICS_FLUSH_S))
             try:
@@ -97,6 +109,7 @@ def lifespan(
                 await services.watcher.stop()
                 services.close()
         finally:
+            await reader.aclose()
             if fast is not None:
                 await fast.aclose()
             if redis is None:

@@ -14,9 +14,11 @@ from gateway.telemetry import metrics
 from gateway.web.access import access, order_id_of
 from gateway.web.clients import CLIENT, ClientAddress
 from gateway.web.orders import ORDER_PATH, OrderHandler
-from gateway.web.responses import error_response, internal_error
+from gateway.web.responses import RenderedErrors, internal_error
 
 ANSWER_CODE = "flashgate.answer_code"  # set in the scope by the error handlers
+JSON = (b"content-type", b"application/json")
+REPLAYED = (b"idempotent-replayed", b"true")
 
 
 class GatewayApp(Starlette):
@@ -31,10 +33,37 @@ class GatewayApp(Starlette):
     """
 
     create_order: OrderHandler
+    errors: RenderedErrors  # the order path's error answers, rendered once each
     busy_message: str  # the shopper's message on overload answers (settings)
     access_log: bool  # one access-log line per answer (settings)
     route_names: dict[Any, str]  # endpoint -> its path template, the metrics' route label
     clients: ClientAddress  # the client's address, through trusted proxies (settings)
+
+    async def _order(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
+        """The order endpoint: its answer sent as two ASGI messages with headers built here
+        (no Response object), an error's from a cache of rendered errors."""
+        scope["app"] = self
+        try:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(headers={"Allow": "POST"})
+            body, replayed = await self.create_order(scope, receive)
+            status, code = 202, "replayed" if replayed else "created"
+            length = (b"content-length", b"%d" % len(body))
+            headers = [JSON, length, REPLAYED] if replayed else [JSON, length]
+        except GatewayError as exc:
+            status, headers, body = self.errors.render(exc)
+            code = exc.code
+        except Exception:
+            response = internal_error("POST", ORDER_PATH)
+            status, headers, body = 500, response.raw_headers, bytes(response.body)
+            code = "internal_error"
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        took = time.perf_counter() - started
+        metrics.answered(ORDER_PATH, status, code, took)
+        if self.access_log:
+            order_id = order_id_of(body) if status == 202 else None
+            access(scope, ORDER_PATH, status, code, took, order_id, self.clients.of(scope))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -42,28 +71,7 @@ class GatewayApp(Starlette):
             return
         started = time.perf_counter()
         if scope["path"] == ORDER_PATH:
-            scope["app"] = self
-            try:
-                if scope["method"] != "POST":
-                    raise MethodNotAllowed(headers={"Allow": "POST"})
-                response = await self.create_order(scope, receive)
-                code = "created"
-                for name, _ in response.raw_headers:
-                    if name == b"idempotent-replayed":
-                        code = "replayed"
-            except GatewayError as exc:
-                response = error_response(exc, self.busy_message)
-                code = exc.code
-            except Exception:
-                response = internal_error("POST", ORDER_PATH)
-                code = "internal_error"
-            await response(scope, receive, send)
-            took = time.perf_counter() - started
-            metrics.answered(ORDER_PATH, response.status_code, code, took)
-            if self.access_log:
-                order_id = order_id_of(response) if response.status_code == 202 else None
-                client = self.clients.of(scope)
-                access(scope, ORDER_PATH, response.status_code, code, took, order_id, client)
+            await self._order(scope, receive, send, started)
             return
         status = 500
         scope[CLIENT] = self.clients.of(scope)  # for the operator audit and the log

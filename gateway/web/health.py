@@ -74,7 +74,7 @@ def routes(services: Services, document: Callable[[], bytes]) -> list[Resource]:
 
     async def metrics_endpoint(request: Request) -> Response:
         """Prometheus text: every worker's counts and what Redis holds (telemetry/metrics.py)."""
-        body = await metrics.render(services.redis)
+        body = await metrics.render(services.figures)
         return Response(body, media_type=metrics.CONTENT_TYPE)
 
     return [

@@ -22,7 +22,7 @@ from gateway.schemas import (
 from gateway.store.keys import ORDER_ID_PATTERN
 from gateway.store.outcomes import CreateResult
 from gateway.web.bodies import decode, header, read_body
-from gateway.web.responses import REPLAYED_HEADERS, MsgspecResponse, RawJSONResponse
+from gateway.web.responses import MsgspecResponse
 from gateway.web.routing import (
     REPLAYED,
     SHOPPER,
@@ -127,17 +127,18 @@ GET_ORDER = Operation(
     raises=(errors.UnknownOrder, errors.NotFound, errors.BackendUnavailable),
 )
 
-OrderHandler = Callable[[Scope, Receive], Awaitable[Response]]
+OrderHandler = Callable[[Scope, Receive], Awaitable[tuple[bytes, bool]]]
 
 
 def create_handler(services: Services) -> OrderHandler:
-    """`POST /api/v1/order/create` as a bare ASGI handler: the scope and receive in, the
-    answer out (a refusal raises its `GatewayError`)."""
+    """`POST /api/v1/order/create` as a bare ASGI handler: the scope and receive in; out the
+    `202` body and whether it is a replay (`front.GatewayApp` sends it; a refusal raises its
+    `GatewayError`)."""
     limit = services.settings.max_body_bytes
     max_quantity = services.settings.max_quantity
     clients = services.clients
 
-    async def create_order(scope: Scope, receive: Receive) -> Response:
+    async def create_order(scope: Scope, receive: Receive) -> tuple[bytes, bool]:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         body = await read_body(receive, header(headers, b"content-length"), limit)
         req = decode(order_request_decoder, body)
@@ -154,9 +155,7 @@ def create_handler(services: Services) -> OrderHandler:
         intake = services.intake
         client = clients.of(scope) if intake.keyed.on else ""  # only the client limit needs it
         result, payload = await intake.create(req, key, client)
-        if result is CreateResult.REPLAYED:
-            return RawJSONResponse(payload, status_code=202, headers=REPLAYED_HEADERS)
-        return RawJSONResponse(payload, status_code=202)
+        return payload, result is CreateResult.REPLAYED
 
     return create_order
 

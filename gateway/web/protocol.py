@@ -16,6 +16,12 @@ request on it, to the last byte of its body, at most `FLASHGATE_CLIENT_TIMEOUT_S
 connection closes; one that opened a connection and sent nothing is closed quietly. uvicorn
 alone holds such connections forever (its keep-alive timeout runs only between requests).
 
+Both are made cheap for a flood of small requests: a response's head leaves with its body in
+one write (`GatewayCycle`; uvicorn writes them apart, one system call each), and no timer is
+armed per request: one sweep a second per worker cuts off slow requests and closes connections
+idle past uvicorn's keep-alive timeout (uvicorn arms and cancels a timer per request for it),
+so an idle connection closes between that timeout and a second after it.
+
 The head is counted per read while a head is open: at most one read (uvloop reads up to
 256 KiB) beyond the bound is ever buffered. A read that ends inside a head counts whole, so a
 pipelining client that sends more than the bound of requests in one read, ending mid-head, is
@@ -30,7 +36,8 @@ import logging
 import weakref
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn._types import ASGISendEvent
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from gateway.settings import Settings
 
@@ -66,13 +73,89 @@ def _sweep(loop: asyncio.AbstractEventLoop, connections: set[Any], every_s: floa
         limit = read_timeout_s()
         for conn in list(connections):
             since = getattr(conn, "_since", None)
-            if since is not None and now - since > limit:
-                try:
+            idle = getattr(conn, "_idle_since", None)
+            try:
+                if since is not None and now - since > limit:
                     conn._too_slow()
-                except Exception:  # one connection's failure must not end the sweeping
-                    log.exception("cutting off a slow client failed")
+                elif idle is not None and now - idle > conn.timeout_keep_alive:
+                    conn._idle_since = None
+                    if not conn.transport.is_closing():
+                        conn.transport.close()
+            except Exception:  # one connection's failure must not end the sweeping
+                log.exception("cutting off a slow or idle client failed")
     finally:
         loop.call_later(every_s, _sweep, loop, connections, every_s)
+
+
+class _HeadHeld:
+    """Stands in for the transport while uvicorn writes a response's head: keeps it for the
+    body's write."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.head = b""
+
+    def write(self, data: bytes) -> None:
+        self.head += data
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+class _HeadFirst:
+    """Stands in for the transport while uvicorn writes a response's body: the held head goes
+    out with the first write (or before a close, or after, when nothing was written)."""
+
+    def __init__(self, transport: Any, head: bytes) -> None:
+        self.transport = transport
+        self.head = head
+
+    def write(self, data: bytes) -> None:
+        head, self.head = self.head, b""
+        self.transport.write(head + data if head else data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def flush(self) -> None:
+        if self.head:
+            self.write(b"")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+class GatewayCycle(RequestResponseCycle):
+    """uvicorn's request-response cycle, the response's head sent with the first part of its
+    body in one write instead of two: every check and header of uvicorn's `send` is kept
+    (it writes into a stand-in transport)."""
+
+    _head = b""
+
+    async def send(self, message: ASGISendEvent) -> None:
+        transport = self.transport
+        if not self.response_started:
+            held = _HeadHeld(transport)
+            self.transport = held  # type: ignore[assignment]
+            try:
+                await super().send(message)
+            finally:
+                self.transport = transport
+            self._head = held.head
+            return
+        if not self._head:
+            await super().send(message)
+            return
+        first = _HeadFirst(transport, self._head)
+        self._head = b""
+        self.transport = first  # type: ignore[assignment]
+        try:
+            await super().send(message)
+        finally:
+            self.transport = transport
+            if not self.disconnected:
+                first.flush()
 
 
 class GatewayHttpProtocol(HttpToolsProtocol):
@@ -82,6 +165,24 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _linger: asyncio.TimerHandle | None = None
     _since: float | None = None  # when the request now arriving began (loop time)
     _got_bytes = False
+    _idle_since: float | None = None  # kept alive and idle since (loop time)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        cycle.__class__ = GatewayCycle  # uvicorn builds the cycle; this one's `send` is ours
+        super()._start_asgi_task(cycle, app)
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, without its keep-alive timer: the sweep closes idle connections."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self._unset_keepalive_if_required()
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._idle_since = self.loop.time()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -129,6 +230,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._refused:
             return  # answered and closing: input is dropped
         self._got_bytes = True
+        self._idle_since = None
         was_open = self._head_open
         if was_open:
             self._head_bytes += len(data)

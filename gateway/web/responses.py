@@ -36,6 +36,34 @@ def error_response(exc: GatewayError, busy_message: str) -> Response:
     )
 
 
+class RenderedErrors:
+    """The order path's error answers as (status, raw headers, body), each rendered once: a
+    flood of one refusal (sold out from the memo, rate limited) costs no encoding. Keyed by
+    everything that shapes the answer; at most `kept` of them (then it starts over)."""
+
+    def __init__(self, busy_message: str, kept: int = 256) -> None:
+        self.busy_message = busy_message
+        self.kept = kept
+        self._rendered: dict[tuple[Any, ...], tuple[int, list[tuple[bytes, bytes]], bytes]] = {}
+
+    def render(self, exc: GatewayError) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        key = (
+            type(exc),
+            exc.message,
+            exc.retry_after_s,
+            tuple(exc.extra.items()),
+            tuple(exc.headers.items()),
+        )
+        rendered = self._rendered.get(key)
+        if rendered is None:
+            if len(self._rendered) >= self.kept:
+                self._rendered.clear()
+            response = error_response(exc, self.busy_message)
+            rendered = (exc.status, response.raw_headers, bytes(response.body))
+            self._rendered[key] = rendered
+        return rendered
+
+
 def internal_error(method: str, path: str) -> Response:
     """500 for an exception nothing expected (logged with its traceback, never shown)."""
     log.exception("unhandled error on %s %s", method, path)

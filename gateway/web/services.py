@@ -14,10 +14,11 @@ from gateway.intake.rules import LiveRules, RulesStore, from_settings
 from gateway.intake.service import Intake, log_transition
 from gateway.intake.soldout import SoldOutMemo
 from gateway.settings import ConfigError, Settings
+from gateway.store.figures import Sampler
 from gateway.store.inventory import Inventory
 from gateway.telemetry import metrics
 from gateway.transport.cluster import ClusterMux
-from gateway.transport.connect import Client
+from gateway.transport.connect import Batch, Client, PipelineBatch
 from gateway.transport.scripts import ScriptRegistry
 from gateway.transport.wire import Multiplexed
 from gateway.web.clients import ClientAddress
@@ -35,6 +36,7 @@ class Services:
     watcher: NoticeWatcher
     breaker: CircuitBreaker
     rules: LiveRules
+    figures: Sampler  # what Redis holds, for /metrics and the console
     # Refused credentials, logged at most once per 10 s per kind (operators.RefusalLog).
     admin_refusals: RefusalLog
     signature_refusals: RefusalLog
@@ -48,10 +50,15 @@ class Services:
         redis: Client,
         scripts: ScriptRegistry,
         fast: Multiplexed | ClusterMux | None = None,
+        reader: Batch | None = None,
     ) -> None:
-        """Build everything on a connected client whose scripts are loaded."""
+        """Build everything on a connected client whose scripts are loaded; `reader`: the ops
+        reads' own client (default: pipelines on `redis`)."""
         settings = self.settings
         self.redis = redis
+        self.figures = Sampler(
+            reader or PipelineBatch(redis), scripts, max_age_s=settings.figures_max_age_ms / 1000
+        )
         self.inventory = Inventory(redis, scripts, settings, fast=fast)
         self.breaker = CircuitBreaker(
             rt_ms=settings.breaker_rt_ms,

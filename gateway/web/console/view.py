@@ -16,7 +16,6 @@ from gateway.schemas import (
     ConsoleView,
     ConsoleWorker,
 )
-from gateway.store import figures
 from gateway.telemetry import snapshot
 from gateway.transport.replies import call
 from gateway.web.console import assets
@@ -66,7 +65,7 @@ async def console_page(request: Request) -> Response:
 def routes(services: Services) -> list[Resource]:
     async def console_view(request: Request) -> Response:
         require_admin(request, services.settings.admin_token, services.admin_refusals)
-        sample = await call(figures.sample(services.redis))
+        sample = await call(services.figures.sample(streams=1))
         modes = await call(services.modes.view(limit=10))
         counted = snapshot.take(ORDER_PATH)
         now_ms = int(time.time() * 1000)
