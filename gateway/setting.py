@@ -8,7 +8,8 @@ import base64
 import binascii
 import dataclasses
 import ipaddress
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -122,6 +123,15 @@ they seed the rules in Redis when it has none, and from then on the rules change
 | variable | flag | default | accepts | meaning |
 | --- | --- | --- | --- | --- |
 """
+
+
+def refusal(error: str, by_name: Mapping[str, Setting], given: Mapping[str, object]) -> str:
+    """msgspec's error about a field (`... - at `$.port``) told of its environment variable,
+    with the value it was given."""
+    found = re.search(r"`\$\.(\w+)`", error)
+    if found is None or found[1] not in by_name:
+        return error
+    return by_name[found[1]].refusal(given[found[1]])
 
 
 def reference_page(settings: Iterable[Setting]) -> str:

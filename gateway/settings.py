@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from typing import Annotated, Any, Literal, get_type_hints
 import msgspec
 from msgspec import Meta
 
-from gateway.setting import declare, problems, read_dotenv, reference_page, text_of
+from gateway.setting import declare, problems, read_dotenv, reference_page, refusal, text_of
 
 DEFAULT_BUSY_MESSAGE = "活动火爆,请稍后再试"
 
@@ -376,12 +375,7 @@ def env_name(field_name: str) -> str:
 
 
 def _refused(exc: msgspec.ValidationError, given: Mapping[str, object]) -> ConfigError:
-    """msgspec's error about a field (`... - at `$.port``) told of its environment variable,
-    with the value it was given."""
-    found = re.search(r"`\$\.(\w+)`", str(exc))
-    if found is None or found[1] not in _BY_NAME:
-        return ConfigError(str(exc))
-    return ConfigError(_BY_NAME[found[1]].refusal(given[found[1]]))
+    return ConfigError(refusal(str(exc), _BY_NAME, given))
 
 
 _HINTS = get_type_hints(Settings, include_extras=True)

@@ -114,13 +114,16 @@ def backend(request: pytest.FixtureRequest) -> str:
 def settings(backend: str, request: pytest.FixtureRequest) -> Settings:
     # A generous deadline: correctness tests must not turn into timing tests on a busy CI
     # machine. Deadlines and faults are tested with their own settings in test_store.py.
+    # The ops reads fresh at every request: a test reads what it just did (the shared reading
+    # and its age are tested in test_figures.py).
+    common: dict[str, Any] = {
+        "admin_token": ADMIN_TOKEN, "redis_timeout_ms": 10_000, "figures_max_age_ms": 0
+    }  # fmt: skip
     if backend == "cluster":
         url = request.getfixturevalue("cluster_url")
-        return Settings(
-            redis_url=url, redis_cluster=True, admin_token=ADMIN_TOKEN, redis_timeout_ms=10_000
-        )
+        return Settings(redis_url=url, redis_cluster=True, **common)
     url = request.getfixturevalue("redis_url")
-    return Settings(redis_url=url, admin_token=ADMIN_TOKEN, redis_timeout_ms=10_000)
+    return Settings(redis_url=url, **common)
 
 
 @pytest.fixture

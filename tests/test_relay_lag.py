@@ -1,5 +1,5 @@
 """The relay's lag against a real server and a real receiver: events not yet confirmed by its
-group and the age of the oldest, measured by the relay, written to `fg:relay-lag`, read by
+group and the age of the oldest, measured by the relay, written to `fg:{mode}:relay-lag`, read by
 `/metrics` and the console without measuring anything."""
 
 from __future__ import annotations

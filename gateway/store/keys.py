@@ -27,7 +27,7 @@ under its own tag; the order id names its bucket's tag.
 | `fg:{S}:transfers` | hash | stock moving out of this bucket: transfer id -> units, to, at |
 | `fg:{S}:received` | zset | transfer ids this bucket received -> when (a week) |
 | `fg:{mode}` | hash | mode, changed_at: the intake mode shared by every gateway |
-| `fg:relay-lag` | hash | relay group -> its lag figures (JSON), written by a relay each second |
+| `fg:{mode}:relay-lag` | hash | relay group -> its lag figures (JSON), by its relays each second |
 | `fg:{mode}:history` | list | the latest mode changes (who, from where), newest first (JSON) |
 | `fg:{rules}` | hash | version, rules (JSON): the runtime rules shared by every gateway |
 | `fg:{rules}:history` | list | the latest rule changes (who, from where, before, after), JSON |
@@ -51,8 +51,8 @@ from gateway.transport.cluster import SLOTS
 PREFIX = "fg"
 FINALIZER_GROUP = "finalizers"  # the consumer group every finalizer joins on every SKU stream
 SKU_REGISTRY = f"{PREFIX}:skus"
-RELAY_LAG = f"{PREFIX}:relay-lag"
 MODE = f"{PREFIX}:{{mode}}"
+RELAY_LAG = f"{MODE}:relay-lag"  # in the mode's slot: the ops reads' first round trip reads both
 MODE_HISTORY = f"{MODE}:history"
 RULES = f"{PREFIX}:{{rules}}"
 RULES_HISTORY = f"{RULES}:history"

@@ -1,4 +1,4 @@
-"""The relays' lag figures in Redis (`fg:relay-lag`): one field per relay group (one per
+"""The relays' lag figures in Redis (`fg:{mode}:relay-lag`): one field per relay group (one per
 target), written by a relay about once a second, read by `/metrics` and the ops console with one
 HGETALL, so neither computes anything per scrape or per view.
 
@@ -50,7 +50,7 @@ async def write(redis: Client, figures: RelayLag) -> None:
 
 
 def parse(raw: dict[Any, Any] | None, now_ms: int) -> list[RelayLag]:
-    """An HGETALL of `fg:relay-lag` as figures, by group, the stale and unreadable left out."""
+    """An HGETALL of `fg:{mode}:relay-lag` as figures, by group, stale or unreadable left out."""
     found = []
     for group, value in sorted((raw or {}).items()):
         try:

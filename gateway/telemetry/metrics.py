@@ -241,7 +241,7 @@ def figures_text(sample: figures.Sample | None) -> bytes:
 
 
 def _relay_lines(sample: figures.Sample) -> list[str]:
-    """Each relay group's lag as its relays last wrote it (`fg:relay-lag`, about once a
+    """Each relay group's lag as its relays last wrote it (`fg:{mode}:relay-lag`, about once a
     second): nothing is measured per scrape. Group names are `relay:<kind>:<hex>`."""
     lag, oldest = "flashgate_relay_lag", "flashgate_relay_oldest_unconfirmed_seconds"
     lines = [

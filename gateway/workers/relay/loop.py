@@ -277,7 +277,7 @@ class Relay:
 
     async def measure_lag(self) -> Lag:
         """Measure the group's lag over every stream (one pipelined pass) and write it to
-        `fg:relay-lag` for /metrics and the console."""
+        `fg:{mode}:relay-lag` for /metrics and the console."""
         self.lag = await measure(self.redis, list(self.streams), self.group)
         lag, at_ms = self.lag, int(time.time() * 1000)
         figures = relaylag.RelayLag(self.group, self.target.name, lag.events, lag.oldest_ms, at_ms)
