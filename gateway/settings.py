@@ -217,6 +217,15 @@ class Settings:
             " another finalizer claims it (`XAUTOCLAIM` min-idle)",
         ),
     ] = 30_000
+    draw_batch: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=10_000,
+            description="pre-queued orders one step of a fair start's draw decides"
+            " (`draw_decide.lua` call)",
+        ),
+    ] = 500
     finalizer_max_deliveries: Annotated[
         int,
         Meta(

@@ -24,6 +24,9 @@ under its own tag; the order id names its bucket's tag.
 | `fg:{S}:pay:<payment_id>` | hash | order_id, at, applied: one payment confirmation |
 | `fg:{S}:accepted` | zset | `<key>:<user>` of every 202 -> replay deadline (sold-out memo) |
 | `fg:{S}:changes` | stream | operator audit log of the SKU's configuration (~ last 1000) |
+| `fg:{S}:prequeue` | set | order ids pre-queued for the fair start (frozen once drawing) |
+| `fg:{S}:waiting` | hash | user_id -> units pre-queued and not yet drawn |
+| `fg:{S}:draw` | list | the drawn order ids in rank order (appended batch by batch) |
 | `fg:{S}:transfers` | hash | stock moving out of this bucket: transfer id -> units, to, at |
 | `fg:{S}:received` | zset | transfer ids this bucket received -> when (a week) |
 | `fg:{mode}` | hash | mode, changed_at: the intake mode shared by every gateway |
@@ -135,11 +138,13 @@ class SkuKeys:
         "events",
         "holds",
         "orders_prefix",
+        "prequeue",
         "sku",
         "sku_id",
         "stream",
         "tag",
         "users",
+        "waiting",
     )
 
     def __init__(self, tag: str) -> None:
@@ -155,6 +160,8 @@ class SkuKeys:
         self.dead = f"{self.tag}:dead"
         self.changes = f"{self.tag}:changes"
         self.orders_prefix = f"{self.tag}:o:"
+        self.prequeue = f"{self.tag}:prequeue"
+        self.waiting = f"{self.tag}:waiting"
 
     @property
     def transfers(self) -> str:
@@ -163,6 +170,10 @@ class SkuKeys:
     @property
     def received(self) -> str:
         return f"{self.tag}:received"
+
+    @property
+    def draw(self) -> str:
+        return f"{self.tag}:draw"
 
     @property
     def relay_dead(self) -> str:

@@ -313,6 +313,7 @@ class Orders:
             return None
         h = {k.decode(): v for k, v in raw.items()}
         deadline = h.get("hold_expires_at")
+        opens_at = h.get("opens_at")
         return OrderView(
             order_id=order_id,
             status=h["status"].decode(),
@@ -323,6 +324,7 @@ class Orders:
             created_at=int(h["created_at"]),
             hold_expires_at=int(deadline) if deadline is not None else None,
             history=msgspec.Raw(h["history"]),
+            opens_at=int(opens_at) if opens_at is not None else None,
         )
 
     async def accepted_since(self, sku_id: str, since_ms: float) -> tuple[set[str], float]:

@@ -6,6 +6,10 @@ finds its effect already stored, so processing is idempotent. Entries left pendi
 finalizer are claimed with XAUTOCLAIM once idle for `claim_idle_ms`; an entry that fails
 `max_deliveries` times moves to the SKU's dead-letter stream with its reason. Acknowledged
 entries are trimmed (XTRIM MINID below the oldest pending, never an unprocessed one).
+
+A SKU with a fair start waits for its draw: its stream is not read while the draw is not done
+(an entry read anyway is left pending, `WAITING`); at its start the finalizer runs the draw
+(`workers/draw.py`), then reads the stream again from its own pending entries.
 """
 
 from __future__ import annotations
@@ -27,14 +31,18 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from gateway.errors import BackendUnavailable
 from gateway.settings import Settings
 from gateway.store import calls, keys
 from gateway.store.buckets import Layouts, Mover
-from gateway.store.outcomes import Finalized, FinalizeResult
+from gateway.store.draws import Draws
+from gateway.store.outcomes import DrawState, Finalized, FinalizeResult
+from gateway.store.sending import Sender
 from gateway.transport.connect import Client, create_script_client
 from gateway.transport.durable import acked
 from gateway.transport.replies import REDIS_FAILURES, text
 from gateway.transport.scripts import ScriptRegistry
+from gateway.workers.draw import DrawBroken, Drawer
 
 log = logging.getLogger("flashgate")
 
@@ -50,6 +58,7 @@ CLUSTER_MOMENTS = (AskError, TryAgainError, ClusterDownError, ReadOnlyError)
 # a long script, loading): nothing about the entry either.
 SERVER_STATES = ("OOM", "NOREPLICAS", "MISCONF", "BUSY", "LOADING", "MASTERDOWN")
 CLUSTER_POLL_MS = 50  # cluster mode: how long an idle finalizer waits before reading again
+NOT_DUE_RETRY_S = 0.05  # a draw the server found not due yet is tried again this much later
 
 
 def consumer_name() -> str:
@@ -80,6 +89,10 @@ class Finalizer:
         self._dead = scripts["dead_letter"]
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._streams: dict[str, str] = {}  # stream key -> its bucket's tag (the sku_id)
+        # streams of SKUs whose fair-start draw is not done -> the sale's start (epoch s)
+        self._held: dict[str, float] = {}
+        self.drawer = Drawer(Draws(Sender(redis, settings), scripts), settings)
+        self.wall_clock = time.time
         self.layouts = Layouts(redis)
         # Stock moved between buckets is as durable as an order (WAITAOF when asked): on the
         # order path's kind of client, so the wait reaches the node that ran the write.
@@ -106,7 +119,63 @@ class Finalizer:
                     if "BUSYGROUP" not in str(exc):
                         raise
                 self._streams[stream] = tag
+        await self._read_draws()
         self._streams_read_at = self.clock()
+
+    async def _read_draws(self) -> None:
+        """Which streams wait for their SKU's draw, and when each sale starts."""
+        streams = list(self._streams)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.hmget(keys.SkuKeys(self._streams[stream]).sku, "draw", "starts_at")
+            states = await pipe.execute()
+        self._held = {
+            stream: float(starts_at or 0)
+            for stream, (draw, starts_at) in zip(streams, states, strict=True)
+            if draw in (b"pending", b"drawing")
+        }
+
+    async def _run_draws(self) -> int:
+        """Run the draw of every held SKU whose sale started; its stream is read again from
+        this finalizer's own pending entries. Returns how many entries were handled."""
+        handled = 0
+        now = self.wall_clock()
+        for stream, starts_at in list(self._held.items()):
+            if starts_at > now:
+                continue
+            try:
+                state = await self.drawer.draw(self._streams[stream])
+            except DrawBroken as exc:
+                log.error("%s", exc)
+                continue
+            if state is DrawState.NOT_DUE:  # this clock is ahead of the server's
+                self._held[stream] = now + NOT_DUE_RETRY_S
+                continue
+            del self._held[stream]
+            handled += await self._read_own_pending(stream)
+        return handled
+
+    async def _read_own_pending(self, stream: str) -> int:
+        """Apply the entries of `stream` this finalizer read and left pending (WAITING)."""
+        handled = 0
+        while True:
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, {stream: "0"}, count=self.count
+            )
+            entries = [e for _, batch in _stream_entries(reply) for e in batch if e[1]]
+            done = 0
+            for entry in entries:
+                done += await self.apply(stream, self._streams[stream], entry)
+            handled += done
+            if not done:
+                return handled
+
+    def _block_ms(self) -> int:
+        """The read's BLOCK: no longer than until the next held SKU's start."""
+        if not self._held:
+            return self.block_ms
+        wait_ms = (min(self._held.values()) - self.wall_clock()) * 1000
+        return max(1, min(self.block_ms, int(wait_ms)))
 
     async def step(self, *, block: bool = True) -> int:
         """One round: reclaim stale entries, then read and apply new ones. Returns how many
@@ -117,14 +186,14 @@ class Finalizer:
             if block:
                 await asyncio.sleep(self.block_ms / 1000)
             return 0
-        handled = 0
+        handled = await self._run_draws() if self._held else 0
         # Reclaiming looks for entries idle for claim_idle_ms. On a cluster an idle round
         # comes every 50 ms: once a second is soon enough there, unless the last look found
         # some (there may be more).
         if self._claimed or self.clock() - self._claimed_at >= self.claim_every_s:
             self._claimed_at = self.clock()
             claimed = 0
-            for stream, sku in self._streams.items():
+            for stream, sku in self._readable():
                 for entry in await self._claim(stream):
                     claimed += 1
                     handled += await self.apply(stream, sku, entry)
@@ -140,19 +209,24 @@ class Finalizer:
         stream is read on its own without blocking, and an idle round sleeps a short poll."""
         handled = 0
         if not self.cluster:
+            readable: dict[Any, Any] = {stream: ">" for stream, _ in self._readable()}
+            if not readable:  # every SKU waits for its draw
+                if block:
+                    await asyncio.sleep(self._block_ms() / 1000)
+                return 0
             reply = await self.redis.xreadgroup(
                 self.group,
                 self.consumer,
-                dict.fromkeys(self._streams, ">"),
+                readable,
                 count=self.count,
-                block=self.block_ms if block else None,
+                block=self._block_ms() if block else None,
             )
             for stream_name, entries in _stream_entries(reply):
                 stream = text(stream_name)
                 for entry in entries:
                     handled += await self.apply(stream, self._streams[stream], entry)
             return handled
-        for stream, sku in self._streams.items():
+        for stream, sku in self._readable():
             reply = await self.redis.xreadgroup(
                 self.group, self.consumer, {stream: ">"}, count=self.count
             )
@@ -162,6 +236,11 @@ class Finalizer:
         if block and not handled:
             await asyncio.sleep(min(self.block_ms, CLUSTER_POLL_MS) / 1000)
         return handled
+
+    def _readable(self) -> list[tuple[str, str]]:
+        """(stream, its bucket's tag) of every stream not waiting for a draw."""
+        held = self._held
+        return [(s, sku) for s, sku in self._streams.items() if s not in held]
 
     async def _claim(self, stream: str) -> list[Entry]:
         reply = await self.redis.xautoclaim(
@@ -204,6 +283,9 @@ class Finalizer:
                 raise  # ... unless the server says it cannot write now: waited out
 
             return await self._failed(stream, sku_id, entry, str(exc))
+        if done.code is FinalizeResult.WAITING:  # left pending until the SKU's draw is done
+            self._held.setdefault(stream, 0.0)
+            return 0
         self.applied += 1
         if done.code is FinalizeResult.APPLIED and done.status == "PAID_AFTER_EXPIRY":
             # A late payment may have released a hold: sold-out memos must look again.
@@ -291,7 +373,7 @@ class Finalizer:
         while not stop.is_set():
             try:
                 await self.step()
-            except REDIS_FAILURES as exc:
+            except (*REDIS_FAILURES, BackendUnavailable) as exc:
                 log.warning("finalizer: Redis unavailable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
         log.info("finalizer %s stopped (%d applied)", self.consumer, self.applied)
