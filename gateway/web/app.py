@@ -63,6 +63,7 @@ def resources(services: Services, document: Callable[[], bytes]) -> list[Resourc
         *orders.routes(services),
         *payments.routes(services),
         *admin.sku_routes(services),
+        *admin.draw_routes(services),
         *health.routes(services, document),
         *console.routes(services),
     ]
