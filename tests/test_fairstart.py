@@ -23,7 +23,7 @@ from gateway.transport.connect import create_client
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.draw import Drawer
 from gateway.workers.finalizer import Finalizer
-from tests.support.state import BOTH_BACKENDS
+from tests.support.state import BOTH_BACKENDS, audit_breaches, snapshot
 
 pytestmark = BOTH_BACKENDS
 
@@ -170,7 +170,9 @@ async def test_per_user_limit_inside_the_window(fs: FairStart) -> None:
     await fs.sku(stock=10, limit=2)
     assert (await fs.order("u1"))[0] is CreateResult.CREATED
     assert (await fs.order("u1", queue_only=True))[0] is CreateResult.CREATED
+    before = await snapshot(fs.redis)
     assert await fs.order("u1") == (CreateResult.LIMIT_EXCEEDED, b"2")
+    assert await snapshot(fs.redis) == before  # a refusal leaves no trace
     assert await fs.order("u1", queue_only=True) == (CreateResult.LIMIT_EXCEEDED, b"2")
     assert await fs.order("u2", qty=3) == (CreateResult.LIMIT_EXCEEDED, b"0")
     assert (await fs.order("u2", qty=2))[0] is CreateResult.CREATED
@@ -363,3 +365,19 @@ async def test_a_sku_without_orders_is_drawn_at_once(fs: FairStart) -> None:
     view: Any = await fs.inv.draws.view("s")
     assert view is not None and view.orders == []
     assert (await fs.record(json.loads(body)["order_id"]))["status"] == "HELD"
+
+
+@pytest.mark.corrupts
+async def test_the_audit_checks_the_draw_against_the_prequeue(fs: FairStart) -> None:
+    await fs.sku(stock=2)
+    await fs.prequeue(5)
+    await fs.start()
+    await fs.drain()
+    assert await audit_breaches(fs.redis, fs.settings) == {}
+    sk = keys.SkuKeys("s")
+    await fs.redis.lpop(sk.draw)  # a ranked order lost from the published ranking
+    await fs.redis.hset(sk.waiting, "u9", 1)
+    found = (await audit_breaches(fs.redis, fs.settings))["s"]
+    assert "draw: cursor 5 != 4 orders ranked" in found
+    assert "draw done: 4 orders ranked of 5 pre-queued" in found
+    assert "draw done: 1 user(s) still have units waiting" in found
