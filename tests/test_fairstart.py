@@ -356,6 +356,33 @@ async def test_finalizers_hold_the_stream_until_the_draw(fs: FairStart) -> None:
     assert int(await fs.redis.hget(keys.SkuKeys("s").sku, "backlog") or 0) == 0
 
 
+async def test_a_finalizer_whose_entries_waited_reads_them_once_another_drew(
+    fs: FairStart,
+) -> None:
+    """f2 read the entries before it knew of the draw (left pending) and still takes the start
+    to be an hour away (the start was moved earlier); f1 draws; f2 learns the draw is done at
+    its next look and decides what it holds at once, not after the claim timeout (30 s)."""
+    await fs.sku(stock=4)
+    early = await fs.prequeue(3)
+    await fs.start()
+    late = [json.loads((await fs.order(f"late{i}"))[1])["order_id"] for i in range(2)]
+    other = Finalizer(fs.redis, fs.inv.scripts, fs.settings, name="f2")
+    await other.refresh_streams()
+    stream = keys.SkuKeys("s").stream
+    other._held.clear()  # it has not seen the draw's state yet
+    assert await other.step(block=False) == 0  # read, every entry WAITING, left pending
+    pending: Any = await fs.redis.xpending(stream, keys.FINALIZER_GROUP)
+    assert pending["pending"] == 5
+    other._held[stream] = time.time() + 3600
+    assert await other.step(block=False) == 0  # not due in its view: nothing read
+    assert await fs.fin.drawer.draw("s") is DrawState.DONE  # f1 draws
+    other._streams_read_at = -1e9  # its next look at the SKUs
+    assert await other.step(block=False) == 5
+    statuses = [(await fs.record(oid))["status"] for oid in early + late]
+    assert statuses[:3] == ["HELD"] * 3 and sorted(statuses[3:]) == ["HELD", "REJECTED"]
+    assert int(await fs.redis.hget(keys.SkuKeys("s").sku, "backlog") or 0) == 0
+
+
 async def test_a_sku_without_orders_is_drawn_at_once(fs: FairStart) -> None:
     await fs.sku()
     await fs.start()

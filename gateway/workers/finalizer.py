@@ -91,6 +91,7 @@ class Finalizer:
         self._streams: dict[str, str] = {}  # stream key -> its bucket's tag (the sku_id)
         # streams of SKUs whose fair-start draw is not done -> the sale's start (epoch s)
         self._held: dict[str, float] = {}
+        self._released: set[str] = set()  # held streams whose draw is done: read own pending
         self.drawer = Drawer(Draws(Sender(redis, settings), scripts), settings)
         self.wall_clock = time.time
         self.layouts = Layouts(redis)
@@ -129,16 +130,18 @@ class Finalizer:
             for stream in streams:
                 pipe.hmget(keys.SkuKeys(self._streams[stream]).sku, "draw", "starts_at")
             states = await pipe.execute()
-        self._held = {
+        held = {
             stream: float(starts_at or 0)
             for stream, (draw, starts_at) in zip(streams, states, strict=True)
             if draw in (b"pending", b"drawing")
         }
+        self._released.update(s for s in self._held if s not in held)  # drawn by another
+        self._held = held
 
     async def _run_draws(self) -> int:
-        """Run the draw of every held SKU whose sale started; its stream is read again from
-        this finalizer's own pending entries. Returns how many entries were handled."""
-        handled = 0
+        """Run the draw of every held SKU whose sale started; a stream whose draw is done is
+        read again from this finalizer's own pending entries. Returns how many entries were
+        handled."""
         now = self.wall_clock()
         for stream, starts_at in list(self._held.items()):
             if starts_at > now:
@@ -152,7 +155,10 @@ class Finalizer:
                 self._held[stream] = now + NOT_DUE_RETRY_S
                 continue
             del self._held[stream]
-            handled += await self._read_own_pending(stream)
+            self._released.add(stream)
+        handled = 0
+        while self._released:
+            handled += await self._read_own_pending(self._released.pop())
         return handled
 
     async def _read_own_pending(self, stream: str) -> int:
@@ -186,7 +192,7 @@ class Finalizer:
             if block:
                 await asyncio.sleep(self.block_ms / 1000)
             return 0
-        handled = await self._run_draws() if self._held else 0
+        handled = await self._run_draws() if self._held or self._released else 0
         # Reclaiming looks for entries idle for claim_idle_ms. On a cluster an idle round
         # comes every 50 ms: once a second is soon enough there, unless the last look found
         # some (there may be more).
