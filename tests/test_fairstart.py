@@ -369,11 +369,11 @@ async def test_a_finalizer_whose_entries_waited_reads_them_once_another_drew(
     other = Finalizer(fs.redis, fs.inv.scripts, fs.settings, name="f2")
     await other.refresh_streams()
     stream = keys.SkuKeys("s").stream
-    other._held.clear()  # it has not seen the draw's state yet
+    other.draws.held.clear()  # it has not seen the draw's state yet
     assert await other.step(block=False) == 0  # read, every entry WAITING, left pending
     pending: Any = await fs.redis.xpending(stream, keys.FINALIZER_GROUP)
     assert pending["pending"] == 5
-    other._held[stream] = time.time() + 3600
+    other.draws.held[stream] = time.time() + 3600
     assert await other.step(block=False) == 0  # not due in its view: nothing read
     assert await fs.fin.drawer.draw("s") is DrawState.DONE  # f1 draws
     other._streams_read_at = -1e9  # its next look at the SKUs

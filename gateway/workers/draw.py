@@ -12,13 +12,18 @@ by the next one, which ranks the same frozen pre-queue the same way.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 from gateway.settings import Settings
-from gateway.store import draws
+from gateway.store import draws, keys
 from gateway.store.draws import Draws
 from gateway.store.outcomes import DrawDecided, DrawState
+from gateway.transport.connect import Client
 
 log = logging.getLogger("flashgate")
+
+NOT_DUE_RETRY_S = 0.05  # a draw the server found not due yet is tried again this much later
 
 
 class DrawBroken(RuntimeError):
@@ -68,3 +73,60 @@ class Drawer:
             cursor = after  # STALE: the stored cursor, where another drawer got to
         log.info("draw of SKU %s done", sku_id)
         return DrawState.DONE
+
+
+class DrawWatch:
+    """A finalizer's view of the draws: which of its streams wait for their SKU's draw (not
+    read meanwhile) and when each sale starts; runs the draws that are due."""
+
+    def __init__(self, drawer: Drawer, clock: Callable[[], float] = time.time) -> None:
+        self.drawer = drawer
+        self.clock = clock  # wall clock, epoch s
+        self.held: dict[str, float] = {}  # stream -> its SKU's start, epoch s
+        self.released: set[str] = set()  # held streams whose draw is done
+
+    async def read(self, redis: Client, streams: dict[str, str]) -> None:
+        """Read every stream's SKU's draw state (`streams`: stream -> its bucket's tag)."""
+        names = list(streams)
+        async with redis.pipeline(transaction=False) as pipe:
+            for stream in names:
+                pipe.hmget(keys.SkuKeys(streams[stream]).sku, "draw", "starts_at")
+            states = await pipe.execute()
+        held = {
+            stream: float(starts_at or 0)
+            for stream, (draw, starts_at) in zip(names, states, strict=True)
+            if draw in (b"pending", b"drawing")
+        }
+        self.released.update(s for s in self.held if s not in held)  # drawn by another
+        self.held = held
+
+    def wait(self, stream: str) -> None:
+        """An entry of `stream` waits for its SKU's draw (its state not read yet)."""
+        self.held.setdefault(stream, 0.0)
+
+    async def run_due(self, streams: dict[str, str]) -> list[str]:
+        """Run the draw of every held stream whose sale started. Returns the streams whose
+        draw is done since the last call (to read their pending entries again)."""
+        now = self.clock()
+        for stream, starts_at in list(self.held.items()):
+            if starts_at > now:
+                continue
+            try:
+                state = await self.drawer.draw(streams[stream])
+            except DrawBroken as exc:
+                log.error("%s", exc)
+                continue
+            if state is DrawState.NOT_DUE:  # this clock is ahead of the server's
+                self.held[stream] = now + NOT_DUE_RETRY_S
+                continue
+            del self.held[stream]
+            self.released.add(stream)
+        released, self.released = list(self.released), set()
+        return released
+
+    def block_ms(self, block_ms: int) -> int:
+        """A read's BLOCK: no longer than until the next held SKU's start."""
+        if not self.held:
+            return block_ms
+        wait_ms = (min(self.held.values()) - self.clock()) * 1000
+        return max(1, min(block_ms, int(wait_ms)))

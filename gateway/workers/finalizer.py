@@ -36,13 +36,13 @@ from gateway.settings import Settings
 from gateway.store import calls, keys
 from gateway.store.buckets import Layouts, Mover
 from gateway.store.draws import Draws
-from gateway.store.outcomes import DrawState, Finalized, FinalizeResult
+from gateway.store.outcomes import Finalized, FinalizeResult
 from gateway.store.sending import Sender
 from gateway.transport.connect import Client, create_script_client
 from gateway.transport.durable import acked
 from gateway.transport.replies import REDIS_FAILURES, text
 from gateway.transport.scripts import ScriptRegistry
-from gateway.workers.draw import DrawBroken, Drawer
+from gateway.workers.draw import Drawer, DrawWatch
 
 log = logging.getLogger("flashgate")
 
@@ -58,7 +58,6 @@ CLUSTER_MOMENTS = (AskError, TryAgainError, ClusterDownError, ReadOnlyError)
 # a long script, loading): nothing about the entry either.
 SERVER_STATES = ("OOM", "NOREPLICAS", "MISCONF", "BUSY", "LOADING", "MASTERDOWN")
 CLUSTER_POLL_MS = 50  # cluster mode: how long an idle finalizer waits before reading again
-NOT_DUE_RETRY_S = 0.05  # a draw the server found not due yet is tried again this much later
 
 
 def consumer_name() -> str:
@@ -89,11 +88,8 @@ class Finalizer:
         self._dead = scripts["dead_letter"]
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._streams: dict[str, str] = {}  # stream key -> its bucket's tag (the sku_id)
-        # streams of SKUs whose fair-start draw is not done -> the sale's start (epoch s)
-        self._held: dict[str, float] = {}
-        self._released: set[str] = set()  # held streams whose draw is done: read own pending
         self.drawer = Drawer(Draws(Sender(redis, settings), scripts), settings)
-        self.wall_clock = time.time
+        self.draws = DrawWatch(self.drawer)  # streams waiting for their SKU's draw
         self.layouts = Layouts(redis)
         # Stock moved between buckets is as durable as an order (WAITAOF when asked): on the
         # order path's kind of client, so the wait reaches the node that ran the write.
@@ -120,45 +116,15 @@ class Finalizer:
                     if "BUSYGROUP" not in str(exc):
                         raise
                 self._streams[stream] = tag
-        await self._read_draws()
+        await self.draws.read(self.redis, self._streams)
         self._streams_read_at = self.clock()
 
-    async def _read_draws(self) -> None:
-        """Which streams wait for their SKU's draw, and when each sale starts."""
-        streams = list(self._streams)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for stream in streams:
-                pipe.hmget(keys.SkuKeys(self._streams[stream]).sku, "draw", "starts_at")
-            states = await pipe.execute()
-        held = {
-            stream: float(starts_at or 0)
-            for stream, (draw, starts_at) in zip(streams, states, strict=True)
-            if draw in (b"pending", b"drawing")
-        }
-        self._released.update(s for s in self._held if s not in held)  # drawn by another
-        self._held = held
-
     async def _run_draws(self) -> int:
-        """Run the draw of every held SKU whose sale started; a stream whose draw is done is
-        read again from this finalizer's own pending entries. Returns how many entries were
-        handled."""
-        now = self.wall_clock()
-        for stream, starts_at in list(self._held.items()):
-            if starts_at > now:
-                continue
-            try:
-                state = await self.drawer.draw(self._streams[stream])
-            except DrawBroken as exc:
-                log.error("%s", exc)
-                continue
-            if state is DrawState.NOT_DUE:  # this clock is ahead of the server's
-                self._held[stream] = now + NOT_DUE_RETRY_S
-                continue
-            del self._held[stream]
-            self._released.add(stream)
+        """Run the draws that are due; a stream whose draw is done is read again from this
+        finalizer's own pending entries. Returns how many entries were handled."""
         handled = 0
-        while self._released:
-            handled += await self._read_own_pending(self._released.pop())
+        for stream in await self.draws.run_due(self._streams):
+            handled += await self._read_own_pending(stream)
         return handled
 
     async def _read_own_pending(self, stream: str) -> int:
@@ -176,13 +142,6 @@ class Finalizer:
             if not done:
                 return handled
 
-    def _block_ms(self) -> int:
-        """The read's BLOCK: no longer than until the next held SKU's start."""
-        if not self._held:
-            return self.block_ms
-        wait_ms = (min(self._held.values()) - self.wall_clock()) * 1000
-        return max(1, min(self.block_ms, int(wait_ms)))
-
     async def step(self, *, block: bool = True) -> int:
         """One round: reclaim stale entries, then read and apply new ones. Returns how many
         entries were handled."""
@@ -192,7 +151,7 @@ class Finalizer:
             if block:
                 await asyncio.sleep(self.block_ms / 1000)
             return 0
-        handled = await self._run_draws() if self._held or self._released else 0
+        handled = await self._run_draws() if self.draws.held or self.draws.released else 0
         # Reclaiming looks for entries idle for claim_idle_ms. On a cluster an idle round
         # comes every 50 ms: once a second is soon enough there, unless the last look found
         # some (there may be more).
@@ -218,14 +177,14 @@ class Finalizer:
             readable: dict[Any, Any] = {stream: ">" for stream, _ in self._readable()}
             if not readable:  # every SKU waits for its draw
                 if block:
-                    await asyncio.sleep(self._block_ms() / 1000)
+                    await asyncio.sleep(self.draws.block_ms(self.block_ms) / 1000)
                 return 0
             reply = await self.redis.xreadgroup(
                 self.group,
                 self.consumer,
                 readable,
                 count=self.count,
-                block=self._block_ms() if block else None,
+                block=self.draws.block_ms(self.block_ms) if block else None,
             )
             for stream_name, entries in _stream_entries(reply):
                 stream = text(stream_name)
@@ -245,7 +204,7 @@ class Finalizer:
 
     def _readable(self) -> list[tuple[str, str]]:
         """(stream, its bucket's tag) of every stream not waiting for a draw."""
-        held = self._held
+        held = self.draws.held
         return [(s, sku) for s, sku in self._streams.items() if s not in held]
 
     async def _claim(self, stream: str) -> list[Entry]:
@@ -290,7 +249,7 @@ class Finalizer:
 
             return await self._failed(stream, sku_id, entry, str(exc))
         if done.code is FinalizeResult.WAITING:  # left pending until the SKU's draw is done
-            self._held.setdefault(stream, 0.0)
+            self.draws.wait(stream)
             return 0
         self.applied += 1
         if done.code is FinalizeResult.APPLIED and done.status == "PAID_AFTER_EXPIRY":
