@@ -83,7 +83,7 @@ async def measure(url: str, orders: int, batch: int) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--orders", type=int, action="append", help="pre-queued orders")
-    parser.add_argument("--batch", type=int, default=500, help="orders per draw_decide call")
+    parser.add_argument("--batch", type=int, default=100, help="orders per draw_decide call")
     args = parser.parse_args()
     print(json.dumps({"python": platform.python_version(), "redis-py": redis.__version__}))
     port = free_port()

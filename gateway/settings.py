@@ -223,9 +223,9 @@ class Settings:
             ge=1,
             le=10_000,
             description="pre-queued orders one step of a fair start's draw decides"
-            " (`draw_decide.lua` call)",
+            " (one `draw_decide.lua` call, which holds the server for its duration)",
         ),
-    ] = 500
+    ] = 100
     finalizer_max_deliveries: Annotated[
         int,
         Meta(
