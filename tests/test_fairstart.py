@@ -18,7 +18,7 @@ from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
 from gateway.store import draws, keys
 from gateway.store.inventory import Inventory
-from gateway.store.outcomes import CreateResult, DrawState
+from gateway.store.outcomes import CreateResult, DrawState, PaymentResult
 from gateway.transport.connect import create_client
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.draw import Drawer
@@ -67,6 +67,7 @@ class FairStart:
     async def start(self) -> None:
         """The sale starts: its start moved to a second ago."""
         await self.inv.configure_sku("s", self.cfg(self.stock, self.limit, int(time.time()) - 1))
+        self.fin._streams_read_at = -1e9  # its next step reads the SKUs (every second, else)
 
     async def order(
         self, user: str = "u1", qty: int = 1, *, key: str | None = None, queue_only: bool = False
@@ -408,3 +409,34 @@ async def test_the_audit_checks_the_draw_against_the_prequeue(fs: FairStart) -> 
     assert "draw: cursor 5 != 4 orders ranked" in found
     assert "draw done: 4 orders ranked of 5 pre-queued" in found
     assert "draw done: 1 user(s) still have units waiting" in found
+
+
+async def test_a_payment_before_the_draw_waits_for_it(fs: FairStart) -> None:
+    """Both pre-queued orders paid before the start: the one the draw holds is confirmed, the
+    one it rejects (stock 1) needs a refund."""
+    await fs.sku(stock=1)
+    ids = await fs.prequeue(2)
+    for i, order_id in enumerate(ids):
+        assert await fs.inv.confirm_payment(order_id, f"pay{i}") is PaymentResult.ACCEPTED
+    assert await fs.drain() == 0  # nothing decided before the draw, payments included
+    await fs.start()
+    await fs.drain()
+    view = await fs.inv.draws.view("s")
+    assert view is not None
+    winner, loser = view.orders
+    assert (await fs.record(winner))["status"] == "CONFIRMED"
+    assert (await fs.record(loser))["status"] == "REJECTED"
+    events = [f for _, f in await fs.redis.xrange(keys.SkuKeys("s").events)]
+    refunds = [f for f in events if f.get(b"refund_needed") == b"1"]
+    assert [f[b"order_id"].decode() for f in refunds] == [loser]
+    sku = await fs.inv.get_sku("s")
+    assert sku is not None and (sku.sold, sku.held, sku.available) == (1, 0, 0)
+
+
+async def test_the_backlog_bound_holds_inside_the_window(fs: FairStart) -> None:
+    fs.inv = Inventory(fs.redis, fs.inv.scripts, fs.settings.replace(queue_max=2))
+    await fs.sku()
+    await fs.prequeue(2)
+    before = await snapshot(fs.redis)
+    assert await fs.order("u9") == (CreateResult.QUEUE_FULL, b"2")
+    assert await snapshot(fs.redis) == before
