@@ -229,6 +229,8 @@ def test_fair_start_end_to_end_through_serve(tmp_path: Path) -> None:
         assert sorted(r.json()["orders"]) == sorted(early)
         out = flashgate("verify-draw", "sku-42", "--url", base, FLASHGATE_ADMIN_TOKEN=ADMIN_TOKEN)
         assert out.returncode == 0, out.stdout + out.stderr
+        local = flashgate("verify-draw", "sku-42", "--data-dir", str(tmp_path / "data"))
+        assert local.returncode == 0 and "12 order(s)" in local.stdout, local.stdout + local.stderr
         statuses = [
             httpx.get(f"{base}/api/v1/order/{o}").json()["status"] for o in r.json()["orders"]
         ]
