@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
 import uuid
 from typing import Any
@@ -255,3 +256,36 @@ async def test_the_backlog_bound_holds_inside_the_window(fs: FairStart) -> None:
     before = await snapshot(fs.redis)
     assert await fs.order("u9") == (CreateResult.QUEUE_FULL, b"2")
     assert await snapshot(fs.redis) == before
+
+
+async def test_the_draw_decides_like_a_model_walking_the_ranking(fs: FairStart) -> None:
+    """Quantities 1-3, users with several orders, limit 3: each order is decided in rank order
+    with the stock and the user's units left, exactly as a plain walk down the ranking says."""
+    rng = random.Random(16)
+    await fs.sku(stock=25, limit=3)
+    orders: dict[str, tuple[str, int]] = {}  # order id -> (user, quantity)
+    waiting: dict[str, int] = {}
+    for _ in range(60):
+        user, qty = f"u{rng.randrange(20)}", rng.randint(1, 3)
+        result, body = await fs.order(user, qty)
+        if waiting.get(user, 0) + qty > 3:
+            assert result is CreateResult.LIMIT_EXCEEDED
+            continue
+        assert result is CreateResult.CREATED
+        waiting[user] = waiting.get(user, 0) + qty
+        orders[json.loads(body)["order_id"]] = (user, qty)
+    assert len(orders) >= 30 and sum(waiting.values()) > 25  # more asked for than there is
+    await fs.start()
+    await fs.drain()
+    view = await fs.inv.draws.view("s")
+    assert view is not None and view.orders == draws.ranked(view.seed, orders)
+    stock, owned, expected = 25, dict.fromkeys(waiting, 0), {}
+    for order_id in view.orders:
+        user, qty = orders[order_id]
+        held = qty <= stock and owned[user] + qty <= 3
+        stock -= qty if held else 0
+        owned[user] += qty if held else 0
+        expected[order_id] = "HELD" if held else "REJECTED"
+    assert {oid: (await fs.record(oid))["status"] for oid in orders} == expected
+    sku = await fs.inv.get_sku("s")
+    assert sku is not None and (sku.available, sku.held) == (stock, 25 - stock)
