@@ -202,6 +202,8 @@ async def test_late_orders_decided_after_the_draw_when_stock_remains(fs: FairSta
 
 async def test_a_sku_without_orders_is_drawn_at_once(fs: FairStart) -> None:
     await fs.sku()
+    await fs.inv.configure_sku("plain", SkuConfig(promotion_id="p", stock=1, per_user_limit=1))
+    assert await fs.redis.smembers(keys.DRAW_REGISTRY) == {b"s"}  # what finalizers watch
     await fs.start()
     result, body = await fs.order()
     assert json.loads(body)["status"] == "QUEUED"
@@ -209,6 +211,9 @@ async def test_a_sku_without_orders_is_drawn_at_once(fs: FairStart) -> None:
     view: Any = await fs.inv.draws.view("s")
     assert view is not None and view.orders == []
     assert (await fs.record(json.loads(body)["order_id"]))["status"] == "HELD"
+    fs.fin._streams_read_at = -1e9
+    await fs.fin.step(block=False)
+    assert await fs.redis.smembers(keys.DRAW_REGISTRY) == set()  # done: no longer watched
 
 
 @pytest.mark.corrupts

@@ -12,6 +12,7 @@ under its own tag; the order id names its bucket's tag.
 | key | type | holds |
 | --- | --- | --- |
 | `fg:skus` | set | every configured sku_id (read by audit, sweeper, finalizers) |
+| `fg:draws` | set | sku_ids with a fair start whose draw may not be done (read by finalizers) |
 | `fg:{S}:sku` | hash | SKU config and counters: stock available held sold ... |
 | `fg:{S}:users` | hash | user_id -> units the user holds or bought of S |
 | `fg:{S}:holds` | zset | order_id -> hold deadline (epoch ms), the sweeper's index |
@@ -50,6 +51,7 @@ from gateway.transport.cluster import SLOTS
 PREFIX = "fg"
 FINALIZER_GROUP = "finalizers"  # the consumer group every finalizer joins on every SKU stream
 SKU_REGISTRY = f"{PREFIX}:skus"
+DRAW_REGISTRY = f"{PREFIX}:draws"  # SKUs whose draw may not be done: finalizers watch these
 MODE = f"{PREFIX}:{{mode}}"
 MODE_HISTORY = f"{MODE}:history"
 # Pub/sub channel of gateway notices: "mode" (re-read the mode), "stock:<sku_id>" (stock came

@@ -69,6 +69,8 @@ class Skus:
         # Registry first: a SKU in the registry without config is harmless, the reverse
         # would hide a SKU from the audit.
         await run(self.redis.sadd(keys.SKU_REGISTRY, sku_id))
+        if cfg.prequeue_s:  # a draw may begin: finalizers watch it until it is done
+            await run(self.redis.sadd(keys.DRAW_REGISTRY, sku_id))
         if cfg.buckets == 1:
             home = keys.SkuKeys(sku_id)
             call = _configure_call(home, cfg, by, client, cfg.stock, "set")

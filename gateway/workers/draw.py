@@ -20,6 +20,7 @@ from gateway.store import draws, keys
 from gateway.store.draws import Draws
 from gateway.store.outcomes import DrawDecided, DrawState
 from gateway.transport.connect import Client
+from gateway.transport.replies import text
 
 log = logging.getLogger("flashgate")
 
@@ -86,8 +87,11 @@ class DrawWatch:
         self.released: set[str] = set()  # held streams whose draw is done
 
     async def read(self, redis: Client, streams: dict[str, str]) -> None:
-        """Read every stream's SKU's draw state (`streams`: stream -> its bucket's tag)."""
-        names = list(streams)
+        """Read the draw state of the SKUs in the draw registry and of the streams held
+        (`streams`: stream -> its bucket's tag); a SKU whose draw is done leaves the
+        registry."""
+        registered = {text(m) for m in await redis.smembers(keys.DRAW_REGISTRY)}
+        names = [s for s, tag in streams.items() if tag in registered or s in self.held]
         async with redis.pipeline(transaction=False) as pipe:
             for stream in names:
                 pipe.hmget(keys.SkuKeys(streams[stream]).sku, "draw", "starts_at")
@@ -97,6 +101,9 @@ class DrawWatch:
             for stream, (draw, starts_at) in zip(names, states, strict=True)
             if draw in (b"pending", b"drawing")
         }
+        done = [streams[s] for s, (draw, _) in zip(names, states, strict=True) if draw == b"done"]
+        if done:
+            await redis.srem(keys.DRAW_REGISTRY, *done)
         self.released.update(s for s in self.held if s not in held)  # drawn by another
         self.held = held
 
