@@ -118,6 +118,13 @@ class RateLimited(GatewayError):
     status, code, overload = 429, "rate_limited", True
 
 
+class ClientRateLimited(GatewayError):
+    """This user's or this client address's own budget is spent (`limit`: "user" | "client");
+    the others are still served."""
+
+    status, code, overload = 429, "client_rate_limited", True
+
+
 class BreakerOpen(GatewayError):
     status, code, overload = 503, "busy", True
 

@@ -60,6 +60,17 @@ class SkuConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prequeue_s: Annotated[int, Meta(ge=0, le=MAX_PREQUEUE_S)] = 0
 
 
+Position = Annotated[
+    int,
+    Meta(
+        ge=1,
+        description="QUEUED: the unprocessed orders of the SKU bucket's queue ahead of this "
+        "one, itself included (1 = next); never increases; null while the order is pre-queued "
+        "for its SKU's fair-start draw",
+    ),
+]
+
+
 class OrderAccepted(Struct, frozen=True, kw_only=True, omit_defaults=True):
     """The `202` of an order (built by `create_order.lua`; described here for the document)."""
 
@@ -68,6 +79,7 @@ class OrderAccepted(Struct, frozen=True, kw_only=True, omit_defaults=True):
     sku_id: str
     quantity: int
     hold_expires_at: int | None = None  # epoch ms; absent when QUEUED
+    position: Position | None = None  # QUEUED only; null when pre-queued
     # pre-queued for a fair start: `"position": null` and the sale's start (epoch s)
     opens_at: int | None = None
 
@@ -149,17 +161,49 @@ class ConsoleSku(Struct, frozen=True, kw_only=True):
     dead: int  # dead letters
 
 
+class ConsoleWorker(Struct, frozen=True, kw_only=True):
+    """One live worker process of the instance that answered."""
+
+    pid: int
+    breaker: str  # closed | open | half_open
+    mode: str | None  # the mode this worker applies (None: not known yet)
+
+
+class ConsoleLatency(Struct, frozen=True, kw_only=True):
+    """The order endpoint's latency histogram since the instance started, every worker summed:
+    `counts[i]` answers took at most `le_ms[i]` milliseconds (cumulative); the last count,
+    one more than the bounds, is every answer. Two readings give the quantiles between them."""
+
+    le_ms: list[float]
+    counts: list[int]
+    sum_s: float
+
+
+class ConsoleRelay(Struct, frozen=True, kw_only=True):
+    group: str  # the relay target's consumer group
+    target: str  # webhook | rabbitmq
+    lag: int  # events the target has not confirmed yet
+    oldest_unconfirmed_s: float  # age of the oldest of them (0: none)
+
+
 class ConsoleView(Struct, frozen=True, kw_only=True):
-    """What the ops console shows: the shared mode and its recent switches, the breaker of the
-    worker that answered, and every SKU's figures from Redis. `entries_in` counts every entry
-    ever added to the SKUs' streams (orders and payments): its rate is intake per second."""
+    """What the ops console shows: the shared mode and its recent switches, every SKU's
+    figures from Redis, each relay target's lag (as its relays last wrote it), and what the
+    workers of the answering instance counted.
+    `entries_in` counts every entry ever added to the SKUs' streams (orders and payments, all
+    instances): its rate is intake per second. `answers` counts the order endpoint's answers
+    by code (`created`, `replayed`, or the error code) since the instance started."""
 
     mode: str
     changed_at: int | None
     history: msgspec.Raw  # [ModeSwitch, ...] newest first
-    breaker: str  # closed | open | half_open, this worker's
+    breaker: str  # closed | open | half_open, the answering worker's
     entries_in: int
     skus: list[ConsoleSku]
+    answers: dict[str, int]
+    latency: ConsoleLatency
+    workers: list[ConsoleWorker]  # by pid
+    relays: list[ConsoleRelay]
 
 
 ORDER_STATUSES = ("QUEUED", "HELD", "CONFIRMED", "EXPIRED", "REJECTED", "PAID_AFTER_EXPIRY")
@@ -174,6 +218,29 @@ class OrderTransition(Struct, frozen=True, kw_only=True):
     at: int  # epoch ms
 
 
+class QueueView(Struct, frozen=True, kw_only=True):
+    """Where a QUEUED order stands (docs/api/shoppers.md). A pre-queued order has no place
+    before its SKU's fair-start draw (docs/api/fair-start.md): position and ETA null, and
+    `poll_after_s` runs to the sale's start."""
+
+    position: Position | None
+    eta_s: Annotated[
+        float | None,
+        Meta(
+            description="seconds until the order is decided at the queue's measured drain "
+            "rate; null while the rate is unknown or the order is pre-queued"
+        ),
+    ]
+    poll_after_s: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=30,
+            description="whole seconds to wait before asking again (also `Retry-After`)",
+        ),
+    ]
+
+
 class OrderView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     order_id: str
     status: OrderStatus
@@ -185,6 +252,7 @@ class OrderView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     history: msgspec.Raw  # [OrderTransition, ...] oldest first
     hold_expires_at: int | None = None
     opens_at: int | None = None  # pre-queued for a fair start: the sale's start (epoch s)
+    queue: QueueView | None = None  # QUEUED orders only
 
 
 class Health(Struct, frozen=True, kw_only=True):

@@ -7,7 +7,8 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
-from collections.abc import Iterable
+import ipaddress
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -114,6 +115,10 @@ and quotes around the value are allowed). Booleans take `1/true/yes/on` or `0/fa
 (flags: `--x` / `--no-x`). A bad value stops start-up with a message naming the variable.
 `flashgate <command> --help` lists the flags with their defaults.
 
+The protection settings `qps`, `burst`, `breaker_*`, `client_*` and `user_*` are runtime rules:
+they seed the rules in Redis when it has none, and from then on the rules change through
+`PUT /api/v1/admin/rules` (docs/operations/rules.md), not the environment.
+
 | variable | flag | default | accepts | meaning |
 | --- | --- | --- | --- | --- |
 """
@@ -123,7 +128,9 @@ def reference_page(settings: Iterable[Setting]) -> str:
     """`docs/reference/settings.md`: the settings table, in Markdown."""
     rows = []
     for s in settings:
-        default = "unset" if s.default is None else f"`{s.default_text}`"
+        default = (
+            "unset" if s.default is None else f"`{s.default_text}`" if s.default_text else "empty"
+        )
         accepts = s.accepts() + ("; secret: never shown" if s.secret else "")
         cells = (f"`{s.env}`", f"`{s.flag}`", default, accepts, s.description)
         rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |\n")
@@ -180,3 +187,48 @@ def relay_target_problem(url: str, secret: str | None) -> str | None:
     if body == secret or not 24 <= len(key) <= 64:
         return "FLASHGATE_RELAY_SECRET must be whsec_ followed by base64 of 24 to 64 bytes"
     return None
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def proxy_networks(text: str) -> tuple[Network, ...]:
+    """The networks of a comma-separated list of addresses and CIDRs ("10.0.0.1, 10.1.0.0/16,
+    ::1"); ValueError naming the first entry that is neither."""
+    found: list[Network] = []
+    for entry in text.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        try:
+            found.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address or CIDR") from None
+    return tuple(found)
+
+
+def problems(settings: Any) -> Iterator[str]:
+    """What makes `Settings` unusable beyond one value's bounds, each in words naming the
+    variable (checked by `Settings.__post_init__`)."""
+    if settings.redis_cluster:
+        yield from _cluster_problems(settings)
+    try:
+        proxy_networks(settings.trusted_proxies)
+    except ValueError as exc:
+        yield f"FLASHGATE_TRUSTED_PROXIES: {exc}"
+    if settings.relay_url is not None:
+        problem = relay_target_problem(settings.relay_url, settings.relay_secret)
+        if problem:
+            yield problem
+
+
+def _cluster_problems(settings: Any) -> Iterator[str]:
+    url = settings.redis_url
+    if url and not url.startswith(("redis://", "rediss://")):
+        yield "FLASHGATE_REDIS_CLUSTER=1 needs a redis:// or rediss:// URL"
+    if (settings.waitaof_local or settings.waitaof_replicas) and settings.redis_client != "mux":
+        # WAITAOF must reach the node that ran the write: the mux routes it there
+        yield (
+            "FLASHGATE_WAITAOF_LOCAL/FLASHGATE_WAITAOF_REPLICAS in cluster mode need"
+            " FLASHGATE_REDIS_CLIENT=mux"
+        )

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, get_type_hints
 import msgspec
 from msgspec import Meta
 
-from gateway.setting import declare, read_dotenv, reference_page, relay_target_problem, text_of
+from gateway.setting import declare, problems, read_dotenv, reference_page, text_of
 
 DEFAULT_BUSY_MESSAGE = "活动火爆,请稍后再试"
 
@@ -146,6 +146,33 @@ class Settings:
         float,
         Meta(gt=0, description="open time before one half-open probe of the breaker, in seconds"),
     ] = 10.0
+    client_qps: Annotated[
+        float,
+        Meta(
+            ge=0,
+            description="order creations per second per client address, per instance (a"
+            " token bucket each; `429 client_rate_limited`); 0: off. A runtime rule"
+            " (`/api/v1/admin/rules`): this only seeds it",
+        ),
+    ] = 0.0
+    client_burst: Annotated[
+        int, Meta(ge=0, description="capacity of each client address's bucket; 0: `client_qps`")
+    ] = 0
+    user_qps: Annotated[
+        float,
+        Meta(ge=0, description="as `client_qps`, per `user_id`; 0: off. A runtime rule"),
+    ] = 0.0
+    user_burst: Annotated[
+        int, Meta(ge=0, description="capacity of each user's bucket; 0: `user_qps`")
+    ] = 0
+    trusted_proxies: Annotated[
+        str,
+        Meta(
+            description="comma-separated addresses or CIDRs of the proxies in front: from these"
+            " peers only, `Forwarded`/`X-Forwarded-For` name the client (the right-most"
+            " address that is not a trusted proxy); empty: the peer is the client",
+        ),
+    ] = ""
     max_quantity: Annotated[
         int, Meta(ge=1, description="largest `quantity` of one order, in units")
     ] = 100
@@ -173,8 +200,8 @@ class Settings:
         Meta(
             ge=1,
             le=1000,  # every worker applies a switch within one second, notice or not
-            description="how often each gateway process re-reads the intake mode, in"
-            " milliseconds (at most 1000: the 1-s switch promise rests on it)",
+            description="how often each gateway process re-reads the intake mode and the"
+            " runtime rules, in milliseconds (at most 1000: the 1-s promise rests on it)",
         ),
     ] = 500
     soldout_recheck_ms: Annotated[
@@ -222,8 +249,7 @@ class Settings:
         Meta(
             ge=1,
             le=10_000,
-            description="pre-queued orders one step of a fair start's draw decides"
-            " (one `draw_decide.lua` call, which holds the server for its duration)",
+            description="pre-queued orders one `draw_decide.lua` call of a draw decides",
         ),
     ] = 100
     finalizer_max_deliveries: Annotated[
@@ -287,8 +313,9 @@ class Settings:
         Meta(
             description="one log line per answer on `flashgate.access`: `request_id` (the"
             " client's `X-Request-Id` when it is an id, else a new one), `method`, `route`"
-            " (the path template), `status`, `code`, `duration_ms`, `order_id` when there is"
-            " one; off by default (a line per request costs about as much as the request)"
+            " (the path template), `status`, `code`, `duration_ms`, `client`, `order_id` when"
+            " there is one; off by default (a line per request costs about as much as the"
+            " request)"
         ),
     ] = False
     log_level: Annotated[str, Meta(description="uvicorn's log level")] = "info"
@@ -308,23 +335,8 @@ class Settings:
             msgspec.convert(self, _Values, from_attributes=True)
         except msgspec.ValidationError as exc:
             raise _refused(exc, {s.name: getattr(self, s.name) for s in SETTINGS}) from None
-        self._check_cluster()
-        if self.relay_url is not None:
-            problem = relay_target_problem(self.relay_url, self.relay_secret)
-            if problem:
-                raise ConfigError(problem)
-
-    def _check_cluster(self) -> None:
-        if not self.redis_cluster:
-            return
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://")):
-            raise ConfigError(f"{env_name('redis_cluster')}=1 needs a redis:// or rediss:// URL")
-        if (self.waitaof_local or self.waitaof_replicas) and self.redis_client != "mux":
-            # WAITAOF must reach the node that ran the write: the mux routes it there
-            raise ConfigError(
-                f"{env_name('waitaof_local')}/{env_name('waitaof_replicas')} in cluster "
-                f"mode need {env_name('redis_client')}=mux"
-            )
+        for problem in problems(self):
+            raise ConfigError(problem)
 
     @classmethod
     def from_env(
@@ -351,8 +363,7 @@ class Settings:
         """The environment that makes `from_env` in a child process give these settings."""
         out: dict[str, str] = {}
         for s in SETTINGS:
-            value = getattr(self, s.name)
-            if value is not None:
+            if (value := getattr(self, s.name)) is not None:
                 out[s.env] = text_of(value)
         return out
 
@@ -362,8 +373,7 @@ def env_name(field_name: str) -> str:
 
 
 def _refused(exc: msgspec.ValidationError, given: Mapping[str, object]) -> ConfigError:
-    """msgspec's error about a field (`... - at `$.port``) told of its environment variable,
-    with the value it was given."""
+    """msgspec's error about a field (`... - at `$.port``) told of its variable and value."""
     found = re.search(r"`\$\.(\w+)`", str(exc))
     if found is None or found[1] not in _BY_NAME:
         return ConfigError(str(exc))

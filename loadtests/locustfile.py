@@ -3,7 +3,9 @@
 Who comes: shoppers tapping "buy" once on the hot SKU or an ordinary one, polling their orders
 and, a share of them, paying through the signed payment endpoint; impatient shoppers tapping 4
 times within 2 s with one idempotency key; shoppers retrying refusals with new keys; a vandal
-sending malformed and hostile requests; an operator flipping QUEUE_ONLY on and off.
+sending malformed and hostile requests; an operator flipping QUEUE_ONLY on and off. With
+`FLASHGATE_LT_SCALPERS` > 0, scalpers too (one user with many keys, one address with many
+users), and every shopper comes through a trusted proxy with its own `X-Forwarded-For`.
 
 Every answer is judged against the contract. Expected refusals (409, 429, 503 with the
 contract's codes) are successes, named with their status and code (`create hot [409 sold_out]`)
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import random
 import time
@@ -29,14 +32,17 @@ from typing import Any
 from urllib.parse import quote
 
 import gevent
-from locust import FastHttpUser, LoadTestShape, between, constant, task
+from locust import FastHttpUser, LoadTestShape, between, constant, events, task
 from locust.contrib.fasthttp import ResponseContextManager
 
 CREATE = "/api/v1/order/create"
 PAY = "/api/v1/payment/confirm"
 SWITCH = "/api/v1/order/switch"
 STATUSES = {"QUEUED", "HELD", "CONFIRMED", "EXPIRED", "REJECTED", "PAID_AFTER_EXPIRY"}
-OVERLOAD = {429: {"rate_limited"}, 503: {"busy", "queue_full", "unavailable"}}
+OVERLOAD = {
+    429: {"rate_limited", "client_rate_limited"},
+    503: {"busy", "queue_full", "unavailable"},
+}
 # The refusals a well-behaved shopper may get: expected successes of a load test.
 REFUSALS = {409: {"sold_out", "limit_exceeded", "idempotency_key_in_use"}, **OVERLOAD}
 # What a tap may get instead of the replay of the 202 its key already got: a refusal that comes
@@ -68,6 +74,8 @@ class Config:
     queue_only_s: float
     think_s: float
     strict: bool
+    scalpers: int  # of each kind; > 0: shoppers send their address in X-Forwarded-For
+    latency_path: str  # create latencies of honest shoppers and scalpers (JSON, per process)
 
     @classmethod
     def from_env(cls) -> Config:
@@ -89,6 +97,8 @@ class Config:
             queue_only_s=float(_env("FLASHGATE_LT_QUEUE_ONLY_S", "1.5")),
             think_s=float(_env("FLASHGATE_LT_THINK_S", "0.5")),
             strict=_env("FLASHGATE_LT_STRICT", "0") not in ("0", "false", "no", "off"),
+            scalpers=int(_env("FLASHGATE_LT_SCALPERS", "0")),
+            latency_path=_env("FLASHGATE_LT_LATENCY", "latency.json"),
         )
 
 
@@ -189,6 +199,10 @@ class Client(FastHttpUser):
     def on_start(self) -> None:
         self.user_id = f"u-{uuid.uuid4().hex[:16]}"
         self.orders: list[tuple[str, str]] = []  # (order_id, sku_id) of fresh 202s
+        # behind the trusted proxy (scalper runs): each shopper its own address (198.18/15)
+        self.address = (
+            f"198.{random.randint(18, 19)}.{random.randint(0, 255)}.{random.randint(1, 254)}"
+        )
 
     def create(
         self,
@@ -210,6 +224,8 @@ class Client(FastHttpUser):
             "promotion_id": CFG.promotion,
         }
         headers = {"X-Idempotency-Key": key}
+        if CFG.scalpers:
+            headers["X-Forwarded-For"] = self.address
         with self.client.post(
             CREATE, json=body, headers=headers, name=CREATE, catch_response=True
         ) as resp:
@@ -442,6 +458,58 @@ class RetryingShopper(Client):
                 return  # sold out or at the limit: give up
             pause = min(answer.retry_after_s or 0.5, 1.5)
             gevent.sleep(pause * random.uniform(0.2, 1.0))
+
+
+class KeyScalper(Client):
+    """One user, as fast as it can, a new key each time, on the hot SKU and the others: its
+    own bucket (`user_qps`) refuses it before Redis; the per-user limit stops the rest."""
+
+    abstract = CFG.scalpers == 0
+    fixed_count = CFG.scalpers
+    wait_time = constant(0)
+
+    @task
+    def grab(self) -> None:
+        self.create(pick_sku(0.5), new_key(), label="scalper-keys")
+
+
+class AddressScalper(Client):
+    """One address (behind the trusted proxy), a new user id for every order: the address's
+    bucket (`client_qps`) refuses it whatever user it names."""
+
+    abstract = CFG.scalpers == 0
+    fixed_count = CFG.scalpers
+    wait_time = constant(0)
+
+    @task
+    def grab(self) -> None:
+        self.user_id = f"s-{uuid.uuid4().hex[:16]}"
+        self.create(pick_sku(0.5), new_key(), label="scalper-users")
+
+
+class Latencies:
+    """Create latencies in whole ms, honest shoppers apart from scalpers (`create scalper-*`),
+    written when the process quits (one file per process: `<path>.<pid>`) for the runner."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, dict[int, int]] = {"honest": {}, "scalper": {}}
+
+    def request(self, name: str, response_time: float, **_: Any) -> None:
+        if not name.startswith("create "):
+            return
+        group = self.groups["scalper" if name.startswith("create scalper") else "honest"]
+        ms = math.ceil(response_time)
+        group[ms] = group.get(ms, 0) + 1
+
+    def write(self, **_: Any) -> None:
+        if any(self.groups.values()):
+            with open(f"{CFG.latency_path}.{os.getpid()}", "w", encoding="utf-8") as f:
+                json.dump(self.groups, f)
+
+
+LATENCIES = Latencies()
+events.request.add_listener(LATENCIES.request)
+events.quitting.add_listener(LATENCIES.write)
 
 
 def _order(**fields: Any) -> bytes:

@@ -7,6 +7,7 @@ Every process seen below them is remembered (pid and start time), to prove none 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -185,3 +186,52 @@ class Locust:
 
     def stop(self) -> int | None:
         return _stop(self.proc, signal.SIGTERM, 20)
+
+
+def child_running(pid: int, role: str) -> int | None:
+    """The pid of the `python -m gateway <role>` process below `pid`, if there is one."""
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    for p in children:
+        try:
+            argv = p.cmdline()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if argv[-2:] == ["gateway", role]:
+            return p.pid
+    return None
+
+
+class Throttle:
+    """A slow back end: the process `pid` (a finalizer this run started) runs `share` of each
+    `period_s` and is stopped (SIGSTOP) for the rest, until `stop`, which lets it run again."""
+
+    def __init__(self, pid: int, share: float, period_s: float = 0.1) -> None:
+        self.pid = pid
+        self.share = share
+        self.period_s = period_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._cycle, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _cycle(self) -> None:
+        try:
+            while not self._done.is_set():
+                os.kill(self.pid, signal.SIGSTOP)
+                if self._done.wait(self.period_s * (1 - self.share)):
+                    break
+                os.kill(self.pid, signal.SIGCONT)
+                self._done.wait(self.period_s * self.share)
+        except ProcessLookupError:
+            return
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(5)

@@ -1,7 +1,9 @@
 """`python -m loadtests.run`: one headless load test from nothing, checked.
 
 Starts `flashgate serve` (embedded server, fresh data directory, free port), configures the
-SKUs through the admin API, runs Locust headless with the spike shape (`locustfile.py`), lets
+SKUs through the admin API, runs Locust headless with the spike shape (`locustfile.py`; with
+`--scenario queue`, shoppers in a QUEUE_ONLY line, `queue_locustfile.py`, and a report of their
+poll volume and ETA error), lets
 the finalizers drain, runs `flashgate audit`, reads the figures from Redis and prints the
 oversold, duplicate, lost and unsettled counts. Exit code 0 only when all of them are 0, the
 audit passes and Locust saw no unexpected answer. Whatever happens (Ctrl-C, SIGTERM, an error)
@@ -30,21 +32,32 @@ import redis
 
 from gateway.ops.embedded import free_port
 from gateway.ops.localcluster import LocalCluster
-from loadtests.procs import Locust, Serve, Tracker
+from loadtests import line as queue_line
+from loadtests.procs import Locust, Serve, Throttle, Tracker, child_running
 from loadtests.report import LocustStats, read_locust, report_files
 from loadtests.verify import Findings, check_records, check_skus, drain, read_records
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
+LOCUSTFILES = {"spike": LOCUSTFILE, "queue": Path(__file__).with_name("queue_locustfile.py")}
 REPORTS = Path(__file__).with_name("reports")  # in .gitignore
 PROMOTION = "promo-load"
 HOT = "hot"
-OUTPUTS = ("accepted.jsonl", "serve.log", "locust.log", "audit.txt", "summary.json")
+OUTPUTS = ("accepted.jsonl", "line.jsonl", "serve.log", "locust.log", "audit.txt", "summary.json")
+LATENCY = "latency.json"  # per Locust process: latency.json.<pid>
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m loadtests.run", description=__doc__.split("\n\n")[0] if __doc__ else ""
     )
+    p.add_argument(
+        "--scenario", choices=sorted(LOCUSTFILES), default="spike",
+        help="spike: the 0:00 spike (default); queue: shoppers in a QUEUE_ONLY line",
+    )  # fmt: skip
+    p.add_argument(
+        "--finalizer-share", type=float, default=1.0, metavar="SHARE",
+        help="a slow back end: the finalizer runs this share of each 100 ms (default 1: always)",
+    )  # fmt: skip
     p.add_argument("--users", type=int, default=300, help="peak users (default 300)")
     p.add_argument("--spawn-seconds", type=float, default=2, help="0 to peak in (default 2)")
     p.add_argument("--hold-seconds", type=float, default=30, help="peak held for (default 30)")
@@ -82,6 +95,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="a sold-out memo answering 409 before 404/422 is a failure (README)",
     )
+    p.add_argument(
+        "--scalpers", type=int, default=0, metavar="N",
+        help="N scalpers of each kind (one user many keys, one address many users) beside the"
+        " shoppers, every one behind a trusted proxy; the limits below set as runtime rules",
+    )  # fmt: skip
+    p.add_argument("--user-qps", type=float, default=5, help="scalper runs: user_qps (5)")
+    p.add_argument("--user-burst", type=int, default=10, help="scalper runs: user_burst (10)")
+    p.add_argument("--client-qps", type=float, default=5, help="scalper runs: client_qps (5)")
+    p.add_argument("--client-burst", type=int, default=10, help="scalper runs: client_burst (10)")
     p.add_argument("--drain-timeout", type=float, default=120, help="seconds (default 120)")
     p.add_argument("--verbose", action="store_true", help="show Locust's output as it runs")
     return p.parse_args(argv)
@@ -97,6 +119,8 @@ def prepare(out: Path) -> None:
     shutil.rmtree(out / "data", ignore_errors=True)
     for name in OUTPUTS:
         (out / name).unlink(missing_ok=True)
+    for path in out.glob(LATENCY + ".*"):
+        path.unlink()
     for path in report_files(out / "locust", out / "report.html"):
         path.unlink(missing_ok=True)
 
@@ -116,7 +140,7 @@ def configure(
 
 def locust_argv(args: argparse.Namespace, host: str, out: Path) -> list[str]:
     argv = [
-        *(sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless"),
+        *(sys.executable, "-m", "locust", "-f", str(LOCUSTFILES[args.scenario]), "--headless"),
         *("--host", host, "--csv", str(out / "locust"), "--html", str(out / "report.html")),
         *("--only-summary", "--stop-timeout", "5", "--exit-code-on-error", "1"),
     ]
@@ -133,6 +157,7 @@ def locust_env(args: argparse.Namespace, env: dict[str, str], out: Path, skus: l
         "FLASHGATE_LT_SKUS": ",".join(skus),
         "FLASHGATE_LT_PROMOTION": PROMOTION,
         "FLASHGATE_LT_ACCEPTED": str(out / "accepted.jsonl"),
+        "FLASHGATE_LT_LINE": str(out / "line.jsonl"),
         "FLASHGATE_LT_USERS": str(args.users),
         "FLASHGATE_LT_SPAWN_S": str(args.spawn_seconds),
         "FLASHGATE_LT_HOLD_S": str(args.hold_seconds),
@@ -143,7 +168,74 @@ def locust_env(args: argparse.Namespace, env: dict[str, str], out: Path, skus: l
         "FLASHGATE_LT_QUEUE_ONLY_S": str(args.queue_only_seconds),
         "FLASHGATE_LT_THINK_S": str(args.think_seconds),
         "FLASHGATE_LT_STRICT": "1" if args.strict else "0",
+        "FLASHGATE_LT_SCALPERS": str(args.scalpers),
+        "FLASHGATE_LT_LATENCY": str(out / LATENCY),
     }
+
+
+def set_limits(base: str, token: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The scalper run's per-user and per-address limits, through the rules API."""
+    rules = {
+        "user_qps": args.user_qps,
+        "user_burst": args.user_burst,
+        "client_qps": args.client_qps,
+        "client_burst": args.client_burst,
+    }
+    headers = {"Authorization": f"Bearer {token}", "X-Operator": "loadtest"}
+    r = httpx.put(f"{base}/api/v1/admin/rules", json=rules, headers=headers, timeout=10)
+    if r.status_code != 200:
+        raise RuntimeError(f"PUT rules: {r.status_code} {r.text}")
+    return rules
+
+
+def percentile(histogram: dict[int, int], share: float) -> int | None:
+    """The smallest whole ms at or under which `share` of the requests were answered."""
+    total = sum(histogram.values())
+    if not total:
+        return None
+    seen = 0
+    for ms in sorted(histogram):
+        seen += histogram[ms]
+        if seen >= share * total:
+            return ms
+    return max(histogram)
+
+
+def groups(out: Path, stats: LocustStats) -> dict[str, Any]:
+    """Honest shoppers' and scalpers' creates: how many, how they were answered, p50/p99."""
+    merged: dict[str, dict[int, int]] = {"honest": {}, "scalper": {}}
+    for path in out.glob(LATENCY + ".*"):
+        for group, hist in json.loads(path.read_text(encoding="utf-8")).items():
+            for ms, n in hist.items():
+                merged[group][int(ms)] = merged[group].get(int(ms), 0) + n
+    found: dict[str, Any] = {}
+    for group, hist in merged.items():
+        answers: dict[str, int] = {}
+        for name, (count, _) in stats.by_name.items():
+            if not name.startswith("POST create ") or "[" not in name:
+                continue
+            if name.startswith("POST create scalper") != (group == "scalper"):
+                continue
+            answer = name.rsplit("[", 1)[1].rstrip("]")
+            answers[answer] = answers.get(answer, 0) + count
+        found[group] = {
+            "creates": sum(answers.values()),
+            "accepted": sum(n for a, n in answers.items() if a.startswith("202")),
+            "client_rate_limited": answers.get("429 client_rate_limited", 0),
+            "p50_ms": percentile(hist, 0.5),
+            "p99_ms": percentile(hist, 0.99),
+            "answers": dict(sorted(answers.items())),
+        }
+    return found
+
+
+def print_groups(found: dict[str, Any]) -> None:
+    for group, g in found.items():
+        print(
+            f"{group} creates: {g['creates']}, accepted {g['accepted']}, 429"
+            f" client_rate_limited {g['client_rate_limited']}; p50 {g['p50_ms']} ms,"
+            f" p99 {g['p99_ms']} ms"
+        )
 
 
 def print_locust(stats: LocustStats, seconds: float) -> None:
@@ -200,6 +292,8 @@ class LoadRun:
             FLASHGATE_ADMIN_TOKEN=self.token,
             FLASHGATE_PAYMENT_SECRET=args.payment_secret or secrets.token_urlsafe(18),
         )
+        if args.scalpers:  # Locust, on 127.0.0.1, is the shoppers' trusted proxy
+            self.env.update(FLASHGATE_TRUSTED_PROXIES="127.0.0.1")
         self.skus = [f"std-{i}" for i in range(1, args.skus + 1)]
         self.catalogue = {
             HOT: (args.stock, args.hot_limit),
@@ -220,6 +314,7 @@ class LoadRun:
             args.verbose,
         )
         self.tracker = Tracker()
+        self.throttled: Throttle | None = None
         self.summary: dict[str, Any] = {"ok": False}
 
     def scan(self) -> None:
@@ -237,14 +332,24 @@ class LoadRun:
         serve.start(self.scan)
         self.scan()
         configure(serve.base, self.token, self.catalogue, args.hot_buckets)
+        if args.scalpers:
+            limits = set_limits(serve.base, self.token, args)
+            print(f"scalpers: {args.scalpers} of each kind; limits {limits}")
         print(f"serve: {serve.base}, data in {serve.data_dir}, log {serve.log_path}")
         print(
             f"SKUs: {HOT} stock {args.stock} limit {args.hot_limit}; {', '.join(self.skus)} "
             f"stock {args.sku_stock} limit {args.sku_limit}; promotion {PROMOTION}"
         )
+        if args.scenario == "queue":
+            self.switch("QUEUE_ONLY")
+            time.sleep(1.2)  # every worker applies a switch within a second
+        if args.finalizer_share < 1:
+            self.throttle()
         started = time.monotonic()
         self.locust.start()
         locust_rc = self.locust.wait(span + 120, self.scan)
+        if self.throttled is not None:
+            self.throttled.stop()  # the drain below runs at full speed
         seconds = time.monotonic() - started
         self.scan()
         print(f"locust: exit code {locust_rc} after {seconds:.1f} s, log {out / 'locust.log'}")
@@ -253,13 +358,7 @@ class LoadRun:
                 f"flashgate serve exited during the run (code {serve.proc.returncode}); "
                 f"the end of {serve.log_path}:\n{serve.log_tail()}"
             )
-        r = httpx.post(  # the operator may have been stopped in QUEUE_ONLY
-            f"{serve.base}/api/v1/order/switch?mode=NORMAL",
-            headers={"Authorization": f"Bearer {self.token}"},
-            timeout=10,
-        )
-        if r.status_code != 200:
-            raise RuntimeError(f"switch back to NORMAL: {r.status_code} {r.text}")
+        self.switch("NORMAL")  # the operator may have been stopped in QUEUE_ONLY
         findings = Findings()
         client: Any
         if self.cluster is not None:
@@ -281,7 +380,16 @@ class LoadRun:
 
         stats = read_locust(out / "locust")
         print_locust(stats, seconds)
+        found = groups(out, stats)
+        print_groups(found)
         print_findings(findings)
+        if args.scenario == "queue":
+            metrics = httpx.get(f"{serve.base}/metrics", timeout=10).text
+            self.summary["line"] = report = {
+                "shoppers": queue_line.shoppers_side(out / "line.jsonl", seconds),
+                "finalizers": queue_line.finalizers_side(metrics),
+            }
+            queue_line.print_line(report)
         counts = findings.counts()
         ok = (
             not any(counts.values())
@@ -309,10 +417,32 @@ class LoadRun:
             payments=findings.payments,
             statuses=dict(findings.statuses),
             skus=findings.skus,
+            groups=found,
             reports=[str(p) for p in reports],
         )
         print("reports: " + ", ".join(str(p) for p in reports))
         return 0 if ok else 1
+
+    def throttle(self) -> None:
+        """Slow the finalizer of the run's `flashgate serve` down to `--finalizer-share`."""
+        assert self.serve.proc is not None
+        deadline = time.monotonic() + 10
+        while (pid := child_running(self.serve.proc.pid, "finalizer")) is None:
+            if time.monotonic() > deadline:
+                raise RuntimeError("no finalizer process under flashgate serve")
+            time.sleep(0.1)
+        self.throttled = Throttle(pid, self.args.finalizer_share)
+        self.throttled.start()
+        print(f"finalizer {pid}: runs {self.args.finalizer_share:.0%} of the time")
+
+    def switch(self, mode: str) -> None:
+        r = httpx.post(
+            f"{self.serve.base}/api/v1/order/switch?mode={mode}",
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10,
+        )
+        if r.status_code != 200:
+            raise RuntimeError(f"switch to {mode}: {r.status_code} {r.text}")
 
     def audit(self) -> int:
         argv = [sys.executable, "-m", "gateway", "audit", "--data-dir", str(self.serve.data_dir)]
@@ -329,6 +459,8 @@ class LoadRun:
         their trees must be gone. The number left (killed now)."""
         self.scan()
         self.locust.stop()
+        if self.throttled is not None:
+            self.throttled.stop()
         serve_rc = self.serve.stop()
         if self.cluster is not None:
             self.cluster.stop()

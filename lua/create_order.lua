@@ -3,16 +3,19 @@
   Time in epoch milliseconds, from the server's TIME unless now_ms is given.
 
   KEYS[1] fg:{S}:sku (hash)        promotion_id stock available held sold per_user_limit
-                                   starts_at ends_at (epoch s, optional) backlog; a fair
-                                   start's prequeue_s and draw (pending | drawing | done)
+                                   starts_at ends_at (epoch s, optional) backlog; queue_in
+                                   (orders ever queued), queue_out, drain_rate (finalize.lua);
+                                   a fair start's prequeue_s and draw (pending | drawing |
+                                   done)
   KEYS[2] fg:{S}:users (hash)      user_id -> units held or bought
   KEYS[3] fg:{S}:holds (zset)      order_id -> hold deadline ms
   KEYS[4] fg:{S}:stream (stream)   order stream
   KEYS[5] fg:{S}:o:<rand> (hash)   the new order record
   KEYS[6] fg:{S}:idem:<user>:<key> (string) fingerprint "\n" order_id "\n" hold deadline ms
-                                   (empty when QUEUED, "@<starts_at>" when pre-queued): the
-                                   first answer, rebuilt on replay; or "!\n<token>..."
-                                   tokens of abandoned claims (fence_key.lua)
+                                   (empty when QUEUED, "@<starts_at>" when pre-queued)
+                                   ["\n" position when QUEUED, not pre-queued]: the first
+                                   answer, rebuilt on replay;
+                                   or "!\n<token>..." tokens of abandoned claims (fence_key.lua)
   KEYS[7] fg:{S}:accepted (zset)   "<key>:<user>" of every 202 -> replay deadline ms
   KEYS[8] fg:{S}:prequeue (set)    order ids pre-queued for the draw
   KEYS[9] fg:{S}:waiting (hash)    user_id -> units pre-queued, not yet drawn
@@ -39,7 +42,7 @@
   is done. An order in [starts_at - prequeue_s, starts_at) is pre-queued (QUEUED, in the
   prequeue set, its units waiting); one at or after starts_at is QUEUED in either mode and
   decided by a finalizer once the draw is done. The per-user limit counts held, bought and
-  waiting units.
+  waiting units. A pre-queued order's answer has "position": null and "opens_at".
 
   Returns {code, payload}:
      1 CREATED         payload: the 202 body (also stored for replays)
@@ -57,8 +60,8 @@
 local rcall = redis.call
 
 -- The 202 body. A replay has the first request's fingerprint, so the same sku and quantity,
--- and rebuilds the same bytes from the stored order id and deadline.
-local function answer(order_id, deadline_s)
+-- and rebuilds the same bytes from the stored order id, deadline and place in the queue.
+local function answer(order_id, deadline_s, position)
   if string.sub(deadline_s, 1, 1) == '@' then  -- pre-queued: opens at the SKU's start
     return '{"order_id":"' .. order_id .. '","status":"QUEUED","sku_id":"' .. ARGV[3] ..
       '","quantity":' .. ARGV[4] .. ',"position":null,"opens_at":' ..
@@ -68,8 +71,9 @@ local function answer(order_id, deadline_s)
     return '{"order_id":"' .. order_id .. '","status":"HELD","sku_id":"' .. ARGV[3] ..
       '","quantity":' .. ARGV[4] .. ',"hold_expires_at":' .. deadline_s .. '}'
   end
+  local place = position ~= '' and (',"position":' .. position) or ''
   return '{"order_id":"' .. order_id .. '","status":"QUEUED","sku_id":"' .. ARGV[3] ..
-    '","quantity":' .. ARGV[4] .. '}'
+    '","quantity":' .. ARGV[4] .. place .. '}'
 end
 
 local stored = rcall('GET', KEYS[6])
@@ -86,7 +90,9 @@ if stored then
       rcall('PEXPIRE', KEYS[6], rcall('PTTL', KEYS[6]))
     end
     local nl2 = string.find(stored, '\n', nl + 1, true)
-    return {2, answer(string.sub(stored, nl + 1, nl2 - 1), string.sub(stored, nl2 + 1))}
+    local nl3 = string.find(stored, '\n', nl2 + 1, true)  -- a QUEUED answer's position
+    return {2, answer(string.sub(stored, nl + 1, nl2 - 1),
+      string.sub(stored, nl2 + 1, (nl3 or 0) - 1), nl3 and string.sub(stored, nl3 + 1) or '')}
   end
   return {-5, ''}
 end
@@ -177,16 +183,32 @@ elseif early then
   rcall('HINCRBY', KEYS[9], ARGV[2], qty)
   rcall('HSET', KEYS[5], 'opens_at', cfg[4])
 end
-rcall('HINCRBY', KEYS[1], 'backlog', 1)
+local backlog_now = rcall('HINCRBY', KEYS[1], 'backlog', 1)
+-- The order's place in its bucket's queue: orders ever queued here (queue_in, started at the
+-- backlog when missing) less those drained (queue_out): read_order.lua subtracts again. A
+-- pre-queued order counts in queue_in (it is ahead of every order after the start) but has
+-- no place until the draw ranks it (draw_decide.lua counts it out).
+local q = rcall('HMGET', KEYS[1], 'queue_in', 'queue_out', 'drain_rate')
+local out = tonumber(q[2] or '0')
+local seq = rcall('HINCRBY', KEYS[1], 'queue_in', q[1] and 1 or out + backlog_now)
+local position = ''
+if not hold and not early then
+  position = string.format('%d', math.max(1, seq - out))
+  rcall('HSET', KEYS[5], 'queue_seq', seq)
+  if q[3] and tonumber(q[3]) > 0 then  -- the ETA told now, for the ETA error (finalize.lua)
+    rcall('HSET', KEYS[5], 'queue_eta_ms', math.floor(tonumber(position) * 1000 / q[3]))
+  end
+end
 rcall('HSET', KEYS[5], 'status', status, 'user_id', ARGV[2], 'sku_id', ARGV[3],
   'quantity', ARGV[4], 'promotion_id', ARGV[5], 'created_at', now_s,
   'history', '[{"from":null,"to":"' .. status .. '","at":' .. now_s .. '}]')
 local replay_until = now + tonumber(ARGV[8])
-rcall('SET', KEYS[6], ARGV[6] .. '\n' .. ARGV[1] .. '\n' .. deadline_s, 'PX', ARGV[8])
+local first = ARGV[6] .. '\n' .. ARGV[1] .. '\n' .. deadline_s
+rcall('SET', KEYS[6], position ~= '' and (first .. '\n' .. position) or first, 'PX', ARGV[8])
 rcall('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
 rcall('ZADD', KEYS[7], replay_until, ARGV[12])
 if KEYS[10] then
   rcall('SET', KEYS[10], ARGV[3], 'PX', ARGV[8])
 end
 rcall('XADD', KEYS[4], '*', 'order_id', ARGV[1], 'event', 'created')
-return {1, answer(ARGV[1], deadline_s)}
+return {1, answer(ARGV[1], deadline_s, position)}

@@ -1,6 +1,7 @@
 --[[ dead_letter: move one order-stream entry that keeps failing to the SKU's dead-letter
   stream with its reason, and acknowledge it, atomically. A dead "created" entry of a real
-  order leaves the backlog too (once), so intake is not throttled by entries nobody processes.
+  order leaves the backlog and the queue too (once), so intake is not throttled by entries nobody
+  processes and the orders behind it move up.
 
   KEYS[1] fg:{S}:stream (stream)   KEYS[2] fg:{S}:dead (stream)   KEYS[3] fg:{S}:sku (hash)
   KEYS[4] fg:{S}:o:<rand> (hash, optional) the order of a "created" entry
@@ -17,6 +18,7 @@ end
 if KEYS[4] and rcall('EXISTS', KEYS[4]) == 1 and not rcall('HGET', KEYS[4], 'drained') then
   rcall('HSET', KEYS[4], 'drained', '1')
   rcall('HINCRBY', KEYS[3], 'backlog', -1)
+  rcall('HINCRBY', KEYS[3], 'queue_out', 1)  -- out of the queue: positions behind it move up
 end
 rcall('XADD', unpack(dead))
 rcall('XACK', KEYS[1], ARGV[1], ARGV[2])

@@ -2,11 +2,14 @@
   draw's cursor past it in the same atomic step: a batch is applied once, whichever drawer
   sends it, and a drawer that crashed is resumed from the cursor. Each pre-queued order is
   decided with intake's rules (sale end, stock, per-user limit): QUEUED -> HELD (its hold
-  deadline starts now) or QUEUED -> REJECTED; its waiting units go. The last batch marks the
-  draw done, after which finalizers decide the orders that came at or after the start.
-  Time in epoch milliseconds.
+  deadline starts now) or QUEUED -> REJECTED; its waiting units go, and it leaves the queue
+  here (backlog, queue_out, as finalize.lua counts an order it decides; its stream entry is then
+  only acknowledged), so the orders after the start move up as the draw goes. The last batch
+  marks the draw done, after which finalizers decide the orders that came at or after the
+  start. Time in epoch milliseconds.
 
   KEYS[1] fg:{S}:sku (hash)        draw draw_cursor draw_total available per_user_limit ends_at
+                                   backlog queue_out drained_at drained_left (finalize.lua)
   KEYS[2] fg:{S}:users (hash)      user_id -> units held or bought
   KEYS[3] fg:{S}:holds (zset)      order_id -> hold deadline ms
   KEYS[4] fg:{S}:events (stream)   outbound events (REJECTED, with the order record)
@@ -46,10 +49,17 @@ end
 local now_s = string.format('%d', now)
 local ended = cfg[5] and now >= tonumber(cfg[5]) * 1000
 
+local left_queue = 0  -- orders of the batch that left the queue
+
 local function decide(order_id, key, rank)
-  local o = rcall('HMGET', key, 'status', 'user_id', 'quantity', 'history', 'paid_in_time')
+  local o = rcall('HMGET', key, 'status', 'user_id', 'quantity', 'history', 'paid_in_time',
+    'drained')
   if o[1] ~= 'QUEUED' then
     return  -- no such record, or decided already: the rank is still recorded in the list
+  end
+  if not o[6] then  -- not counted out yet (a dead-lettered entry was)
+    rcall('HSET', key, 'drained', '1')
+    left_queue = left_queue + 1
   end
   local user, qty, history = o[2], tonumber(o[3]), o[4]
   local left = rcall('HINCRBY', KEYS[5], user, -qty)
@@ -96,6 +106,12 @@ for i = 5, #ARGV do
     decide(order_id, ARGV[4] .. string.sub(order_id, 1, dot - 1), cursor + i - 4)
   end
   rcall('RPUSH', KEYS[6], order_id)
+end
+if left_queue > 0 then
+  -- the queue moved: the drain rate's busy time starts here, not at an earlier drain
+  local left = rcall('HINCRBY', KEYS[1], 'backlog', -left_queue)
+  rcall('HINCRBY', KEYS[1], 'queue_out', left_queue)
+  rcall('HSET', KEYS[1], 'drained_at', now_s, 'drained_left', left)
 end
 cursor = cursor + n
 rcall('HSET', KEYS[1], 'draw_cursor', cursor)

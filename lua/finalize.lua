@@ -16,7 +16,10 @@
 
   "created": a QUEUED order is decided with intake's rules (sale window, stock, per-user limit):
     QUEUED -> HELD (its hold deadline starts now) or QUEUED -> REJECTED; the SKU's backlog
-    shrinks by one, once per order.
+    shrinks by one, once per order, and the queue's counters move: queue_out (orders drained,
+    ever) and the drain rate (orders per second of busy time, an EWMA over windows of 1 s or
+    500 orders, whichever comes first; busy: between two drains when the first left orders
+    waiting).
   "paid" (confirm_payment.lua recorded the payment on the order and judged it in time or late):
     HELD and paid in time -> CONFIRMED (held units become sold); HELD and paid late ->
     PAID_AFTER_EXPIRY (the hold is released first); EXPIRED -> PAID_AFTER_EXPIRY; a payment of
@@ -25,10 +28,13 @@
 
   A QUEUED order of a SKU whose fair-start draw is not done (draw "pending" or "drawing") is
   not decided: nothing is written and the entry stays pending (WAITING) until the draw is done.
+  A pre-queued order the draw decided has left the queue there (draw_decide.lua): its entry is
+  only acknowledged.
 
-  Returns {code, status}: 1 APPLIED, 0 DUPLICATE (effect already stored), -1 UNKNOWN_ORDER,
-    2 WAITING (the SKU's draw comes first); status: the order's status after the entry (""
-    for an unknown order)
+  Returns {code, status, waited_ms, eta_ms}: 1 APPLIED, 0 DUPLICATE (effect already stored),
+    -1 UNKNOWN_ORDER, 2 WAITING (the SKU's draw comes first); status: the order's status after
+    the entry ("" for an unknown order); waited_ms: how long a QUEUED order this entry decided
+    was queued, eta_ms: the ETA it was told when queued ("" when none)
 ]]
 local rcall = redis.call
 local now
@@ -41,11 +47,12 @@ end
 local now_s = string.format('%d', now)
 
 local o = rcall('HMGET', KEYS[5], 'status', 'user_id', 'quantity', 'drained', 'history',
-  'hold_expires_at', 'paid_in_time', 'payment_id')
+  'hold_expires_at', 'paid_in_time', 'payment_id', 'created_at', 'queue_eta_ms')
 if not o[1] then
   rcall('XACK', KEYS[4], ARGV[1], ARGV[2])
-  return {-1, ''}
+  return {-1, '', '', ''}
 end
+local waited = ''
 local status, user, qty = o[1], o[2], tonumber(o[3])
 local history = o[5]
 if not user or not qty or not history or string.sub(history, -1) ~= ']' then
@@ -55,7 +62,7 @@ end
 if status == 'QUEUED' then
   local draw = rcall('HGET', KEYS[1], 'draw')
   if draw == 'pending' or draw == 'drawing' then
-    return {2, status}
+    return {2, status, '', ''}
   end
 end
 
@@ -94,7 +101,30 @@ local function release()  -- give a HELD order's units back to stock
   rcall('ZREM', KEYS[3], ARGV[4])
 end
 
+local ALPHA = 0.3  -- the weight of the newest window in the drain rate
+local function drained()  -- one order left the queue: its counters and the drain rate
+  local left = rcall('HINCRBY', KEYS[1], 'backlog', -1)
+  rcall('HINCRBY', KEYS[1], 'queue_out', 1)
+  local r = rcall('HMGET', KEYS[1], 'drained_at', 'drained_left', 'busy_ms', 'busy_n',
+    'drain_rate')
+  local busy_ms, busy_n = tonumber(r[3] or '0'), tonumber(r[4] or '0')
+  if r[1] and tonumber(r[2]) > 0 then  -- orders waited since the last drain: busy time
+    busy_ms, busy_n = busy_ms + math.max(0, now - tonumber(r[1])), busy_n + 1
+  end
+  if busy_ms >= 1000 or (busy_n >= 500 and busy_ms > 0) then  -- a window closes
+    local rate = busy_n * 1000 / busy_ms
+    if r[5] then
+      rate = ALPHA * rate + (1 - ALPHA) * tonumber(r[5])
+    end
+    rcall('HSET', KEYS[1], 'drain_rate', string.format('%.3f', rate))
+    busy_ms, busy_n = 0, 0
+  end
+  rcall('HSET', KEYS[1], 'drained_at', now_s, 'drained_left', left, 'busy_ms', busy_ms,
+    'busy_n', busy_n)
+end
+
 local function decide()  -- QUEUED -> HELD | REJECTED, intake's rules
+  waited = string.format('%d', now - tonumber(o[9] or now))
   local cfg = rcall('HMGET', KEYS[1], 'available', 'per_user_limit', 'starts_at', 'ends_at')
   local reason
   if not cfg[1] then
@@ -130,7 +160,7 @@ if ARGV[3] == 'created' then
   end
   if not o[4] then
     rcall('HSET', KEYS[5], 'drained', '1')
-    rcall('HINCRBY', KEYS[1], 'backlog', -1)
+    drained()
     applied = 1
   end
 elseif ARGV[3] == 'paid' then
@@ -163,4 +193,4 @@ else
   return redis.error_reply('unknown stream event ' .. tostring(ARGV[3]))
 end
 rcall('XACK', KEYS[4], ARGV[1], ARGV[2])
-return {applied, status}
+return {applied, status, waited, waited ~= '' and o[10] or ''}

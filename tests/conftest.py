@@ -16,11 +16,12 @@ from redis.asyncio import Redis
 from gateway.ops.embedded import free_port, server_binary, wait_for_ping
 from gateway.settings import Settings
 from gateway.transport.connect import create_client
+from gateway.transport.scripts import ScriptRegistry
 from gateway.web.app import create_app
 from tests.support.api import ADMIN_TOKEN, Client, MakeClient
 from tests.support.rabbitmq import BrokerMissing, RabbitBroker, rabbit_broker
 from tests.support.receiver import Receiver
-from tests.support.relaying import SECRET
+from tests.support.relaying import PAYMENT_SECRET, SECRET, Orders
 from tests.support.state import Clock, audit_breaches
 
 
@@ -165,3 +166,20 @@ async def receiver() -> AsyncIterator[Receiver]:
     await r.start()
     yield r
     await r.stop()
+
+
+@pytest.fixture
+async def scripts(redis: Redis) -> ScriptRegistry:
+    """Every script loaded into the test's server."""
+    registry = ScriptRegistry()
+    await registry.load_all(redis)
+    return registry
+
+
+@pytest.fixture
+async def orders(
+    redis: Redis, scripts: ScriptRegistry, settings: Settings, make_client: MakeClient
+) -> Orders:
+    """Final events made the real way for the relay's tests (tests/support/relaying.py), on
+    an app that takes signed payments (`orders.client`)."""
+    return Orders(redis, scripts, settings, await make_client(payment_secret=PAYMENT_SECRET))

@@ -140,3 +140,24 @@ def test_ratio_one_opens_only_when_every_call_is_slow(clock: Clock) -> None:
     clock.now += 1
     calls(b, slow=3)
     assert b.state is State.OPEN
+
+
+def test_configure_keeps_the_state_and_applies_the_new_thresholds(
+    breaker: CircuitBreaker, clock: Clock
+) -> None:
+    calls(breaker, slow=5)
+    assert breaker.state is State.OPEN
+    opened = breaker.opened_at
+    breaker.configure(rt_ms=50, slow_ratio=0.5, min_calls=5, window_ms=1000, open_s=2)
+    assert breaker.state is State.OPEN and breaker.opened_at == opened  # still open
+    clock.now += 2  # the new open time, not the old one
+    assert breaker.allow()  # the probe
+    breaker.record(0.01)
+    assert breaker.state is State.CLOSED
+    calls(breaker, fast=2)
+    breaker.configure(rt_ms=50, slow_ratio=0.5, min_calls=3, window_ms=1000, open_s=2)
+    breaker.record(0.06)  # slow under the new threshold (it was fast under 800 ms)
+    breaker.record(0.06)
+    assert breaker.state is State.CLOSED  # 2 slow of 4: the window kept its 2 fast calls
+    breaker.record(0.06)
+    assert breaker.state is State.OPEN  # 3 of 5

@@ -18,7 +18,7 @@ import httpx
 import pytest
 import redis
 
-from gateway.ops.embedded import EmbeddedError, EmbeddedServer, free_port
+from gateway.ops.embedded import EmbeddedError, EmbeddedServer, free_port, server_binary
 from gateway.ops.supervisor import RestartBackoff, Supervisor
 from gateway.settings import Settings
 from tests.support.api import ADMIN, order_body
@@ -269,6 +269,55 @@ def test_supervisor_gives_up_after_repeated_crashes(tmp_path: Path, comes_up: bo
     sup.server = server
     assert sup._watch() == 1
     assert server.restarts == 3
+
+
+def test_a_child_killed_by_a_signal_is_started_again_one_that_exits_stops_all() -> None:
+    """kill -9 of a child: started again with the same arguments; a child that exits by
+    itself (here `--version`, code 0) shuts serve down."""
+    sup = Supervisor(Settings())
+    env = {**os.environ}
+    sup._spawn("worker", ["--version"], env)
+    ((_, first),) = sup.children
+    first.wait(30)
+    first.returncode = -signal.SIGKILL  # as if killed: the supervisor starts it again
+    assert sup._watch() == 1  # then the new one exits by itself: everything stops
+    ((_, second),) = sup.children
+    assert second.pid != first.pid and second.args == first.args
+    assert second.wait(30) == 0 and len(sup._child_backoff["worker"].restarts) == 1
+    sup.shutdown()
+
+
+def test_a_worker_started_before_its_redis_waits_for_it(tmp_path: Path) -> None:
+    """`flashgate finalizer` with nothing yet at REDIS_URL (a server restarting under serve):
+    it says so and tries again, starts once the server is up, and stops cleanly."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    env["REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    log = tmp_path / "finalizer.log"
+    with open(log, "wb") as out:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "finalizer"], env=env, stdout=out, stderr=out
+        )
+    server = None
+    try:
+        deadline = time.monotonic() + 30
+        while "cannot reach Redis" not in log.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        server = subprocess.Popen(
+            [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"], stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        while "started" not in log.read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(30) == 0
+    finally:
+        worker.kill()
+        if server is not None:
+            server.terminate()
+            server.wait(10)
 
 
 def test_two_workers_serve_and_stop(data_dir: Path) -> None:

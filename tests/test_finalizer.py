@@ -298,8 +298,25 @@ async def test_trim_drops_acknowledged_entries_only(p2: Phase2, redis: Redis) ->
     p2.fin.claim_idle_ms = 0
     assert await p2.drain() == 2
     assert (await p2.figures())["backlog"] == 0
-    await p2.fin.trim()
-    assert await redis.xlen(stream) == 1  # the last delivered entry marks the group's place
+    assert await p2.fin.trim() == 5
+    assert await redis.xlen(stream) == 0  # every entry confirmed: the group keeps its place
+
+
+async def test_trim_keeps_what_another_group_of_the_stream_has_not_confirmed(
+    p2: Phase2, redis: Redis
+) -> None:
+    await p2.sku(stock=100, limit=100)
+    stream = keys.SkuKeys("s").stream
+    await redis.xgroup_create(stream, "audit-copy", id="0", mkstream=True)  # a reader of its own
+    for _ in range(4):
+        await p2.order()
+    assert await p2.drain() == 4
+    assert await p2.fin.trim() == 0  # that group was handed nothing yet
+    await redis.xreadgroup("audit-copy", "c", {stream: ">"}, count=2)
+    assert await p2.fin.trim() == 0  # both still pending there
+    got: Any = await redis.xrange(stream)
+    await redis.xack(stream, "audit-copy", got[0][0])
+    assert await p2.fin.trim() == 1 and await redis.xlen(stream) == 3
 
 
 async def test_payment_endpoint(make_client: MakeClient, redis: Redis) -> None:

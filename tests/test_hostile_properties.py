@@ -8,9 +8,11 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import uuid
 from collections.abc import Iterator
+from socket import AF_INET, AF_INET6
 from typing import Any
 from urllib.parse import quote
 
@@ -21,6 +23,7 @@ from redis.asyncio import Redis
 
 from gateway.settings import Settings
 from gateway.web.app import create_app
+from gateway.web.clients import ClientAddress, forwarded_for, parse_hop
 from tests.support.api import ADMIN, ADMIN_TOKEN
 from tests.support.state import snapshot
 
@@ -118,6 +121,7 @@ class Harness:
         self.loop = asyncio.new_event_loop()
         self.stack = contextlib.AsyncExitStack()
         self.redis: Redis = self.run(self._redis(redis_url))
+        self.run(self.redis.flushdb())  # before the start: the app seeds its runtime rules
         self.client: httpx.AsyncClient = self.run(self._start(redis_url))
 
     async def _redis(self, url: str) -> Redis:
@@ -131,6 +135,11 @@ class Harness:
             redis_timeout_ms=10_000,
             qps=1e9,
             burst=10**9,
+            # every limit on (never reached) and the peer a trusted proxy: every request's
+            # proxy headers are parsed and its user and address looked up
+            user_qps=1e9,
+            client_qps=1e9,
+            trusted_proxies="127.0.0.0/8, ::1",
         )
         app = create_app(cfg, redis=self.redis)
         await self.stack.enter_async_context(app.router.lifespan_context(app))
@@ -165,7 +174,6 @@ class Harness:
 @pytest.fixture
 def harness(redis_url: str) -> Iterator[Harness]:
     h = Harness(redis_url)
-    h.run(h.redis.flushdb())
     body = {"promotion_id": "promo-p", "stock": 1_000_000, "per_user_limit": 1_000_000}
     assert (
         h.run(h.client.put("/api/v1/admin/skus/sku-p", json=body, headers=ADMIN)).status_code == 201
@@ -231,6 +239,120 @@ def test_admin_writes_never_fail(
     path = "/api/v1/admin/skus/" + quote(sku, safe="")
     r = harness.refused_changes_nothing("PUT", path, content=body, headers=headers)
     assert r.status_code in (200, 201, 400, 404, 405, 409, 413), r.text
+
+
+addresses = st.ip_addresses().map(str)
+hops = (
+    addresses
+    | addresses.map(lambda a: f"[{a}]:443" if ":" in a else f"{a}:8080")
+    | header_text
+    | st.sampled_from(["unknown", "_hidden", "", " ", '"', "[::1", "1.2.3.4:x", "[::1]:", "::"])
+)
+forwarded_elements = st.builds(
+    lambda hop, quoted, extra: f"{extra}for={chr(34) + hop + chr(34) if quoted else hop}",
+    hops,
+    st.booleans(),
+    st.sampled_from(["", "proto=https;", "by=10.0.0.1;", "FOR=1.1.1.1;", ";;", "x"]),
+)
+proxy_headers = st.one_of(
+    st.lists(hops, max_size=6).map(lambda hs: ("X-Forwarded-For", ", ".join(hs))),
+    st.lists(forwarded_elements, max_size=4).map(lambda es: ("Forwarded", ", ".join(es))),
+    st.tuples(st.sampled_from(["X-Forwarded-For", "Forwarded"]), header_text),
+)
+TRUSTED = "10.0.0.0/8, 2001:db8::/32, 192.0.2.1"
+
+
+def scope_of(peer: str, headers: list[tuple[str, str]]) -> dict[str, Any]:
+    raw = [(k.lower().encode(), v.encode("latin-1", "replace")) for k, v in headers]
+    return {"client": (peer, 1234), "headers": raw}
+
+
+@EXAMPLES
+@given(peer=addresses | header_text, headers=st.lists(proxy_headers, max_size=3))
+def test_any_proxy_headers_give_the_peer_or_an_address(
+    peer: str, headers: list[tuple[str, str]]
+) -> None:
+    """Whatever the headers say, resolving never raises and answers the peer itself or one
+    of the addresses the headers carry; from an untrusted peer, always the peer."""
+    clients = ClientAddress(TRUSTED)
+    found = clients.of(scope_of(peer, headers))
+    if not clients.trusted_peer(peer):
+        assert found == peer
+    elif found != peer:
+        ipaddress.ip_address(found)  # an address, in its canonical text
+        assert parse_hop(found) == found
+        carried = {
+            str(parse_hop(hop))
+            for _, value in headers
+            for hop in [*value.split(","), *forwarded_for(value)]
+        }
+        assert found in carried
+
+
+@EXAMPLES
+@given(
+    client=st.ip_addresses().filter(
+        lambda a: (
+            not ClientAddress(TRUSTED).trusted((AF_INET if a.version == 4 else AF_INET6, a.packed))
+        )
+    ),
+    left=st.lists(hops, max_size=4),
+    proxies=st.lists(
+        st.sampled_from(["10.1.2.3", "192.0.2.1", "2001:db8::7", "10.0.0.9"]), max_size=3
+    ),
+    peer=st.sampled_from(["10.0.0.1", "192.0.2.1", "2001:db8::1"]),
+    form=st.sampled_from(["xff", "forwarded"]),
+)
+def test_behind_trusted_proxies_the_client_is_the_right_most_untrusted_hop(
+    client: Any, left: list[str], proxies: list[str], peer: str, form: str
+) -> None:
+    """The client's own address, then the proxies that appended theirs: whatever the client
+    wrote before (left of) its address, the client is found."""
+    chain = [*left, str(client), *proxies]
+    if form == "xff":
+        headers = [("X-Forwarded-For", ", ".join(chain))]
+    else:
+        headers = [("Forwarded", ", ".join(f'for="{h}"' for h in chain))]
+    assert ClientAddress(TRUSTED).of(scope_of(peer, headers)) == parse_hop(str(client))
+
+
+@EXAMPLES
+@given(headers=st.lists(proxy_headers, min_size=1, max_size=3), user=ids)
+def test_orders_with_any_proxy_headers_never_fail(
+    harness: Harness, headers: list[tuple[str, str]], user: str
+) -> None:
+    body = {"user_id": user, "sku_id": "sku-p", "quantity": 1, "promotion_id": "promo-p"}
+    sent = [(k, v.encode("latin-1", "replace")) for k, v in headers]
+    sent.append(("X-Idempotency-Key", str(uuid.uuid4()).encode()))
+    r = harness.refused_changes_nothing(
+        "POST", "/api/v1/order/create", content=json.dumps(body).encode(), headers=sent
+    )
+    assert r.status_code == 202, r.text
+
+
+rule_values = (
+    st.integers(-5, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | json_values
+)
+rule_bodies = st.dictionaries(
+    st.sampled_from(["qps", "burst", "breaker_rt_ms", "breaker_slow_ratio", "breaker_min_calls",
+                     "breaker_window_ms", "breaker_open_s", "client_qps", "client_burst",
+                     "user_qps", "user_burst", "nope", "QPS"]),
+    rule_values,
+    max_size=4,
+).map(lambda d: json.dumps(d).encode()) | st.binary(max_size=60)  # fmt: skip
+
+
+@EXAMPLES
+@given(body=rule_bodies)
+def test_rule_changes_never_fail(harness: Harness, body: bytes) -> None:
+    r = harness.refused_changes_nothing("PUT", "/api/v1/admin/rules", content=body, headers=ADMIN)
+    assert r.status_code in (200, 400), r.text
+    harness.run(harness.client.put("/api/v1/admin/rules", json=RELAXED, headers=ADMIN))
+
+
+RELAXED = {"qps": 1e9, "burst": 10**9, "user_qps": 1e9, "user_burst": 0, "client_qps": 1e9,
+           "client_burst": 0, "breaker_rt_ms": 800, "breaker_slow_ratio": 0.5,
+           "breaker_min_calls": 5, "breaker_window_ms": 1000, "breaker_open_s": 10}  # fmt: skip
 
 
 def test_a_flood_of_keys_from_one_user_is_bounded_by_the_limit(harness: Harness) -> None:

@@ -216,3 +216,22 @@ def test_concurrent_takes_lose_no_update(tmp_path: Path) -> None:
         assert sum(counts.values()) == 80_000
         # every take was counted once: an unlocked read-modify-write would leave more behind
         assert 920_000 <= bucket.tokens < 920_000 + 1
+
+
+def test_configure_keeps_the_tokens_and_caps_them_by_a_lower_burst(
+    make: Make, clock: Clock
+) -> None:
+    bucket = make(1.0, 10)
+    assert [bucket.take() for _ in range(4)] == [0.0] * 4  # 6 left
+    bucket.configure(100.0, 10)
+    assert bucket.tokens == 6.0  # a new rate does not refill what time did not
+    clock.now += 0.02  # 2 tokens at the new rate
+    assert bucket.tokens == pytest.approx(8.0)
+    bucket.configure(100.0, 3)
+    assert drain(bucket) == 3  # capped by the lower burst, not emptied
+    bucket.configure(0.5, 3)
+    assert bucket.take() == pytest.approx(2.0)  # a token in 2 s at the new rate
+    with pytest.raises(ValueError):
+        bucket.configure(0, 3)
+    with pytest.raises(ValueError):
+        bucket.configure(1.0, 0)

@@ -52,6 +52,8 @@ def test_short_spike_nothing_oversold_duplicated_or_lost(tmp_path: Path) -> None
         *("--users", "30", "--spawn-seconds", "2", "--hold-seconds", "8"),
         *("--tail-seconds", "2", "--tail-users", "5", "--think-seconds", "0.3"),
         *("--stock", "10", "--switch-every", "2", "--queue-only-seconds", "1"),
+        *("--scalpers", "1", "--user-qps", "5", "--user-burst", "10"),
+        *("--client-qps", "5", "--client-burst", "10"),
     ]
     env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
     run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=140)
@@ -82,6 +84,43 @@ def test_short_spike_nothing_oversold_duplicated_or_lost(tmp_path: Path) -> None
     for seen in ("202 HELD", "202 QUEUED", "202 replay", "400 invalid_request", "200 QUEUE_ONLY"):
         assert answers.get(seen, 0) > 0, (seen, answers)
     assert summary["orders"] > 0 and summary["recorded"] >= summary["orders"]
+    # The scalpers were held to their budgets (one user, one address: at most a burst and the
+    # refill over the run each) while the honest shoppers, each their own address behind
+    # the trusted proxy, were hardly ever refused by them.
+    honest, scalper = summary["groups"]["honest"], summary["groups"]["scalper"]
+    assert scalper["client_rate_limited"] > 0, summary["groups"]
+    run_s = 2 + 8 + 2 + 10  # the spike, the tail, and slack for a slow start and stop
+    assert scalper["accepted"] <= (10 + 10) + (5 + 5) * run_s, summary["groups"]
+    assert honest["creates"] > 0 and honest["p99_ms"] is not None
+    assert honest["client_rate_limited"] <= honest["creates"] // 100, summary["groups"]
+
+
+@pytest.mark.timeout(150)
+def test_short_queue_shoppers_poll_as_told(tmp_path: Path) -> None:
+    """`--scenario queue`: shoppers in a QUEUE_ONLY line behind a slow finalizer (2 % of the
+    time), each reading its order only as Retry-After says; positions never rise (a Locust
+    failure otherwise), nothing is lost, and the report has the poll volume and ETA error."""
+    out = tmp_path / "line"
+    argv = [
+        *(sys.executable, "-m", "loadtests.run", "--out", str(out), "--scenario", "queue"),
+        *("--users", "60", "--spawn-seconds", "1", "--hold-seconds", "6", "--tail-seconds", "1"),
+        *("--tail-users", "5", "--stock", "100000", "--finalizer-share", "0.02"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=140)
+    log = f"stdout:\n{run.stdout[-6000:]}\nstderr:\n{run.stderr[-3000:]}"
+
+    assert run.returncode == 0 and processes_of(out) == [], log
+    summary = json.loads((out / "summary.json").read_text())
+    counts = {k: summary.get(k) for k in ("oversold", "duplicate", "lost", "unsettled")}
+    assert counts == {"oversold": 0, "duplicate": 0, "lost": 0, "unsettled": 0}, log
+    assert summary["failures"] == 0 and summary["exceptions"] == 0, log
+    assert summary["by_answer"].get("202 QUEUED", 0) > 0 and "202 HELD" not in summary["by_answer"]
+    shoppers, finalizers = summary["line"]["shoppers"], summary["line"]["finalizers"]
+    assert shoppers["orders"] > 0 and shoppers["reads"] >= shoppers["orders"], log
+    assert finalizers["wait_s_count"] == summary["orders"], log  # every order was queued
+    assert finalizers["eta_error_s_count"] > 0, log  # the rate was measured, ETAs were told
+    assert "ETA error" in run.stdout and "reads" in run.stdout
 
 
 def test_the_checks_count_what_they_are_for(tmp_path: Path) -> None:

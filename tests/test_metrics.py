@@ -97,6 +97,21 @@ async def test_bucket_refusals_breaker_and_mode_are_counted(
     assert total(after, "flashgate_worker_mode_queue_only") == 1
 
 
+async def test_client_refusals_and_the_rules_version_are_counted(make_client: MakeClient) -> None:
+    c = await make_client(user_qps=0.001, user_burst=1)
+    await put_sku(c, stock=10)
+    before = await scrape(c)
+    assert (await create(c)).status_code == 202
+    assert (await create(c)).status_code == 429
+    r = await c.put("/api/v1/admin/rules", json={"burst": 7}, headers=ADMIN)
+    assert r.status_code == 200
+    after = await scrape(c)
+    refusals = "flashgate_client_refusals_total"
+    assert total(after, refusals, limit="user") - total(before, refusals, limit="user") == 1
+    assert total(after, refusals, limit="client") == total(before, refusals, limit="client")
+    assert total(after, "flashgate_rules_version") == 1
+
+
 def test_every_worker_counts_in_every_scrape(data_dir: Path) -> None:
     """Two workers share the load; any scrape, whichever worker answers it, counts every
     request; a worker killed keeps its counts in the sum and leaves the live gauges."""
@@ -215,3 +230,12 @@ async def test_the_dashboard_queries_only_metrics_and_labels_that_exist(client: 
             have = set().union(*(labels.get(n, set()) for n in names))
             if have:  # no sample yet (no breaker transition in this test): name checked above
                 assert {g.strip() for g in group.split(",")} <= have | {"le"}, (expr, have)
+
+
+def test_the_dashboard_shows_the_relay_lag() -> None:
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
+    for name in ("flashgate_relay_lag", "flashgate_relay_oldest_unconfirmed_seconds"):
+        assert name in exprs

@@ -240,6 +240,7 @@ class TestSwitch:
             "status": "QUEUED",
             "sku_id": "sku-42",
             "quantity": 1,
+            "position": 2,  # the HELD order is in the stream ahead of it, not yet finalized
         }
         assert (await create(client, key, user_id="u1")).content == r.content
         after = await client.get("/api/v1/admin/skus/sku-42", headers=ADMIN)

@@ -6,17 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
-import pytest
 from redis.asyncio import Redis
 
 from gateway.settings import Settings
 from gateway.store import figures, keys
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.relay.replay import replay_dead
-from tests.support.api import MakeClient
 from tests.support.receiver import Receiver
 from tests.support.relaying import (
-    PAYMENT_SECRET,
     Orders,
     entries,
     event_ids,
@@ -24,20 +21,6 @@ from tests.support.relaying import (
     until,
 )
 from tests.support.state import BOTH_BACKENDS
-
-
-@pytest.fixture
-async def scripts(redis: Redis) -> ScriptRegistry:
-    registry = ScriptRegistry()
-    await registry.load_all(redis)
-    return registry
-
-
-@pytest.fixture
-async def orders(
-    redis: Redis, scripts: ScriptRegistry, settings: Settings, make_client: MakeClient
-) -> Orders:
-    return Orders(redis, scripts, settings, await make_client(payment_secret=PAYMENT_SECRET))
 
 
 def in_commit_order(receiver: Receiver) -> bool:
@@ -185,6 +168,27 @@ async def test_two_relays_share_the_work_and_miss_nothing(
     assert sum(r.delivered for r in relays) == len(receiver.deliveries) == len(expected)
     assert in_commit_order(receiver)
     for r in relays:
+        await r.target.close()
+
+
+async def test_a_batch_slower_than_the_claim_idle_time_stays_with_its_relay(
+    redis: Redis, scripts: ScriptRegistry, settings: Settings, orders: Orders, receiver: Receiver
+) -> None:
+    """A batch that takes longer than the claim idle time: its relay keeps the entries it
+    still holds from looking idle, so a second relay polling meanwhile takes none of them."""
+    await orders.confirmed("sa", 12)
+    quick = settings.replace(finalizer_claim_idle_ms=600)
+    slow, other = (make_relay(redis, scripts, quick, receiver, name=n) for n in ("slow", "other"))
+    receiver.hang_s = 0.1  # the batch takes about 1.2 s, twice the claim idle time
+    batch = asyncio.create_task(slow.run_once())
+    await until(lambda: receiver.requests >= 1)  # the slow relay holds the batch
+    while not batch.done():
+        await other.run_once()
+        await asyncio.sleep(0.05)
+    assert await batch == 12
+    assert slow.delivered == 12 and other.delivered == 0
+    assert len(receiver.deliveries) == 12 and len(receiver.received()) == 12
+    for r in (slow, other):
         await r.target.close()
 
 

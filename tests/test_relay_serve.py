@@ -8,6 +8,8 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 
 from gateway.settings import Settings
 from tests.support.api import ADMIN, order_body
-from tests.support.processes import Serve, flashgate
+from tests.support.processes import Serve, flashgate, role_pid
 from tests.support.receiver import Receiver
 
 pytestmark = pytest.mark.integration
@@ -101,6 +103,49 @@ async def test_a_sale_reaches_the_webhook_once_per_final_state(tmp_path: Path) -
         for event, n in (("CONFIRMED", PAID), ("EXPIRED", ORDERS - PAID)):
             line = f'flashgate_relay_delivered_total{{event="{event}",target="webhook"}} {n}.0'
             assert line in text.splitlines(), [x for x in text.splitlines() if "relay" in x]
+
+        async def caught_up() -> bool:  # the relay's lag, written by it, read by the gateway
+            async with httpx.AsyncClient(base_url=serve.base) as c:
+                lines = (await c.get("/metrics")).text.splitlines()
+            return any(x.startswith("flashgate_relay_lag{") and x.endswith(" 0.0") for x in lines)
+
+        await until("the relay's lag at 0 in the gateway's /metrics", caught_up)
+        assert "HTTP Request: POST" not in serve.log.read_text()  # no log line per delivery
+    finally:
+        await asyncio.to_thread(serve.stop)
+        await receiver.stop()
+
+
+async def test_a_relay_killed_under_serve_resumes_what_it_held_at_once(tmp_path: Path) -> None:
+    """serve starts a killed relay again under its old consumer name: it delivers the entries
+    its predecessor held without waiting for them to look idle (2 minutes here)."""
+    receiver = Receiver(WHSEC)
+    receiver.hang_s = 0.5  # the relay holds its batch while the first answer is slow
+    await receiver.start()
+    env = serve_env(
+        receiver.url, FLASHGATE_RELAY_SECRET=WHSEC, FLASHGATE_FINALIZER_CLAIM_IDLE_MS="120000"
+    )
+    serve = await asyncio.to_thread(Serve, tmp_path / "data", env=env)
+    try:
+        expected = await sale(serve.base)
+
+        async def holding() -> bool:
+            return receiver.requests >= 1
+
+        await until("a delivery under way", holding)
+        killed = role_pid(serve, "relay")
+        os.kill(killed, signal.SIGKILL)
+        receiver.hang_s = 0.0
+
+        async def all_final() -> dict[str, str] | None:
+            got = {json.loads(b)["order_id"]: json.loads(b)["event"] for b in
+                   receiver.received().values()}  # fmt: skip
+            return got if len(got) == ORDERS else None
+
+        assert await until("every final state, well within the claim idle time", all_final,
+                           timeout_s=30) == expected  # fmt: skip
+        assert f"relay (pid {killed}) killed by signal 9" in serve.log.read_text()
+        assert all(len(bodies) == 1 for bodies in receiver.bodies().values())
     finally:
         await asyncio.to_thread(serve.stop)
         await receiver.stop()

@@ -12,8 +12,8 @@ from standardwebhooks import Webhook
 from gateway.workers.relay.events import Event
 from gateway.workers.relay.loop import group_for
 from gateway.workers.relay.target import Refused, Unreachable
-from gateway.workers.relay.trim import trim_floor, trim_stream
 from gateway.workers.relay.webhook import WebhookTarget
+from gateway.workers.trim import trim_floor, trim_stream
 from tests.support.receiver import Receiver
 from tests.support.relaying import SECRET
 from tests.support.state import BOTH_BACKENDS

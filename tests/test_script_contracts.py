@@ -147,6 +147,9 @@ CONTRACTS = {
         reply=outcomes.Finalized,
         codes=outcomes.FinalizeResult,
     ),
+    "read_order": Contract(
+        calls.read_order, dict(order=SK.order("abc.s1"), sku=SK), reply=outcomes.OrderRead
+    ),
     "dead_letter": Contract(
         calls.dead_letter,
         dict(sku=SK, stream=SK.stream, order_id="abc.s1", group="g", entry_id=b"1-0",
@@ -181,6 +184,13 @@ CONTRACTS = {
         calls.switch_mode,
         dict(mode="QUEUE_ONLY", channel="fg:notices", history_kept=100, by="op", client=""),
         reply=outcomes.ModeChange,
+    ),
+    "set_rules": Contract(
+        calls.set_rules,
+        dict(expected_version=3, rules=b'{"qps":1}', channel="fg:notices", history_kept=20,
+             by="op", client=""),
+        reply=outcomes.RulesChange,
+        codes=outcomes.RulesResult,
     ),
 }  # fmt: skip
 

@@ -39,6 +39,11 @@ VARIABLES = [
     ("FLASHGATE_BREAKER_MIN_CALLS", 5),
     ("FLASHGATE_BREAKER_WINDOW_MS", 1000),
     ("FLASHGATE_BREAKER_OPEN_S", 10.0),
+    ("FLASHGATE_CLIENT_QPS", 0.0),
+    ("FLASHGATE_CLIENT_BURST", 0),
+    ("FLASHGATE_USER_QPS", 0.0),
+    ("FLASHGATE_USER_BURST", 0),
+    ("FLASHGATE_TRUSTED_PROXIES", ""),
     ("FLASHGATE_MAX_QUANTITY", 100),
     ("FLASHGATE_MAX_BODY_BYTES", 4096),
     ("FLASHGATE_CLIENT_TIMEOUT_S", 10.0),
@@ -201,6 +206,16 @@ def test_cluster_checks_look_at_several_settings() -> None:
     with pytest.raises(ConfigError, match="in cluster mode need FLASHGATE_REDIS_CLIENT=mux"):
         Settings(redis_cluster=True, waitaof_local=1, redis_client="pool")
     Settings(redis_cluster=True, waitaof_local=1, redis_url="rediss://h:1")
+
+
+def test_trusted_proxies_take_addresses_and_cidrs_and_name_a_bad_entry() -> None:
+    given = " 10.0.0.1, 10.1.0.0/16 ,, ::1, fd00::/8 "
+    assert read({"FLASHGATE_TRUSTED_PROXIES": given}).trusted_proxies == given
+    for bad in ("10.0.0.300", "proxy.example", "10.0.0.0/33", "10.0.0.1;10.0.0.2"):
+        with pytest.raises(ConfigError, match="FLASHGATE_TRUSTED_PROXIES: .* is not an IP"):
+            read({"FLASHGATE_TRUSTED_PROXIES": bad})
+    with pytest.raises(ConfigError, match="FLASHGATE_CLIENT_QPS must be a number >= 0"):
+        read({"FLASHGATE_CLIENT_QPS": "-1"})
 
 
 def test_to_env_gives_the_same_settings_back() -> None:

@@ -486,8 +486,8 @@ class OrderLifecycle(RuleBasedStateMachine):
         oid = answer["order_id"]
         assert keys.split_order_id(oid) is not None and oid.endswith("." + sku)
         want = {"order_id": oid, "sku_id": sku, "quantity": qty}
-        if queue_only:
-            want["status"] = "QUEUED"
+        if queue_only:  # behind every order of the SKU's stream not yet finalized
+            want |= {"status": "QUEUED", "position": self.model.skus[sku].backlog + 1}
         else:
             want |= {"status": "HELD", "hold_expires_at": self.now + TTL}
         assert answer == want
@@ -770,6 +770,15 @@ class OrderLifecycle(RuleBasedStateMachine):
         assert snap["users"] == m.users, (sku, snap["users"], m.users)
         mine = {oid: o for oid, o in self.model.orders.items() if o.sku == sku}
         assert set(snap["orders"]) == set(mine), (sku, set(snap["orders"]) ^ set(mine))
+        # The queue's counters: every order in, every drained one out; a QUEUED order's
+        # position is its place among the orders of the stream not yet finalized (FIFO here).
+        queue_out = int(snap["figures"].get("queue_out", 0))
+        assert int(snap["figures"].get("queue_in", 0)) - queue_out == m.backlog, (sku, snap)
+        waiting = [oid for kind, oid, _ in m.stream if kind == "created"]
+        for oid, o in mine.items():
+            if o.status == "QUEUED":
+                position = int(snap["orders"][oid]["queue_seq"]) - queue_out
+                assert position == waiting.index(oid) + 1, (sku, oid, position, waiting)
         for oid, o in mine.items():
             _check_order_against_model(o, snap["orders"][oid], snap["holds"].get(oid))
         extra_holds = set(snap["holds"]) - {o.oid for o in mine.values() if o.status == "HELD"}
@@ -829,7 +838,7 @@ def _check_order_against_model(o: MOrder, rec: dict[str, str], hold: float | Non
 
 
 def _check_contract(sku: str, snap: dict[str, Any]) -> None:
-    fig = {k: int(v) for k, v in snap["figures"].items() if k != "promotion_id"}
+    fig = {k: int(v) for k, v in snap["figures"].items() if k not in ("promotion_id", "drain_rate")}
     stock, available, held, sold = fig["stock"], fig["available"], fig["held"], fig["sold"]
     assert stock == available + held + sold, (sku, fig)
     assert min(available, held, sold, fig.get("backlog", 0)) >= 0, (sku, fig)

@@ -40,11 +40,13 @@ class CircuitBreaker:
         clock: Callable[[], float] = time.monotonic,
         on_transition: Callable[[State, State], None] | None = None,
     ) -> None:
-        self.rt_s = rt_ms / 1000
-        self.slow_ratio = slow_ratio
-        self.min_calls = min_calls
-        self.window_s = window_ms / 1000
-        self.open_s = open_s
+        self.configure(
+            rt_ms=rt_ms,
+            slow_ratio=slow_ratio,
+            min_calls=min_calls,
+            window_ms=window_ms,
+            open_s=open_s,
+        )
         self.clock = clock
         self.on_transition = on_transition
         self.state = State.CLOSED
@@ -52,6 +54,18 @@ class CircuitBreaker:
         self._window_start = clock()
         self._calls = 0
         self._slow = 0
+
+    def configure(
+        self, *, rt_ms: float, slow_ratio: float, min_calls: int, window_ms: float, open_s: float
+    ) -> None:
+        """Take new thresholds (a runtime rule) and keep the state: an open breaker stays open
+        until `open_s` (the new one) has passed since it opened; the current window keeps its
+        counts and ends at its start plus the new `window_ms`."""
+        self.rt_s = rt_ms / 1000
+        self.slow_ratio = slow_ratio
+        self.min_calls = min_calls
+        self.window_s = window_ms / 1000
+        self.open_s = open_s
 
     def allow(self) -> bool:
         """May a call start now? In HALF_OPEN only the single probe is let through."""

@@ -47,13 +47,7 @@ class TokenBucket:
         clock: Callable[[], float] = time.monotonic,
         path: str | os.PathLike[str] | None = None,
     ) -> None:
-        if not (rate > 0 and math.isfinite(rate)):
-            raise ValueError(f"rate must be a positive number of tokens per second, not {rate!r}")
-        if burst < 1:
-            raise ValueError(f"burst must be at least 1 token, not {burst!r}")
-        self.rate = float(rate)
-        self.burst = burst
-        self._cap = float(burst)
+        self.configure(rate, burst)
         self._clock = clock
         self._fd = -1  # >= 0: the shared file, locked around every read-modify-write
         self._map: mmap.mmap | None = None
@@ -63,6 +57,17 @@ class TokenBucket:
         else:
             self._fd, self._map = self._open(path)
             self._buf = self._map
+
+    def configure(self, rate: float, burst: int) -> None:
+        """Take a new rate and capacity (a runtime rule) without losing the tokens there: a
+        lower capacity caps them at the next take, a higher one fills with the refill."""
+        if not (rate > 0 and math.isfinite(rate)):
+            raise ValueError(f"rate must be a positive number of tokens per second, not {rate!r}")
+        if burst < 1:
+            raise ValueError(f"burst must be at least 1 token, not {burst!r}")
+        self.rate = float(rate)
+        self.burst = burst
+        self._cap = float(burst)
 
     def _open(self, path: str | os.PathLike[str]) -> tuple[int, mmap.mmap]:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

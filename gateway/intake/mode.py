@@ -4,7 +4,8 @@
 publishes a notice). `NoticeWatcher` keeps one process's copy: it subscribes to the notice
 channel and also re-reads the mode every `refresh_s`, so a lost notice (a reconnect, a
 restarted server) delays a switch by at most that long. While Redis is unreachable the last
-mode read stays in force.
+mode read stays in force. Other state shared the same way (the runtime rules, `rules.py`)
+rides on the same watcher as a `Shared`: its own notice, re-read with the mode.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import msgspec
 
@@ -77,16 +79,33 @@ class ModeStore:
         return bool(ModeChange.of(await self._switch(self.redis, *call)).changed)
 
 
+class Shared(Protocol):
+    """State a process copies from Redis: re-read on its notice and with every refresh."""
+
+    notice: bytes
+
+    async def refresh(self) -> None: ...
+
+
 class NoticeWatcher:
-    """This process's copy of the mode, and the sold-out memo's `stock:<sku>` notices."""
+    """This process's copy of the mode and of the `shared` state, and the sold-out memo's
+    `stock:<sku>` notices."""
 
     def __init__(
-        self, redis: Client, store: ModeStore, memo: SoldOutMemo, *, refresh_s: float = 0.5
+        self,
+        redis: Client,
+        store: ModeStore,
+        memo: SoldOutMemo,
+        *,
+        refresh_s: float = 0.5,
+        shared: Sequence[Shared] = (),
     ) -> None:
         self.redis = redis
         self.store = store
         self.memo = memo
         self.refresh_s = refresh_s
+        self.shared = tuple(shared)
+        self._notices = {b"mode", *(s.notice for s in self.shared)}
         self._mode = Mode.NORMAL
         self.connected = False
         self._heard = asyncio.Event()  # the first subscription was confirmed
@@ -107,6 +126,8 @@ class NoticeWatcher:
         one task listens for notices, one re-reads the mode every `refresh_s`. Waits (bounded)
         for the subscription, so no notice published after start-up is missed."""
         self.mode = await self.store.read()
+        for state in self.shared:
+            await state.refresh()
         self._tasks = [
             asyncio.create_task(self._listen(), name="flashgate-notices"),
             asyncio.create_task(self._poll(), name="flashgate-mode-refresh"),
@@ -123,14 +144,17 @@ class NoticeWatcher:
         self._tasks = []
 
     async def refresh(self) -> None:
+        """Re-read the mode and the shared state."""
         mode = await self.store.read()
         if mode is not self.mode:
             log.warning("intake mode %s -> %s", self.mode.value, mode.value)
             self.mode = mode
+        for state in self.shared:
+            await state.refresh()
 
     def apply(self, notice: bytes) -> bool:
-        """Apply one notice; True when the mode must be re-read."""
-        if notice == b"mode":
+        """Apply one notice; True when the mode and the shared state must be re-read."""
+        if notice in self._notices:
             return True
         if notice.startswith(keys.STOCK_NOTICE):
             self.memo.forget(notice[len(keys.STOCK_NOTICE) :].decode(errors="replace"))

@@ -1,8 +1,9 @@
 """Intake: the order path's policy, without HTTP and without the wire.
 
-`Intake.create(order, key)` decides one order in this order: the sold-out memo (no Redis
-round trip for a SKU known sold out), the instance's token bucket, the circuit breaker, then
-the order script (`store`), whose latency feeds the breaker. A refusal leaves as the
+`Intake.create(order, key, client)` decides one order in this order: the sold-out memo (no
+Redis round trip for a SKU known sold out), the user's and the client address's buckets
+(`keyed.py`, while a limit is on), the instance's token bucket, the circuit breaker, then the
+order script (`store`), whose latency feeds the breaker. A refusal leaves as the
 `GatewayError` the contract names; an accepted order returns the stored answer's bytes.
 """
 
@@ -13,6 +14,7 @@ import math
 
 from gateway import errors
 from gateway.intake.breaker import CircuitBreaker, State
+from gateway.intake.keyed import KeyedBuckets
 from gateway.intake.limiter import TokenBucket
 from gateway.intake.mode import NoticeWatcher
 from gateway.intake.soldout import SoldOutMemo
@@ -34,27 +36,34 @@ class Intake:
         inventory: Inventory,
         *,
         limiter: TokenBucket,
+        keyed: KeyedBuckets,
         breaker: CircuitBreaker,
         memo: SoldOutMemo,
         watcher: NoticeWatcher,
-        qps: float,
     ) -> None:
         self.inventory = inventory
         self.limiter = limiter
+        self.keyed = keyed
         self.breaker = breaker
         self.memo = memo
         self.watcher = watcher
-        self._policy = f'"intake";q={max(1, round(qps))};w=1'
 
-    async def create(self, req: OrderRequest, key: str) -> tuple[CreateResult, bytes]:
-        """Decide one order. Returns (CREATED or REPLAYED, the stored answer's JSON bytes); a
-        refusal raises. REPLAYED: the same (user, key) was answered before, this is that
-        answer."""
+    async def create(
+        self, req: OrderRequest, key: str, client: str = ""
+    ) -> tuple[CreateResult, bytes]:
+        """Decide one order from `client` (its address, "" unknown). Returns (CREATED or
+        REPLAYED, the stored answer's JSON bytes); a refusal raises. REPLAYED: the same
+        (user, key) was answered before, this is that answer."""
         queue_only = self.watcher.mode is Mode.QUEUE_ONLY
         if not queue_only and self.memo.refuses(
             req.sku_id, req.promotion_id, accepted_member(req.user_id, key)
         ):
             raise errors.SoldOut(available=0)
+        if self.keyed.on:
+            limit, wait_s = self.keyed.take(req.user_id, client)
+            if limit:
+                metrics.CLIENT_REFUSALS.labels(limit).inc()
+                raise errors.ClientRateLimited(retry_after_s=max(1, math.ceil(wait_s)), limit=limit)
         wait_s = self.limiter.take()
         if wait_s > 0:
             metrics.BUCKET_REFUSALS.inc()
@@ -90,9 +99,10 @@ class Intake:
     def rate_limited(self, wait_s: float) -> errors.RateLimited:
         """429 with Retry-After from the refill and the IETF RateLimit headers."""
         retry = max(1, math.ceil(wait_s))
+        policy = f'"intake";q={max(1, round(self.limiter.rate))};w=1'
         return errors.RateLimited(
             retry_after_s=retry,
-            headers={"RateLimit-Policy": self._policy, "RateLimit": f'"intake";r=0;t={retry}'},
+            headers={"RateLimit-Policy": policy, "RateLimit": f'"intake";r=0;t={retry}'},
         )
 
     async def learn_sold_out(self, sku_id: str, promotion_id: str) -> None:

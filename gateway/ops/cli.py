@@ -123,6 +123,12 @@ def _parser() -> argparse.ArgumentParser:
                 help="send this target's dead letters again (same event ids), then exit "
                 "instead of running a relay",
             )  # fmt: skip
+            command.add_argument(
+                "--consumer", metavar="NAME",
+                help="this relay's name in its consumer group (default: host, pid and a random"
+                " part); a relay started again under its old name resumes the entries it held"
+                " at once. Never give two live relays one name",
+            )  # fmt: skip
         if name in ("dead", "finalizer", "relay"):
             command.add_argument("--sku", action="append", help="only this SKU (repeatable)")
         if name == "dead":
@@ -160,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             replay = status.replay_dead if args.command == "finalizer" else status.replay_relay
             return asyncio.run(replay(resolve_redis(settings), args.sku))
         if args.command in ("finalizer", "sweeper", "relay"):
-            return asyncio.run(run_role(resolve_redis(settings), args.command))
+            name = getattr(args, "consumer", None)
+            return asyncio.run(run_role(resolve_redis(settings), args.command, name=name))
         if args.command == "verify-draw":
             return _verify_draw(args, settings)
         return _read(args, resolve_redis(settings))

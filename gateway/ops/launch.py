@@ -5,6 +5,7 @@ the token bucket file, the metrics directory)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import signal
@@ -18,6 +19,9 @@ from gateway.ops.embedded import discover
 from gateway.settings import ConfigError, Settings, env_name
 from gateway.telemetry import logs
 from gateway.transport.replies import REDIS_FAILURES
+
+log = logging.getLogger("flashgate")
+START_RETRY_S = (0.5, 5.0)  # a worker waiting for Redis at start: first pause, longest pause
 
 if TYPE_CHECKING:
     from gateway.transport.connect import Client
@@ -65,7 +69,8 @@ def run_gateway(settings: Settings) -> int:
     import uvicorn
 
     settings = resolve_redis(settings)
-    if settings.workers > 1 and not settings.bucket_file:
+    own_file = settings.workers > 1 and not settings.bucket_file
+    if own_file:
         settings = settings.replace(bucket_file=str(bucket_path(settings.port)))
     os.environ.update(settings.to_env())
     # every worker's metrics files, added up by whichever worker answers GET /metrics
@@ -83,17 +88,20 @@ def run_gateway(settings: Settings) -> int:
         log_config=logs.uvicorn_config(settings.log_format, settings.log_level),
         log_level=settings.log_level,
         timeout_graceful_shutdown=10,
-        # X-Forwarded-* is deliberately not parsed: the client address the operator audit
-        # records is the peer's (a proxy's, behind one), never a header anyone can write;
+        # uvicorn's own X-Forwarded-* handling stays off: the gateway reads those headers
+        # itself, from the peers FLASHGATE_TRUSTED_PROXIES lists only (web/clients.py);
         # no `server:` header (it names the software and version to every caller).
         proxy_headers=False,
         server_header=False,
     )
+    if own_file:  # every worker has stopped: the client limits' table goes with them
+        Path(f"{settings.bucket_file}.clients").unlink(missing_ok=True)
     return 0
 
 
-async def run_role(settings: Settings, role: str) -> int:
-    """`flashgate finalizer | sweeper | relay`: one background worker until SIGTERM/SIGINT."""
+async def run_role(settings: Settings, role: str, *, name: str | None = None) -> int:
+    """`flashgate finalizer | sweeper | relay`: one background worker until SIGTERM/SIGINT
+    (`name`: the relay's consumer name, when given)."""
     from gateway.transport.connect import create_client
     from gateway.transport.scripts import ScriptRegistry
 
@@ -111,16 +119,33 @@ async def run_role(settings: Settings, role: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         scripts = ScriptRegistry()
-        try:
-            await scripts.load_all(client)
-        except REDIS_FAILURES as exc:
-            print(f"flashgate {role}: cannot reach Redis: {exc}", file=sys.stderr)
-            return 1
+        if not await _load_scripts(client, scripts, role, stop):
+            return 0  # stopped while waiting for Redis
         if role == "relay":
-            return await run_relay(settings, client, scripts, stop)
+            return await run_relay(settings, client, scripts, stop, name=name)
         return await _run_worker(settings, client, scripts, role, stop)
     finally:
         await client.aclose()
+
+
+async def _load_scripts(
+    client: Client, scripts: ScriptRegistry, role: str, stop: asyncio.Event
+) -> bool:
+    """Load the scripts, waiting for Redis while it cannot be reached (a server restarting
+    under `serve` as this worker starts): every 0.5 s, doubling up to 5 s. False: `stop` came
+    first."""
+    delay = START_RETRY_S[0]
+    while True:
+        try:
+            await scripts.load_all(client)
+            return True
+        except REDIS_FAILURES as exc:
+            log.warning("%s: cannot reach Redis (%s); trying again in %g s", role, exc, delay)
+        try:
+            await asyncio.wait_for(stop.wait(), delay)
+            return False
+        except TimeoutError:
+            delay = min(delay * 2, START_RETRY_S[1])
 
 
 async def _run_worker(
@@ -142,13 +167,18 @@ async def _run_worker(
 
 
 async def run_relay(
-    settings: Settings, client: Client, scripts: ScriptRegistry, stop: asyncio.Event
+    settings: Settings,
+    client: Client,
+    scripts: ScriptRegistry,
+    stop: asyncio.Event,
+    *,
+    name: str | None = None,
 ) -> int:
     """The relay until `stop` (a target out of reach is waited for by the relay itself)."""
     from gateway.workers.relay.factory import target_for
     from gateway.workers.relay.loop import Relay
 
-    relay = Relay(client, scripts, settings, target_for(settings))
+    relay = Relay(client, scripts, settings, target_for(settings), name=name)
     stopping = asyncio.create_task(stop.wait())
     stopping.add_done_callback(lambda _: relay.stop())
     try:

@@ -69,6 +69,10 @@ def render(before: Sample, now: Sample) -> list[str]:
         f"{len(now.skus)} SKU(s): stock {totals[0]}, available {totals[1]}, held {totals[2]}, "
         f"sold {totals[3]}, backlog {totals[4]}, pending {totals[5]}, dead letters {totals[6]}"
     )
+    now_ms = int(time.time() * 1000)
+    for r in now.relays:  # as the relays last wrote it, about once a second
+        lines.append(f"relay {r.target} ({r.group}): lag {r.lag}, oldest unconfirmed "
+                     f"{r.oldest_age_s(now_ms):.1f} s")  # fmt: skip
     return lines
 
 

@@ -1,6 +1,6 @@
 """`flashgate serve`: the embedded server (unless REDIS_URL names one), then a sweeper, a
-finalizer and the gateway as child processes, watched until a signal or a crash; the server
-restarted in place with a backoff when it dies."""
+finalizer, a relay (with a target) and the gateway as child processes, watched until a signal;
+the server, and a child killed by a signal, restarted in place with a backoff."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import fcntl
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,11 +60,16 @@ class RestartBackoff:
 
 
 class Supervisor:
-    """`flashgate serve`: the embedded server, then the gateway; stops them in reverse order.
+    """`flashgate serve`: the embedded server, then the workers and the gateway; stops them in
+    reverse order.
 
     A crashed embedded server is restarted in place (same data dir and URL, its append-only file
-    brings the data back) with a backoff, while the gateway keeps running and reconnects; after
-    too many crashes in a row everything shuts down. A gateway that exits shuts everything down.
+    brings the data back) with a backoff, while the children keep running and reconnect; after
+    too many crashes in a row everything shuts down. A child killed by a signal (kill -9, an
+    OOM kill, a segfault) is started again the same way, with its own backoff: a finalizer's or
+    a relay's pending entries are taken over once idle, uvicorn's own workers are restarted by
+    uvicorn. A child that exits by itself (a bad setting, a target that refuses what the relay
+    declares) shuts everything down: starting it again would fail the same way.
     """
 
     def __init__(self, settings: Settings, *, backoff: RestartBackoff | None = None) -> None:
@@ -72,19 +78,25 @@ class Supervisor:
         self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
         self.stopping = False
         self.backoff = backoff or RestartBackoff()
+        self._argv: dict[str, tuple[list[str], dict[str, str]]] = {}  # how each child started
+        self._child_backoff: dict[str, RestartBackoff] = {}
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.stopping = True
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        self.children.append((name, self._start(name, argv, env)))
+
+    def _start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", *argv],
             env=env,
             preexec_fn=die_with_parent,
             start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop in order
         )
-        self.children.append((name, proc))
+        self._argv[name] = (argv, env)
         log.info("started %s (pid %d)", name, proc.pid)
+        return proc
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -112,7 +124,9 @@ class Supervisor:
             # Stopped in reverse: the gateway first, then the finalizer drains what it can.
             self._spawn("sweeper", ["sweeper"], env)
             if settings.relay_url:  # stopped after the finalizer: its last events go out too
-                self._spawn("relay", ["relay"], env)
+                # one name across restarts: a relay started again resumes what it held at once
+                name = f"{socket.gethostname()}-serve-{settings.port}-relay"
+                self._spawn("relay", ["relay", "--consumer", name], env)
             self._spawn("finalizer", ["finalizer"], env)
             self._spawn("gateway", ["gateway"], env)
             return self._watch()
@@ -124,18 +138,43 @@ class Supervisor:
             lock.close()
 
     def _watch(self) -> int:
+        """The server first: a child killed while it is down starts again once it is back."""
         while not self.stopping:
-            for name, proc in self.children:
-                if proc.poll() is not None:
-                    log.error("%s exited with code %s; shutting down", name, proc.returncode)
-                    return 1
             if self.server and self.server.proc and self.server.proc.poll() is not None:
                 if not self._restart_server(self.server, self.server.proc.returncode):
                     if not self.stopping:
                         return 1
+            for i, (name, proc) in enumerate(self.children):
+                code = proc.poll()
+                if code is None:
+                    continue
+                if code < 0 and self._restart_child(i, name, proc):
+                    continue
+                if self.stopping:
+                    break
+                log.error("%s exited with code %s; shutting down", name, code)
+                return 1
             time.sleep(0.2)
         log.info("stopping")
         return 0
+
+    def _restart_child(self, index: int, name: str, proc: subprocess.Popen[bytes]) -> bool:
+        """Start again, after its backoff, a child killed by a signal. False: it was killed
+        too often (or a stop signal came while waiting)."""
+        kill_group(proc, signal.SIGKILL)  # whatever it left behind in its group
+        backoff = self._child_backoff.setdefault(name, RestartBackoff())
+        delay, signum = backoff.next_delay(), -(proc.returncode or 0)
+        if delay is None:
+            log.error("%s killed by signal %d, its %d restarts within %g s are used up",
+                      name, signum, backoff.max_restarts, backoff.window_s)  # fmt: skip
+            return False
+        log.warning("%s (pid %d) killed by signal %d; restarting it in %g s",
+                    name, proc.pid, signum, delay)  # fmt: skip
+        if not self._pause(delay):
+            return False
+        argv, env = self._argv[name]
+        self.children[index] = (name, self._start(name, argv, env))
+        return True
 
     def _restart_server(self, server: EmbeddedServer, code: int | None) -> bool:
         """Restart the dead server after the backoff, again while it fails to come up.

@@ -229,6 +229,11 @@ def finalize(
     return ks, [group, entry_id, event, order_id, payment_id, hold_ttl_ms, _opt(now_ms)]
 
 
+def read_order(order: str, sku: SkuKeys) -> Call:
+    """`order` is the record key (`keys.order_key`); `sku` its bucket's keys."""
+    return [order, sku.sku], []
+
+
 def dead_letter(
     sku: SkuKeys,
     stream: str,
@@ -282,3 +287,16 @@ def sweep(sku: SkuKeys, *, now_ms: int | None, batch: int, orders_prefix: str, s
 
 def switch_mode(*, mode: str, channel: str, history_kept: int, by: str, client: str) -> Call:
     return [keys.MODE, keys.MODE_HISTORY], [mode, channel, history_kept, by, client]
+
+
+def set_rules(
+    *, expected_version: int, rules: bytes, channel: str, history_kept: int, by: str, client: str
+) -> Call:
+    return [keys.RULES, keys.RULES_HISTORY], [
+        expected_version,
+        rules,
+        channel,
+        history_kept,
+        by,
+        client,
+    ]

@@ -1,6 +1,7 @@
 """What Redis holds about the sale, read for the people on call: the intake mode and its last
 switch, each SKU's figures (stock, available, held, sold, holds, backlog, pending, dead letters,
-entries in and out), and the dead letters themselves. Read only: pipelines, nothing written.
+entries in and out), each relay group's lag (as its relays last wrote it), and the dead letters
+themselves. Read only: pipelines, nothing written.
 
 `flashgate status`, `flashgate dead`, `GET /metrics` and the admin overview read through here.
 """
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.store import keys
+from gateway.store import keys, relaylag
 from gateway.store.buckets import Layouts
 from gateway.transport.connect import Client
 from gateway.transport.streams import id_order
@@ -23,6 +24,7 @@ from gateway.transport.streams import id_order
 @dataclass(frozen=True, slots=True)
 class SkuSample:
     sku_id: str
+    drain_rate: float  # orders its finalizers decide per second of busy time (finalize.lua)
     stock: int
     available: int
     held: int
@@ -41,6 +43,7 @@ class Sample:
     mode: str
     last_switch: dict[str, Any] | None
     skus: list[SkuSample]
+    relays: list[relaylag.RelayLag]  # each relay group's lag, as its relays last wrote it
 
 
 def _added(info: Any) -> int:
@@ -50,13 +53,21 @@ def _added(info: Any) -> int:
     return int(info.get("entries-added", info.get(b"entries-added", 0)) or 0)
 
 
-async def _bucket_figures(redis: Client, tag: str) -> tuple[list[int], int, int] | None:
-    """One SKU's (or stock bucket's) figures in SkuSample's order, its bucket count and total
-    stock; None when not configured."""
+async def _bucket_figures(redis: Client, tag: str) -> tuple[list[int], float, int, int] | None:
+    """One SKU's (or stock bucket's) figures in SkuSample's order, its drain rate, its bucket
+    count and total stock; None when not configured."""
     sk = keys.SkuKeys(tag)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.hmget(
-            sk.sku, "stock", "available", "held", "sold", "backlog", "buckets", "total_stock"
+            sk.sku,
+            "stock",
+            "available",
+            "held",
+            "sold",
+            "backlog",
+            "buckets",
+            "total_stock",
+            "drain_rate",
         )
         pipe.xinfo_stream(sk.stream)
         pipe.xinfo_stream(sk.events)
@@ -79,7 +90,7 @@ async def _bucket_figures(redis: Client, tag: str) -> tuple[list[int], int, int]
         _added(stream),
         _added(events),
     ]
-    return values, int(figures[5] or 1), int(figures[6] or 0)
+    return values, float(figures[7] or 0), int(figures[5] or 1), int(figures[6] or 0)
 
 
 async def sample(redis: Client) -> Sample:
@@ -87,28 +98,31 @@ async def sample(redis: Client) -> Sample:
         pipe.hget(keys.MODE, "mode")
         pipe.lindex(keys.MODE_HISTORY, 0)
         pipe.smembers(keys.SKU_REGISTRY)
-        mode, last, members = await pipe.execute()
+        pipe.hgetall(keys.RELAY_LAG)
+        mode, last, members, relays = await pipe.execute()
     sku_ids = sorted(m.decode() for m in members)
     skus: list[SkuSample] = []
     for sku_id in sku_ids:
         home = await _bucket_figures(redis, sku_id)
         if home is None:
             continue  # registered, not configured: `flashgate audit` reports it
-        figures, buckets, total = home
+        figures, rate, buckets, total = home
         if buckets > 1:  # a bucketed SKU: every bucket summed, units in transit available
             for tag in keys.bucket_tags(sku_id, buckets)[1:]:
                 more = await _bucket_figures(redis, tag)
                 if more is not None:
                     figures = [a + b for a, b in zip(figures, more[0], strict=True)]
+                    rate += more[1]
             in_transit = total - figures[0]
             figures[0] += in_transit
             figures[1] += in_transit
-        skus.append(SkuSample(sku_id, *figures))
+        skus.append(SkuSample(sku_id, rate, *figures))
     return Sample(
         at=time.monotonic(),
         mode=mode.decode() if mode else "NORMAL",
         last_switch=json.loads(last) if last else None,
         skus=skus,
+        relays=relaylag.parse(relays, int(time.time() * 1000)),
     )
 
 

@@ -31,7 +31,10 @@ under its own tag; the order id names its bucket's tag.
 | `fg:{S}:transfers` | hash | stock moving out of this bucket: transfer id -> units, to, at |
 | `fg:{S}:received` | zset | transfer ids this bucket received -> when (a week) |
 | `fg:{mode}` | hash | mode, changed_at: the intake mode shared by every gateway |
+| `fg:relay-lag` | hash | relay group -> its lag figures (JSON), written by a relay each second |
 | `fg:{mode}:history` | list | the latest mode changes (who, from where), newest first (JSON) |
+| `fg:{rules}` | hash | version, rules (JSON): the runtime rules shared by every gateway |
+| `fg:{rules}:history` | list | the latest rule changes (who, from where, before, after), JSON |
 | `fg:{u:<user>}:ik:<key>` | string | sku_id the key was first used for (24 h), standalone |
 | `fg:{p:<payment_id>}` | string | order_id the payment confirmed, across SKUs, standalone |
 """
@@ -52,9 +55,13 @@ PREFIX = "fg"
 FINALIZER_GROUP = "finalizers"  # the consumer group every finalizer joins on every SKU stream
 SKU_REGISTRY = f"{PREFIX}:skus"
 DRAW_REGISTRY = f"{PREFIX}:draws"  # SKUs whose draw may not be done: finalizers watch these
+RELAY_LAG = f"{PREFIX}:relay-lag"
 MODE = f"{PREFIX}:{{mode}}"
 MODE_HISTORY = f"{MODE}:history"
-# Pub/sub channel of gateway notices: "mode" (re-read the mode), "stock:<sku_id>" (stock came
+RULES = f"{PREFIX}:{{rules}}"
+RULES_HISTORY = f"{RULES}:history"
+# Pub/sub channel of gateway notices: "mode" (re-read the mode), "rules" (re-read the runtime
+# rules), "stock:<sku_id>" (stock came
 # back: forget that the SKU was sold out). Channels are not keys: any node relays them.
 NOTICES = f"{PREFIX}:notices"
 STOCK_NOTICE = b"stock:"

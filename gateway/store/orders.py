@@ -18,7 +18,8 @@ from gateway.settings import Settings
 from gateway.store import calls, keys
 from gateway.store.buckets import Layouts, Mover
 from gateway.store.calls import Call
-from gateway.store.outcomes import Claim, ClaimReply, CreateResult, Fenced
+from gateway.store.outcomes import Claim, ClaimReply, CreateResult, Fenced, OrderRead
+from gateway.store.queue import place
 from gateway.store.sending import Sender
 from gateway.transport.replies import REDIS_FAILURES
 from gateway.transport.scripts import Arg, ScriptRegistry
@@ -55,6 +56,7 @@ class Orders:
         self._claim = scripts["claim_key"]
         self._settle = scripts["settle_key"]
         self._fence = scripts["fence_key"]
+        self._read = scripts["read_order"]
         self._resending = send.resending
         self._acked = send.acked  # what a 202 promises runs on this (WAITAOF when asked)
         self._bucket_counts = layouts.counts  # read on the hot path without a call
@@ -305,26 +307,30 @@ class Orders:
         )
 
     async def get_order(self, order_id: str) -> OrderView | None:
-        key = keys.order_key(order_id)
-        if key is None:
+        """The order's record and, while it is QUEUED, its place in its bucket's queue: one
+        script call (read_order.lua), O(1) whatever the queue's length."""
+        parts = keys.split_order_id(order_id)
+        if parts is None:
             return None
-        raw = await self.send.run(self.send.redis.hgetall(key))
-        if not raw:
+        sk = keys.SkuKeys(parts[1])
+        ks, args = calls.read_order(sk.order(order_id), sk)
+        read = OrderRead.of(await self.send.script(self._read, ks, args))
+        if not read.record:
             return None
-        h = {k.decode(): v for k, v in raw.items()}
-        deadline = h.get("hold_expires_at")
-        opens_at = h.get("opens_at")
+        *fields, opens_at = read.record  # opens_at: pre-queued for a fair start
+        status, user_id, sku_id, quantity, promotion_id, created_at, deadline, history = fields
         return OrderView(
             order_id=order_id,
-            status=h["status"].decode(),
-            user_id=h["user_id"].decode(),
-            sku_id=h["sku_id"].decode(),
-            quantity=int(h["quantity"]),
-            promotion_id=h["promotion_id"].decode(),
-            created_at=int(h["created_at"]),
+            status=status.decode(),
+            user_id=user_id.decode(),
+            sku_id=sku_id.decode(),
+            quantity=int(quantity),
+            promotion_id=promotion_id.decode(),
+            created_at=int(created_at),
             hold_expires_at=int(deadline) if deadline is not None else None,
-            history=msgspec.Raw(h["history"]),
+            history=msgspec.Raw(history),
             opens_at=int(opens_at) if opens_at is not None else None,
+            queue=place(read.queue) if read.queue else None,
         )
 
     async def accepted_since(self, sku_id: str, since_ms: float) -> tuple[set[str], float]:

@@ -150,14 +150,35 @@ class ClaimReply(NamedTuple):
 
 
 class Finalized(NamedTuple):
-    """finalize.lua: the status after the entry ("" for an unknown order)."""
+    """finalize.lua: the status after the entry ("" for an unknown order); for a QUEUED order
+    the entry decided, how long it was queued and the ETA it was told (ms; None: none)."""
 
     code: FinalizeResult
     status: str
+    waited_ms: int | None = None
+    eta_ms: int | None = None
 
     @classmethod
     def of(cls, raw: Sequence[Any]) -> Finalized:
-        return cls(FinalizeResult(raw[0]), text(raw[1]))
+        return cls(FinalizeResult(raw[0]), text(raw[1]), _ms(raw, 2), _ms(raw, 3))
+
+
+def _ms(raw: Sequence[Any], i: int) -> int | None:
+    """The optional integer at `raw[i]` ("" or missing: None)."""
+    value = raw[i] if len(raw) > i else None
+    return int(value) if value else None
+
+
+class OrderRead(NamedTuple):
+    """read_order.lua: the record's fields (empty: no such order) and, for a QUEUED order,
+    its queue's figures (`store.queue.place` reads them)."""
+
+    record: list[Any]
+    queue: list[Any]
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> OrderRead:
+        return cls(list(raw[0]), list(raw[1]))
 
 
 class DrawState(IntEnum):
@@ -246,6 +267,23 @@ class ModeChange(NamedTuple):
     @classmethod
     def of(cls, raw: Sequence[Any]) -> ModeChange:
         return cls(int(raw[0]), text(raw[1]), text(raw[2]))
+
+
+class RulesResult(IntEnum):
+    STALE = 0  # the version moved (or, seeding, there were rules already): nothing set
+    SET = 1
+
+
+class RulesChange(NamedTuple):
+    """set_rules.lua: SET or STALE, the version and rules JSON in force (-1 and b"": none)."""
+
+    code: RulesResult
+    version: int
+    rules: bytes
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> RulesChange:
+        return cls(RulesResult(int(raw[0])), int(raw[1]), bytes(raw[2]))
 
 
 # The order-state contract's transitions; (None, X) is the creation entry.

@@ -9,7 +9,8 @@ standard library with these formatters. A JSON line carries `ts` (UTC, ms), `lev
 The access log (`FLASHGATE_ACCESS_LOG=1`, off by default: one line per request costs about as
 much as the request) is flashgate's own, one line per answer on the `flashgate.access` logger:
 request id (the client's `X-Request-Id` when it is an id, else a new one), method, route
-template, status, answer code, duration, and the order id when there is one.
+template, status, answer code, duration, the client's address (the peer's, or behind a proxy
+listed in `FLASHGATE_TRUSTED_PROXIES` the one it names) and the order id when there is one.
 """
 
 from __future__ import annotations
@@ -48,6 +49,10 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(out, default=str).decode()
 
 
+# Libraries that log every request at INFO (httpx: one line per webhook delivery of the relay)
+QUIET = ("httpx", "httpcore")
+
+
 def formatter(fmt: str) -> logging.Formatter:
     return JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT)
 
@@ -61,6 +66,8 @@ def configure(fmt: str, *, force: bool = True) -> None:
     handler.setFormatter(formatter(fmt))
     root.handlers[:] = [handler]
     root.setLevel(logging.INFO)
+    for chatty in QUIET:
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
 
 def uvicorn_config(fmt: str, level: str) -> dict[str, Any]:

@@ -10,8 +10,9 @@ Two sources:
   the variable (tests, an app embedded elsewhere) the process's own registry is served.
 - what Redis holds, read at scrape time by the worker that answers: the shared intake mode and,
   per SKU, stock, available, held, sold, active holds, backlog, entries pending at a finalizer,
-  dead letters (`gateway.store.figures`, the same sample as `flashgate status`). SKU labels
-  only, never users.
+  dead letters (`gateway.store.figures`, the same sample as `flashgate status`); per relay
+  group, its lag and the age of its oldest unconfirmed event, as the relays wrote them. SKU and
+  relay labels only, never users.
 
 The hot path adds to plain dicts; each worker writes its counts to prometheus-client once a
 second and before a scrape it answers (`flush`), so another worker's counts may be up to a
@@ -26,6 +27,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +45,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from gateway.store import figures
+from gateway.telemetry import queueing  # noqa: F401  (registered: every scrape shows them)
 from gateway.transport.replies import REDIS_FAILURES
 
 log = logging.getLogger("flashgate")
@@ -79,6 +82,16 @@ BREAKER_TRANSITIONS = Counter(
 )
 BUCKET_REFUSALS = Counter(
     "flashgate_token_bucket_refusals_total", "Orders refused by the token bucket (429)"
+)
+CLIENT_REFUSALS = Counter(
+    "flashgate_client_refusals_total",
+    "Orders refused by a user's or a client address's bucket (429 client_rate_limited)",
+    ["limit"],
+)
+RULES_VERSION = Gauge(
+    "flashgate_rules_version",
+    "Version of the runtime rules this worker applies",
+    multiprocess_mode="liveall",
 )
 WORKER_MODE = Gauge(
     "flashgate_worker_mode_queue_only",
@@ -158,7 +171,7 @@ async def flush_every(seconds: float) -> None:
             flush()
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -177,7 +190,7 @@ def _forget_dead_workers(directory: str) -> None:
         if name.endswith(".db") and tail.isdigit():
             pids.add(int(tail))
     for pid in pids:
-        if not _alive(pid):
+        if not alive(pid):
             multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
@@ -207,12 +220,35 @@ class _RedisFigures(Collector):
             "backlog": "Orders in the SKU's stream no finalizer has decided yet",
             "pending": "Stream entries delivered to a finalizer, not yet acknowledged",
             "dead": "Dead letters (entries that failed repeatedly)",
+            "drain_rate": "Orders the finalizers decide per second while orders wait (an EWMA)",
         }
         for field, text in per_sku.items():
             family = GaugeMetricFamily(f"flashgate_sku_{field}", text, labels=["sku"])
             for s in self.sample.skus:
                 family.add_metric([s.sku_id], getattr(s, field))
             yield family
+        yield from _relay_figures(self.sample)
+
+
+def _relay_figures(sample: figures.Sample) -> Iterator[GaugeMetricFamily]:
+    """Each relay group's lag as its relays last wrote it (`fg:relay-lag`, about once a
+    second): nothing is measured per scrape."""
+    lag = GaugeMetricFamily(
+        "flashgate_relay_lag",
+        "Events the relay group's target has not confirmed yet (handed out or not), all streams",
+        labels=["target", "group"],
+    )
+    oldest = GaugeMetricFamily(
+        "flashgate_relay_oldest_unconfirmed_seconds",
+        "Age of the oldest event the relay group's target has not confirmed (0: none)",
+        labels=["target", "group"],
+    )
+    now_ms = int(time.time() * 1000)
+    for r in sample.relays:
+        lag.add_metric([r.target, r.group], r.lag)
+        oldest.add_metric([r.target, r.group], r.oldest_age_s(now_ms))
+    yield lag
+    yield oldest
 
 
 async def render(redis: Any) -> bytes:

@@ -1,14 +1,16 @@
-"""Operator endpoints: the intake mode switch, SKU configuration and its change log. Every
-one needs the admin token (`operators.require_admin`)."""
+"""Operator endpoints: the intake mode switch, the runtime rules, SKU configuration and its
+change log. Every one needs the admin token (`operators.require_admin`)."""
 
 from __future__ import annotations
 
 import re
 
+import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
 
 from gateway import errors
+from gateway.intake import rules
 from gateway.intake.mode import ModeView
 from gateway.schemas import (
     ID_PATTERN,
@@ -155,6 +157,31 @@ def sku_problem(cfg: SkuConfig) -> str | None:
     return None
 
 
+GET_RULES = Operation(
+    method="GET",
+    security=ADMIN,
+    operation_id="getRules",
+    summary="The runtime rules in force, their version and their last 20 changes, newest first",
+    answers=(Answer(status=200, body=rules.RulesView, description="the rules"),),
+    raises=admin_raises(),
+)
+PUT_RULES = Operation(
+    method="PUT",
+    security=ADMIN,
+    operation_id="changeRules",
+    summary="Change any of the runtime rules; every gateway applies them within 1 s",
+    description=(
+        "Omitted rules keep their value. A bad value or an unknown field is `400` naming it, "
+        "and nothing is applied. A change is recorded (who, from where, before, after) and "
+        "adds one to `version`; a request that changes nothing records nothing."
+    ),
+    body=rules.RulesPatch,
+    example={"qps": 2000, "user_qps": 2, "user_burst": 5},
+    answers=(Answer(status=200, body=rules.RulesView, description="the rules after the change"),),
+    raises=admin_raises(errors.PayloadTooLarge),
+)
+
+
 def _sku_id(request: Request) -> str:
     sku_id: str = request.path_params["sku_id"]
     if not _ID.match(sku_id):
@@ -189,6 +216,33 @@ def mode_routes(services: Services) -> list[Resource]:
         return MsgspecResponse(await call(services.modes.view()))
 
     return [Resource("/api/v1/order/switch", (GET_MODE, get_switch), (SWITCH_MODE, post_switch))]
+
+
+def rules_routes(services: Services) -> list[Resource]:
+    """`/api/v1/admin/rules`: the protection settings every gateway applies, live."""
+    settings = services.settings
+
+    def admin(request: Request) -> Operator:
+        return require_admin(request, settings.admin_token, services.admin_refusals)
+
+    async def get_rules(request: Request) -> Response:
+        admin(request)
+        return MsgspecResponse(await call(services.rules.store.view()))
+
+    async def put_rules(request: Request) -> Response:
+        op = admin(request)
+        body = await request_body(request, settings.max_body_bytes)
+        patch = decode(rules.patch_decoder, body)
+        live = services.rules
+        changed, before, after = await call(live.store.change(patch, by=op.name, client=op.client))
+        if changed:
+            old, new = msgspec.structs.asdict(before), msgspec.structs.asdict(after)
+            shown = {name: f"{old[name]}->{new[name]}" for name in new if new[name] != old[name]}
+            log_change(op, "runtime rules changed:", **shown)
+        await call(live.refresh())  # this process at once; the others on the notice
+        return MsgspecResponse(await call(live.store.view()))
+
+    return [Resource("/api/v1/admin/rules", (GET_RULES, get_rules), (PUT_RULES, put_rules))]
 
 
 def sku_routes(services: Services) -> list[Resource]:

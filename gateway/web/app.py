@@ -49,6 +49,7 @@ def create_app(settings: Settings, *, redis: Client | None = None) -> Starlette:
     app.create_order = orders.create_handler(services)
     app.busy_message = settings.busy_message
     app.access_log = settings.access_log
+    app.clients = services.clients
     app.route_names = {route.endpoint: route.path for route in routes}
     # A path with a trailing slash is a 404, not a redirect: API clients do not follow one,
     # and its Location is built from the request's Host header (a redirect anywhere).
@@ -62,6 +63,7 @@ def resources(services: Services, document: Callable[[], bytes]) -> list[Resourc
         *admin.mode_routes(services),  # before /api/v1/order/{order_id}: not an order id
         *orders.routes(services),
         *payments.routes(services),
+        *admin.rules_routes(services),
         *admin.sku_routes(services),
         *admin.draw_routes(services),
         *health.routes(services, document),

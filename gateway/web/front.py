@@ -12,6 +12,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.errors import GatewayError, MethodNotAllowed
 from gateway.telemetry import metrics
 from gateway.web.access import access, order_id_of
+from gateway.web.clients import CLIENT, ClientAddress
 from gateway.web.orders import ORDER_PATH, OrderHandler
 from gateway.web.responses import error_response, internal_error
 
@@ -33,6 +34,7 @@ class GatewayApp(Starlette):
     busy_message: str  # the shopper's message on overload answers (settings)
     access_log: bool  # one access-log line per answer (settings)
     route_names: dict[Any, str]  # endpoint -> its path template, the metrics' route label
+    clients: ClientAddress  # the client's address, through trusted proxies (settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -60,9 +62,11 @@ class GatewayApp(Starlette):
             metrics.answered(ORDER_PATH, response.status_code, code, took)
             if self.access_log:
                 order_id = order_id_of(response) if response.status_code == 202 else None
-                access(scope, ORDER_PATH, response.status_code, code, took, order_id)
+                client = self.clients.of(scope)
+                access(scope, ORDER_PATH, response.status_code, code, took, order_id, client)
             return
         status = 500
+        scope[CLIENT] = self.clients.of(scope)  # for the operator audit and the log
 
         async def sending(message: Any) -> None:
             nonlocal status
@@ -79,4 +83,4 @@ class GatewayApp(Starlette):
             metrics.answered(route, status, code, took)
             if self.access_log:
                 order_id = scope.get("path_params", {}).get("order_id")
-                access(scope, route, status, code, took, order_id)
+                access(scope, route, status, code, took, order_id, scope[CLIENT])

@@ -16,6 +16,7 @@ import msgspec
 from gateway import __version__, errors
 from gateway.errors import GatewayError
 from gateway.intake.mode import ModeSwitch, ModeView
+from gateway.intake.rules import RuleChange, Rules, RulesPatch, RulesView
 from gateway.schemas import (
     ConsoleSku,
     ConsoleView,
@@ -60,6 +61,10 @@ STRUCTS = (
     PaymentAccepted,
     ModeView,
     ModeSwitch,
+    Rules,
+    RulesPatch,
+    RulesView,
+    RuleChange,
     SkuConfig,
     SkuView,
     SkuChanges,

@@ -3,8 +3,8 @@ rate-limited log of refused credentials.
 
 With one shared admin token, the operator's name (`X-Operator`, default "operator") is
 self-declared: it tells honest operators apart, it proves nothing. The client address is the
-ASGI scope's peer; proxy headers are deliberately not parsed, so behind a proxy it is the
-proxy's address. Neither the token nor any header other than `X-Operator` is ever logged.
+peer's, or behind a trusted proxy the one the proxy names (`clients.py`, set in the scope by
+`front.GatewayApp`). Neither the token nor any header other than `X-Operator` is ever logged.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from starlette.types import Scope
 
 from gateway import errors
 from gateway.schemas import ID_PATTERN
+from gateway.web.clients import CLIENT
 
 log = logging.getLogger("flashgate")
 
@@ -39,9 +40,12 @@ class Operator:
 
 
 def client_address(scope: Scope) -> str:
-    """The peer's host from the ASGI scope ("" when absent or not address-like)."""
-    client = scope.get("client")
-    host = client[0] if client else ""
+    """The client's address (`clients.py`), else the peer's host from the ASGI scope ("" when
+    absent or not address-like)."""
+    host = scope.get(CLIENT)
+    if host is None:
+        client = scope.get("client")
+        host = client[0] if client else ""
     return host if isinstance(host, str) and _ADDRESS.match(host) else ""
 
 

@@ -72,7 +72,7 @@ CREATE = Operation(
         Answer(
             status=202,
             body=OrderAccepted,
-            description="held or queued",
+            description="held, queued, or pre-queued for a fair start (`opens_at`)",
             headers={"Idempotent-Replayed": REPLAYED},
             links=ORDER_LINKS,
         ),
@@ -86,10 +86,16 @@ CREATE = Operation(
         errors.KeyInUse,
         errors.PayloadTooLarge,
         errors.KeyReused,
+        errors.ClientRateLimited,
         *OVERLOAD,
     ),
 )
 CREATE_PATH = PathItem(ORDER_PATH, (CREATE,))  # served by `front.GatewayApp`, not routed
+
+RETRY_AFTER_QUEUED = {  # the answer header of a QUEUED order
+    "description": "`QUEUED` orders only: `queue.poll_after_s`, whole seconds to wait",
+    "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+}
 
 GET_ORDER = Operation(
     method="GET",
@@ -105,7 +111,22 @@ GET_ORDER = Operation(
             "example": ORDER_ID_EXAMPLE,
         },
     ),
-    answers=(Answer(status=200, body=OrderView, description="the order"),),
+    description=(
+        "A `QUEUED` order also carries `queue`: its position in its SKU's queue (never "
+        "increases), the ETA (`null` while the drain rate is unknown) and `poll_after_s`, "
+        "which `Retry-After` repeats: ask again no sooner. See the Shoppers' view page. "
+        "An order pre-queued for a fair start also carries `opens_at`; until its SKU's draw "
+        "has ranked it, `queue.position` and `queue.eta_s` are `null` and `poll_after_s` "
+        "runs to the sale's start (at most 30 s). See the Fair start page."
+    ),
+    answers=(
+        Answer(
+            status=200,
+            body=OrderView,
+            description="the order",
+            headers={"Retry-After": RETRY_AFTER_QUEUED},
+        ),
+    ),
     raises=(errors.UnknownOrder, errors.NotFound, errors.BackendUnavailable),
 )
 
@@ -117,6 +138,7 @@ def create_handler(services: Services) -> OrderHandler:
     answer out (a refusal raises its `GatewayError`)."""
     limit = services.settings.max_body_bytes
     max_quantity = services.settings.max_quantity
+    clients = services.clients
 
     async def create_order(scope: Scope, receive: Receive) -> Response:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -132,7 +154,9 @@ def create_handler(services: Services) -> OrderHandler:
         except msgspec.ValidationError as exc:
             raise errors.InvalidRequest(str(exc)) from None
 
-        result, payload = await services.intake.create(req, key)
+        intake = services.intake
+        client = clients.of(scope) if intake.keyed.on else ""  # only the client limit needs it
+        result, payload = await intake.create(req, key, client)
         if result is CreateResult.REPLAYED:
             return RawJSONResponse(payload, status_code=202, headers=REPLAYED_HEADERS)
         return RawJSONResponse(payload, status_code=202)
@@ -145,6 +169,8 @@ def routes(services: Services) -> list[Resource]:
         order = await services.inventory.get_order(request.path_params["order_id"])
         if order is None:
             raise errors.UnknownOrder()
+        if order.queue is not None:  # poll no sooner than the queue says
+            return MsgspecResponse(order, headers={"Retry-After": str(order.queue.poll_after_s)})
         return MsgspecResponse(order)
 
     return [Resource("/api/v1/order/{order_id}", (GET_ORDER, get_order))]

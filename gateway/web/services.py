@@ -7,8 +7,10 @@ from __future__ import annotations
 from redis.exceptions import ResponseError
 
 from gateway.intake.breaker import CircuitBreaker
+from gateway.intake.keyed import KeyedBuckets
 from gateway.intake.limiter import TokenBucket
 from gateway.intake.mode import ModeStore, NoticeWatcher
+from gateway.intake.rules import LiveRules, RulesStore, from_settings
 from gateway.intake.service import Intake, log_transition
 from gateway.intake.soldout import SoldOutMemo
 from gateway.settings import ConfigError, Settings
@@ -18,6 +20,7 @@ from gateway.transport.cluster import ClusterMux
 from gateway.transport.connect import Client
 from gateway.transport.scripts import ScriptRegistry
 from gateway.transport.wire import Multiplexed
+from gateway.web.clients import ClientAddress
 from gateway.web.operators import RefusalLog
 
 
@@ -31,12 +34,14 @@ class Services:
     modes: ModeStore
     watcher: NoticeWatcher
     breaker: CircuitBreaker
+    rules: LiveRules
     # Refused credentials, logged at most once per 10 s per kind (operators.RefusalLog).
     admin_refusals: RefusalLog
     signature_refusals: RefusalLog
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.clients = ClientAddress(settings.trusted_proxies)
 
     def start(
         self,
@@ -59,16 +64,29 @@ class Services:
         metrics.BREAKER_STATE.set(0)  # this worker's series exists from the start
         memo = SoldOutMemo(settings.soldout_recheck_ms / 1000)
         self.modes = ModeStore(redis, scripts)
+        path = settings.bucket_file
+        limiter = TokenBucket(settings.qps, settings.burst, path=path)
+        keyed = KeyedBuckets(path=None if path is None else path + ".clients")
+        self.rules = LiveRules(
+            RulesStore(redis, scripts, from_settings(settings)),
+            limiter=limiter,
+            keyed=keyed,
+            breaker=self.breaker,
+        )
         self.watcher = NoticeWatcher(
-            redis, self.modes, memo, refresh_s=settings.mode_refresh_ms / 1000
+            redis,
+            self.modes,
+            memo,
+            refresh_s=settings.mode_refresh_ms / 1000,
+            shared=(self.rules,),
         )
         self.intake = Intake(
             self.inventory,
-            limiter=TokenBucket(settings.qps, settings.burst, path=settings.bucket_file),
+            limiter=limiter,
+            keyed=keyed,
             breaker=self.breaker,
             memo=memo,
             watcher=self.watcher,
-            qps=settings.qps,
         )
         self.admin_refusals = RefusalLog("admin calls (401 unauthorized)")
         self.signature_refusals = RefusalLog("payment signatures (401 bad_signature)")
@@ -77,6 +95,7 @@ class Services:
         self.admin_refusals.flush()
         self.signature_refusals.flush()
         self.intake.limiter.close()
+        self.intake.keyed.close()
 
 
 async def check_waitaof(client: Client, settings: Settings) -> None:

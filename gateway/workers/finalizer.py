@@ -5,7 +5,8 @@ one atomic step: an entry is never acknowledged without its effect, and a redeli
 finds its effect already stored, so processing is idempotent. Entries left pending by a dead
 finalizer are claimed with XAUTOCLAIM once idle for `claim_idle_ms`; an entry that fails
 `max_deliveries` times moves to the SKU's dead-letter stream with its reason. Acknowledged
-entries are trimmed (XTRIM MINID below the oldest pending, never an unprocessed one).
+entries are trimmed below what every consumer group confirmed (`workers.trim`, as the relay
+trims the events streams), never an unprocessed one.
 
 A SKU with a fair start waits for its draw: its stream is not read while the draw is not done
 (an entry read anyway is left pending, `WAITING`); at its start the finalizer runs the draw
@@ -38,11 +39,13 @@ from gateway.store.buckets import Layouts, Mover
 from gateway.store.draws import Draws
 from gateway.store.outcomes import Finalized, FinalizeResult
 from gateway.store.sending import Sender
+from gateway.telemetry.queueing import ETA_ERROR, QUEUE_WAIT
 from gateway.transport.connect import Client, create_script_client
 from gateway.transport.durable import acked
 from gateway.transport.replies import REDIS_FAILURES, text
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.draw import Drawer, DrawWatch
+from gateway.workers.trim import trim_stream
 
 log = logging.getLogger("flashgate")
 
@@ -252,6 +255,10 @@ class Finalizer:
             self.draws.wait(stream)
             return 0
         self.applied += 1
+        if done.waited_ms is not None:  # a QUEUED order left the queue
+            QUEUE_WAIT.observe(done.waited_ms / 1000)
+            if done.eta_ms is not None:
+                ETA_ERROR.observe((done.eta_ms - done.waited_ms) / 1000)
         if done.code is FinalizeResult.APPLIED and done.status == "PAID_AFTER_EXPIRY":
             # A late payment may have released a hold: sold-out memos must look again.
             await self.redis.publish(keys.NOTICES, keys.stock_notice(sk.sku_id))
@@ -308,22 +315,12 @@ class Finalizer:
         log.error("entry %s of %s dead-lettered: %s", entry_id, stream, reason)
 
     async def trim(self) -> int:
-        """Drop acknowledged entries: everything below the oldest pending entry (or, with none
-        pending, below the last delivered one). Returns how many entries went."""
+        """Drop what every group of each order stream has confirmed (`workers.trim`): below
+        the oldest pending entry, or with none pending, up to the last delivered one. Returns
+        how many entries went."""
         dropped = 0
         for stream in self._streams:
-            async with self.redis.pipeline(transaction=True) as pipe:
-                pipe.xinfo_groups(stream)
-                pipe.xpending(stream, self.group)
-                groups, pending = await pipe.execute()
-            group = next((g for g in groups if text(g["name"]) == self.group), None)
-            if group is None:
-                continue
-            floor = text(group["last-delivered-id"])
-            if int(pending["pending"]):
-                floor = text(pending["min"])
-            if floor != "0-0":
-                dropped += await self.redis.xtrim(stream, minid=floor, approximate=False)
+            dropped += await trim_stream(self.redis, stream)
         self._trimmed_at = self.clock()
         return dropped
 

@@ -131,6 +131,18 @@ async def stampede(base: str, n: int, sku: str) -> Counter[int]:
     return Counter(r.status_code for r in rs)
 
 
+def role_pid(serve: Serve, role: str) -> int:
+    """The live `python -m gateway <role>` child of `serve` (relay, finalizer, sweeper, ...)."""
+    for pid in descendants(serve.proc.pid):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[1:4] == [b"-m", b"gateway", role.encode()]:
+            return pid
+    raise AssertionError(f"no {role} under serve")
+
+
 def server_pid(data_dir: Path) -> int:
     """The embedded server's pid, from its own INFO."""
     url = (data_dir / "server.url").read_text().strip()

@@ -1,7 +1,7 @@
 """A real RabbitMQ broker for the tests: Debian's `rabbitmq-server` (`.ci/run` installs it) on
 free ports, its data, logs and Erlang cookie in a temp dir, its own epmd on a free port so that
 nothing outlives the session. `stop()` and `start()` restart the same node (same ports, same
-data) for the broker-restart tests."""
+data) for the broker-restart tests; `crash()` kills it without a clean stop."""
 
 from __future__ import annotations
 
@@ -164,6 +164,15 @@ class RabbitBroker:
         except ProcessLookupError:
             pass
         proc.wait(10)
+
+    def crash(self) -> None:
+        """SIGKILL the node, no clean stop (a crash, an OOM kill); its data stays."""
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.kill()
 
     @contextmanager
     def stopped(self) -> Iterator[None]:

@@ -1,17 +1,27 @@
-"""The ops console: its page (`console.html`, served as is) and the view it reads every
-second with the admin token."""
+"""The ops console: its page (`console.html`, with its files' versioned links), the files
+(`assets.py`) and the view the page reads every second with the admin token."""
 
 from __future__ import annotations
 
+import time
 from importlib import resources
 
 from starlette.requests import Request
 from starlette.responses import Response
 
-from gateway.schemas import ConsoleSku, ConsoleView
+from gateway.schemas import (
+    ConsoleLatency,
+    ConsoleRelay,
+    ConsoleSku,
+    ConsoleView,
+    ConsoleWorker,
+)
 from gateway.store import figures
+from gateway.telemetry import snapshot
 from gateway.transport.replies import call
+from gateway.web.console import assets
 from gateway.web.operators import admin_raises, require_admin
+from gateway.web.orders import ORDER_PATH
 from gateway.web.responses import MsgspecResponse
 from gateway.web.routing import ADMIN, HEALTH, Answer, Operation, Resource
 from gateway.web.services import Services
@@ -29,17 +39,21 @@ VIEW = Operation(
     method="GET",
     security=ADMIN,
     operation_id="getConsoleView",
-    summary="What the ops console shows: mode, switches, this worker's breaker, SKUs",
+    summary="What the ops console shows: mode, switches, SKUs, relay lag, the instance's "
+    "order answers, latency and workers",
     answers=(Answer(status=200, body=ConsoleView, description="the console's figures"),),
     raises=admin_raises(),
 )
 
 _PAGE = (resources.files("gateway.web.console") / "console.html").read_bytes()
+for _asset in assets.ASSETS:  # the page links each file by its content's version
+    _PAGE = _PAGE.replace(_asset.path.encode() + b'"', _asset.url.encode() + b'"')
 _PAGE_HEADERS = {
-    # the page's own script and styles only; data comes from this origin with the token
-    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
-    "style-src 'unsafe-inline'; connect-src 'self'; form-action 'none'; frame-ancestors 'none'",
+    # this origin's files only: no inline script or style, no other origin, no frames
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "Cache-Control": "no-store",
+    "X-Content-Type-Options": "nosniff",
 }
 
 
@@ -54,6 +68,8 @@ def routes(services: Services) -> list[Resource]:
         require_admin(request, services.settings.admin_token, services.admin_refusals)
         sample = await call(figures.sample(services.redis))
         modes = await call(services.modes.view(limit=10))
+        counted = snapshot.take(ORDER_PATH)
+        now_ms = int(time.time() * 1000)
         view = ConsoleView(
             mode=modes.mode.value,
             changed_at=modes.changed_at,
@@ -74,10 +90,27 @@ def routes(services: Services) -> list[Resource]:
                 )  # fmt: skip
                 for s in sample.skus
             ],
+            answers=counted.answers,
+            latency=ConsoleLatency(
+                le_ms=counted.le_ms, counts=counted.buckets, sum_s=counted.sum_s
+            ),
+            workers=[
+                ConsoleWorker(pid=w.pid, breaker=w.breaker, mode=w.mode) for w in counted.workers
+            ],
+            relays=[
+                ConsoleRelay(
+                    group=r.group,
+                    target=r.target,
+                    lag=r.lag,
+                    oldest_unconfirmed_s=r.oldest_age_s(now_ms),
+                )
+                for r in sample.relays
+            ],  # fmt: skip
         )
         return MsgspecResponse(view)
 
     return [
         Resource("/console", (PAGE, console_page)),
+        *(assets.resource(asset) for asset in assets.ASSETS),
         Resource("/api/v1/admin/console", (VIEW, console_view)),
     ]

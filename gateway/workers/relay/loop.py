@@ -12,7 +12,8 @@ streams it is slow on. An entry is acknowledged only once the target confirmed i
 A refusal uses up one of `relay_max_attempts`; then the entry goes to the relay's dead letters
 with the reason, acknowledged in the same step (`relay_dead.lua`). An unreachable target uses
 up none: backoff (exponential, jittered) capped at 30 s, and the relay keeps trying. While it
-waits, the relay keeps its held entries from looking idle, so no other relay claims them.
+waits, and while a slow batch goes out, the relay keeps its held entries from looking idle
+(every third of the claim idle time), so no other relay claims them.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from urllib.parse import urlsplit, urlunsplit
 from redis.exceptions import ResponseError
 
 from gateway.settings import Settings
-from gateway.store import calls, keys
+from gateway.store import calls, keys, relaylag
 from gateway.store.buckets import Layouts
 from gateway.store.outcomes import RelayDead, RelayRead
 from gateway.telemetry.metrics import RELAY_DEAD, RELAY_DELIVERED, RELAY_RETRIES
@@ -39,14 +40,16 @@ from gateway.transport.replies import REDIS_FAILURES, text
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.finalizer import consumer_name
 from gateway.workers.relay.events import Event, event_id, from_entry
+from gateway.workers.relay.lag import Lag, measure
 from gateway.workers.relay.target import Refused, Target, Unreachable
-from gateway.workers.relay.trim import trim_stream
+from gateway.workers.trim import trim_stream
 
 log = logging.getLogger("flashgate")
 
 Entry = tuple[bytes, dict[bytes, bytes] | None]
 STREAMS_REFRESH_S = 1.0  # how soon a new SKU's streams are read
 TRIM_EVERY_S = 5.0
+LAG_EVERY_S = 1.0  # how often the lag is measured and written for /metrics and the console
 BACKOFF_S = 0.5  # the first retry's delay, doubled at each further one
 BACKOFF_CAP_S = 30.0
 IDLE_POLL_S = (0.05, 1.0)  # an idle stream is read again after 50 ms, doubling up to 1 s
@@ -108,12 +111,15 @@ class Relay:
         self.delivered = 0
         self.dead = 0
         self.retries = 0
+        self.refusals = 0  # answers that did not take an event (each used up an attempt)
+        self.lag = Lag(0, 0)
         self._read = scripts["relay_read"]
         self._dead = scripts["relay_dead"]
         self._limit = asyncio.Semaphore(concurrency)
         self._stop = asyncio.Event()
         self._streams_read_at = -1e9
         self._trimmed_at = -1e9
+        self._measured_at = -1e9
 
     # -- the streams ---------------------------------------------------------------------------
 
@@ -159,7 +165,11 @@ class Relay:
             return 0
         batch: list[Entry] = [(e[0], _fields(e[1])) for e in entries]
         ids = [entry_id for entry_id, _ in batch]
+        every, touched = self._touch_every_s(), self.clock()
         for i, entry in enumerate(batch):
+            if self.clock() - touched >= every:  # a slow batch: keep the rest from looking idle
+                await self._touch(stream, ids[i:])
+                touched = self.clock()
             await self.handle(stream, entry, ids[i:])
         return len(batch)
 
@@ -185,6 +195,7 @@ class Relay:
                 await self.target.deliver(event)
             except Refused as exc:
                 refusals += 1
+                self.refusals += 1
                 if refusals >= self.max_attempts:
                     await self.dead_letter(stream, entry, f"refused {refusals} times: {exc}")
                     return
@@ -209,14 +220,22 @@ class Relay:
         delay: float = min(BACKOFF_CAP_S, self.backoff_s * 2.0 ** min(attempt - 1, 32))
         return delay * (0.5 + self.rng.random() / 2)
 
+    def _touch_every_s(self) -> float:
+        """How often held entries are touched: a third of the claim idle time."""
+        return max(self.claim_idle_ms / 3000, 0.01)
+
+    async def _touch(self, stream: Stream, held: list[Any]) -> None:
+        """Reset the idle time of the entries held here, so no other relay takes them."""
+        await self.redis.xclaim(stream.key, self.group, self.consumer, 0, held, justid=True)
+
     async def _wait(self, stream: Stream, held: list[Any], delay: float) -> None:
-        """Sleep `delay` seconds; every third of the claim idle time, reset the idle time of
-        the entries held here, so no other relay takes them while this one waits."""
-        every = max(self.claim_idle_ms / 3000, 0.01)
+        """Sleep `delay` seconds, touching the entries held here every third of the claim
+        idle time, so no other relay takes them while this one waits."""
+        every = self._touch_every_s()
         while delay > 0:
             await self.sleep(min(delay, every))
             delay -= every
-            await self.redis.xclaim(stream.key, self.group, self.consumer, 0, held, justid=True)
+            await self._touch(stream, held)
 
     async def dead_letter(self, stream: Stream, entry: Entry, reason: str) -> None:
         entry_id, fields = entry
@@ -246,9 +265,25 @@ class Relay:
                 return await self.step(stream)
 
         handled = sum(await asyncio.gather(*(bounded(s) for s in list(self.streams.values()))))
+        await self._housekeep()
+        return handled
+
+    async def _housekeep(self) -> None:
+        """The lag measured and the streams trimmed, each when due."""
+        if self.clock() - self._measured_at >= LAG_EVERY_S:
+            await self.measure_lag()
         if self.clock() - self._trimmed_at >= TRIM_EVERY_S:
             await self.trim()
-        return handled
+
+    async def measure_lag(self) -> Lag:
+        """Measure the group's lag over every stream (one pipelined pass) and write it to
+        `fg:relay-lag` for /metrics and the console."""
+        self.lag = await measure(self.redis, list(self.streams), self.group)
+        lag, at_ms = self.lag, int(time.time() * 1000)
+        figures = relaylag.RelayLag(self.group, self.target.name, lag.events, lag.oldest_ms, at_ms)
+        await relaylag.write(self.redis, figures)
+        self._measured_at = self.clock()
+        return self.lag
 
     async def drain(self) -> int:
         """Rounds until one handles nothing; returns how many entries were handled."""
@@ -269,10 +304,11 @@ class Relay:
         self._stop.set()
 
     async def run(self) -> None:
-        """Deliver until `stop()`: one task per stream, new streams joined about once a
-        second, trimming every few seconds. Redis outages and a target out of reach (at start
-        too: a broker not up yet) are waited out; a target that refuses what it must declare
-        (a queue declared otherwise, wrong credentials) stops the relay with its error."""
+        """Deliver until `stop()`: one task per stream, new streams joined and the lag
+        measured about once a second, trimming every few seconds. Redis outages and a target
+        out of reach (at start too: a broker not up yet) are waited out; a target that refuses
+        what it must declare (a queue declared otherwise, wrong credentials) stops the relay
+        with its error."""
         log.info("relay %s started (group %s)", self.consumer, self.group)
         tasks: dict[str, asyncio.Task[None]] = {}
         try:
@@ -307,8 +343,7 @@ class Relay:
     async def _supervise(self, tasks: dict[str, asyncio.Task[None]]) -> None:
         try:
             await self.refresh_streams()
-            if self.clock() - self._trimmed_at >= TRIM_EVERY_S:
-                await self.trim()
+            await self._housekeep()
         except REDIS_FAILURES as exc:
             log.warning("relay: Redis unavailable (%s); retrying", exc)
         for key, stream in self.streams.items():
