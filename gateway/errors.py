@@ -95,6 +95,16 @@ class BucketsFixed(GatewayError):
     default_message = "the number of stock buckets is fixed when the SKU is created"
 
 
+class DrawPending(GatewayError):
+    status, code = 409, "draw_pending"
+    default_message = "the draw of this SKU is not done yet: its seed is revealed once it is"
+
+
+class NoDraw(GatewayError):
+    status, code = 404, "no_draw"
+    default_message = "this SKU has no fair start (it was never configured with prequeue_s)"
+
+
 class PayloadTooLarge(GatewayError):
     status, code, default_message = 413, "payload_too_large", "request body too large"
 

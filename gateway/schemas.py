@@ -26,6 +26,7 @@ class Mode(enum.StrEnum):
 
 Id = Annotated[str, Meta(min_length=1, max_length=64, pattern=ID_PATTERN)]
 EpochSeconds = Annotated[int, Meta(ge=0, le=253_402_300_799)]
+MAX_PREQUEUE_S = 7 * 86_400  # the longest pre-queue window before a fair start, in seconds
 
 UUID_PATTERN = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}\Z"
 IdempotencyKey = Annotated[str, Meta(pattern=UUID_PATTERN)]
@@ -56,6 +57,9 @@ class SkuConfig(Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     ends_at: EpochSeconds | None = None
     # hot-SKU stock buckets on different slots (docs/cluster/buckets.md); fixed at creation
     buckets: Annotated[int, Meta(ge=1, le=MAX_BUCKETS)] = 1
+    # fair start (docs/api/fair-start.md): orders in [starts_at - prequeue_s, starts_at) are
+    # pre-queued and decided by a draw at starts_at; 0: off
+    prequeue_s: Annotated[int, Meta(ge=0, le=MAX_PREQUEUE_S)] = 0
 
 
 Position = Annotated[
@@ -63,7 +67,8 @@ Position = Annotated[
     Meta(
         ge=1,
         description="QUEUED: the unprocessed orders of the SKU bucket's queue ahead of this "
-        "one, itself included (1 = next); never increases",
+        "one, itself included (1 = next); never increases; null while the order is pre-queued "
+        "for its SKU's fair-start draw",
     ),
 ]
 
@@ -76,13 +81,18 @@ class OrderAccepted(Struct, frozen=True, kw_only=True, omit_defaults=True):
     sku_id: str
     quantity: int
     hold_expires_at: int | None = None  # epoch ms; absent when QUEUED
-    position: Position | None = None  # QUEUED only
+    position: Position | None = None  # QUEUED only; null when pre-queued
+    # pre-queued for a fair start: `"position": null` and the sale's start (epoch s)
+    opens_at: int | None = None
 
 
 class PaymentAccepted(Struct, frozen=True, kw_only=True):
     order_id: str
     payment_id: str
     accepted: bool
+
+
+DrawProgress = Annotated[str, Meta(extra_json_schema={"enum": ["pending", "drawing", "done"]})]
 
 
 class SkuView(Struct, frozen=True, kw_only=True, omit_defaults=True):
@@ -98,6 +108,9 @@ class SkuView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     buckets: int = 1  # stock buckets (shown when more than one)
     bucket_tags: list[str] | None = None  # their keys' hash tags (a bucketed SKU)
     in_transit: int = 0  # units moving between buckets, counted in available (shown when any)
+    prequeue_s: int = 0  # the fair start's pre-queue window (shown when set)
+    draw_commitment: str | None = None  # sha256 of the draw's seed, hex (a fair start's SKU)
+    draw: DrawProgress | None = None  # the draw's progress (a fair start's SKU)
 
 
 class SkuSettings(Struct, frozen=True, kw_only=True):
@@ -108,6 +121,7 @@ class SkuSettings(Struct, frozen=True, kw_only=True):
     per_user_limit: int
     starts_at: int | None
     ends_at: int | None
+    prequeue_s: int = 0
 
 
 class SkuChange(Struct, frozen=True, kw_only=True):
@@ -125,6 +139,16 @@ class SkuChange(Struct, frozen=True, kw_only=True):
 class SkuChanges(Struct, frozen=True, kw_only=True):
     sku_id: str
     changes: list[SkuChange]
+
+
+class DrawView(Struct, frozen=True, kw_only=True):
+    """A fair start's draw, once done: the seed revealed, its commitment, the pre-queued
+    orders in rank order (ascending HMAC-SHA256(key=seed, msg=order_id), hex)."""
+
+    sku_id: str
+    seed: str  # 32 bytes, hex
+    commitment: str  # sha256(seed bytes), hex: the SKU view's `draw_commitment`
+    orders: list[str]  # order ids, rank 1 first
 
 
 class ConsoleSku(Struct, frozen=True, kw_only=True):
@@ -197,14 +221,16 @@ class OrderTransition(Struct, frozen=True, kw_only=True):
 
 
 class QueueView(Struct, frozen=True, kw_only=True):
-    """Where a QUEUED order stands (docs/api/shoppers.md)."""
+    """Where a QUEUED order stands (docs/api/shoppers.md). A pre-queued order has no place
+    before its SKU's fair-start draw (docs/api/fair-start.md): position and ETA null, and
+    `poll_after_s` runs to the sale's start."""
 
-    position: Position
+    position: Position | None
     eta_s: Annotated[
         float | None,
         Meta(
             description="seconds until the order is decided at the queue's measured drain "
-            "rate; null while the rate is unknown"
+            "rate; null while the rate is unknown or the order is pre-queued"
         ),
     ]
     poll_after_s: Annotated[
@@ -227,6 +253,7 @@ class OrderView(Struct, frozen=True, kw_only=True, omit_defaults=True):
     created_at: int
     history: msgspec.Raw  # [OrderTransition, ...] oldest first
     hold_expires_at: int | None = None
+    opens_at: int | None = None  # pre-queued for a fair start: the sale's start (epoch s)
     queue: QueueView | None = None  # QUEUED orders only
 
 
@@ -249,6 +276,7 @@ class ErrorBody(Struct, frozen=True, kw_only=True, omit_defaults=True):
     backlog: int | None = None  # queue_full: unprocessed orders in the SKU's stream
     committed: int | None = None  # stock_below_committed: units held plus sold
     reason: str | None = None  # sale_not_active: not_started | ended; unavailable (readyz)
+    draw: str | None = None  # draw_pending: pending | drawing
 
 
 order_request_decoder = msgspec.json.Decoder(OrderRequest)

@@ -253,6 +253,9 @@ class Settings:
             " another finalizer claims it (`XAUTOCLAIM` min-idle)",
         ),
     ] = 30_000
+    draw_batch: Annotated[
+        int, Meta(ge=1, le=10_000, description="pre-queued orders one `draw_decide.lua` decides")
+    ] = 100
     finalizer_max_deliveries: Annotated[
         int,
         Meta(
@@ -364,8 +367,7 @@ class Settings:
         """The environment that makes `from_env` in a child process give these settings."""
         out: dict[str, str] = {}
         for s in SETTINGS:
-            value = getattr(self, s.name)
-            if value is not None:
+            if (value := getattr(self, s.name)) is not None:
                 out[s.env] = text_of(value)
         return out
 

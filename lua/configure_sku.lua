@@ -4,11 +4,12 @@
   Time from the server's TIME (epoch ms).
 
   KEYS[1] fg:{S}:sku (hash)       promotion_id stock available held sold per_user_limit
-                                  starts_at ends_at (epoch s, optional)
+                                  starts_at ends_at (epoch s, optional) prequeue_s
+                                  draw (pending | drawing | done) draw_seed draw_commitment
   KEYS[2] fg:{S}:changes (stream) at by client action (created | updated), then
                                   before:<field> (updated only) and after:<field> for each of
                                   promotion_id stock per_user_limit starts_at ends_at
-                                  ("" = no window bound); trimmed to about changes_kept entries
+                                  prequeue_s ("" = no window bound); trimmed to about changes_kept entries
   ARGV[1] promotion_id  ARGV[2] stock  ARGV[3] per_user_limit
   ARGV[4] starts_at ("" = none)  ARGV[5] ends_at ("" = none)
   ARGV[6] by (operator name)  ARGV[7] client (address, "" = unknown)  ARGV[8] changes_kept
@@ -23,6 +24,11 @@
            total_stock and logged as its stock
   ARGV[12] log_change: "1": append the change to the changes stream | "0": do not (buckets
            other than 0)
+  ARGV[13] prequeue_s: the fair start's pre-queue window in seconds ("0" = off)
+  ARGV[14] draw_seed: a fresh 32-byte seed, hex, stored with draw_commitment and the draw
+           "pending" when prequeue_s > 0 and the SKU has no draw yet; an existing draw (and
+           its seed) is never changed
+  ARGV[15] draw_commitment: sha256 of the seed's bytes, hex
 
   Returns {code, detail}:
      1 CREATED                detail: 0
@@ -31,10 +37,10 @@
     -2 BUCKETS_FIXED          detail: the stored bucket count
 ]]
 local rcall = redis.call
-for i = 9, 12 do
-  ARGV[i] = ARGV[i] or ({'set', '', '', '1'})[i - 8]  -- a caller of the 8-argument form
+for i = 9, 15 do
+  ARGV[i] = ARGV[i] or ({'set', '', '', '1', '0', '', ''})[i - 8]  -- callers of the short forms
 end
-local FIELDS = {'promotion_id', 'stock', 'per_user_limit', 'starts_at', 'ends_at'}
+local FIELDS = {'promotion_id', 'stock', 'per_user_limit', 'starts_at', 'ends_at', 'prequeue_s'}
 local cur = rcall('HMGET', KEYS[1], 'held', 'sold', unpack(FIELDS))
 local more = rcall('HMGET', KEYS[1], 'buckets', 'total_stock')
 local held = tonumber(cur[1] or '0')
@@ -76,17 +82,26 @@ if ARGV[5] ~= '' then
 else
   rcall('HDEL', KEYS[1], 'ends_at')
 end
+if ARGV[13] ~= '0' then
+  rcall('HSET', KEYS[1], 'prequeue_s', ARGV[13])
+  if ARGV[14] ~= '' and rcall('HEXISTS', KEYS[1], 'draw') == 0 then
+    rcall('HSET', KEYS[1], 'draw', 'pending', 'draw_seed', ARGV[14],
+      'draw_commitment', ARGV[15])
+  end
+else
+  rcall('HDEL', KEYS[1], 'prequeue_s')
+end
 
 if ARGV[12] == '0' then
   return {existed and 2 or 1, 0}
 end
 local action = existed and 'updated' or 'created'
 local entry = {'at', now_ms, 'by', ARGV[6], 'client', ARGV[7], 'action', action}
-local after = {ARGV[1], logged_stock, ARGV[3], ARGV[4], ARGV[5]}
+local after = {ARGV[1], logged_stock, ARGV[3], ARGV[4], ARGV[5], ARGV[13]}
 for i, name in ipairs(FIELDS) do
   if existed then
     entry[#entry + 1] = 'before:' .. name
-    entry[#entry + 1] = cur[i + 2] or ''
+    entry[#entry + 1] = cur[i + 2] or (name == 'prequeue_s' and '0' or '')
   end
   entry[#entry + 1] = 'after:' .. name
   entry[#entry + 1] = after[i]

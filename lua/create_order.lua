@@ -4,17 +4,22 @@
 
   KEYS[1] fg:{S}:sku (hash)        promotion_id stock available held sold per_user_limit
                                    starts_at ends_at (epoch s, optional) backlog; queue_in
-                                   (orders ever queued), queue_out, drain_rate (finalize.lua)
+                                   (orders ever queued), queue_out, drain_rate (finalize.lua);
+                                   a fair start's prequeue_s and draw (pending | drawing |
+                                   done)
   KEYS[2] fg:{S}:users (hash)      user_id -> units held or bought
   KEYS[3] fg:{S}:holds (zset)      order_id -> hold deadline ms
   KEYS[4] fg:{S}:stream (stream)   order stream
   KEYS[5] fg:{S}:o:<rand> (hash)   the new order record
   KEYS[6] fg:{S}:idem:<user>:<key> (string) fingerprint "\n" order_id "\n" hold deadline ms
-                                   (empty when QUEUED) ["\n" position when QUEUED]: the
-                                   first answer, rebuilt on replay;
+                                   (empty when QUEUED, "@<starts_at>" when pre-queued)
+                                   ["\n" position when QUEUED, not pre-queued]: the first
+                                   answer, rebuilt on replay;
                                    or "!\n<token>..." tokens of abandoned claims (fence_key.lua)
   KEYS[7] fg:{S}:accepted (zset)   "<key>:<user>" of every 202 -> replay deadline ms
-  KEYS[8] fg:{u:<user>}:ik:<key> (string, optional) sku_id (cross-SKU key reuse guard)
+  KEYS[8] fg:{S}:prequeue (set)    order ids pre-queued for the draw
+  KEYS[9] fg:{S}:waiting (hash)    user_id -> units pre-queued, not yet drawn
+  KEYS[10] fg:{u:<user>}:ik:<key> (string, optional) sku_id (cross-SKU key reuse guard)
 
   ARGV[1] order_id      ARGV[2] user_id   ARGV[3] sku_id   ARGV[4] quantity
   ARGV[5] promotion_id  ARGV[6] fingerprint (sku|quantity|promotion)
@@ -32,6 +37,12 @@
   ARGV[16] durable: "1": the gateway waits for this connection's writes to be durable
            (WAITAOF): a replay then touches its record (a write), so the wait covers the order
            it answers
+
+  Fair start (the SKU's draw is "pending" or "drawing"): no order takes stock before the draw
+  is done. An order in [starts_at - prequeue_s, starts_at) is pre-queued (QUEUED, in the
+  prequeue set, its units waiting); one at or after starts_at is QUEUED in either mode and
+  decided by a finalizer once the draw is done. The per-user limit counts held, bought and
+  waiting units. A pre-queued order's answer has "position": null and "opens_at".
 
   Returns {code, payload}:
      1 CREATED         payload: the 202 body (also stored for replays)
@@ -51,6 +62,11 @@ local rcall = redis.call
 -- The 202 body. A replay has the first request's fingerprint, so the same sku and quantity,
 -- and rebuilds the same bytes from the stored order id, deadline and place in the queue.
 local function answer(order_id, deadline_s, position)
+  if string.sub(deadline_s, 1, 1) == '@' then  -- pre-queued: opens at the SKU's start
+    return '{"order_id":"' .. order_id .. '","status":"QUEUED","sku_id":"' .. ARGV[3] ..
+      '","quantity":' .. ARGV[4] .. ',"position":null,"opens_at":' ..
+      string.sub(deadline_s, 2) .. '}'
+  end
   if deadline_s ~= '' then
     return '{"order_id":"' .. order_id .. '","status":"HELD","sku_id":"' .. ARGV[3] ..
       '","quantity":' .. ARGV[4] .. ',"hold_expires_at":' .. deadline_s .. '}'
@@ -87,15 +103,15 @@ if ARGV[14] == '1' then
   end
   return {-8, ''}
 end
-if KEYS[8] then
-  local first_sku = rcall('GET', KEYS[8])
+if KEYS[10] then
+  local first_sku = rcall('GET', KEYS[10])
   if first_sku and first_sku ~= ARGV[3] then
     return {-5, ''}
   end
 end
 
 local cfg = rcall('HMGET', KEYS[1], 'promotion_id', 'available', 'per_user_limit',
-  'starts_at', 'ends_at', 'backlog', 'buckets')
+  'starts_at', 'ends_at', 'backlog', 'buckets', 'draw', 'prequeue_s')
 if (cfg[7] or '1') ~= ARGV[15] then
   -- Another bucket count than the gateway took: these keys may not be this shopper's bucket.
   -- Only reads so far, and a replay found above is right (its record is in this shopper's
@@ -113,15 +129,27 @@ else
   local t = rcall('TIME')
   now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
+local draw_pending = cfg[8] == 'pending' or cfg[8] == 'drawing'
+local early = false  -- pre-queued for the draw
 if cfg[4] and now < tonumber(cfg[4]) * 1000 then
-  return {-2, 'not_started'}
+  if cfg[8] ~= 'pending' or now < (tonumber(cfg[4]) - tonumber(cfg[9] or '0')) * 1000 then
+    return {-2, 'not_started'}
+  end
+  early = true
 end
 if cfg[5] and now >= tonumber(cfg[5]) * 1000 then
   return {-2, 'ended'}
 end
 
-local hold = ARGV[10] == 'hold'
+local hold = ARGV[10] == 'hold' and not draw_pending
 local qty = tonumber(ARGV[4])
+if draw_pending then
+  local owned = tonumber(rcall('HGET', KEYS[2], ARGV[2]) or '0') +
+    tonumber(rcall('HGET', KEYS[9], ARGV[2]) or '0')
+  if owned + qty > tonumber(cfg[3]) then
+    return {-4, tostring(owned)}
+  end
+end
 if hold then
   local available = tonumber(cfg[2])
   if available < qty then
@@ -149,15 +177,22 @@ if hold then
   rcall('HINCRBY', KEYS[2], ARGV[2], qty)
   rcall('ZADD', KEYS[3], deadline, ARGV[1])
   rcall('HSET', KEYS[5], 'hold_expires_at', deadline_s)
+elseif early then
+  deadline_s = '@' .. cfg[4]
+  rcall('SADD', KEYS[8], ARGV[1])
+  rcall('HINCRBY', KEYS[9], ARGV[2], qty)
+  rcall('HSET', KEYS[5], 'opens_at', cfg[4])
 end
 local backlog_now = rcall('HINCRBY', KEYS[1], 'backlog', 1)
 -- The order's place in its bucket's queue: orders ever queued here (queue_in, started at the
--- backlog when missing) less those drained (queue_out): read_order.lua subtracts again.
+-- backlog when missing) less those drained (queue_out): read_order.lua subtracts again. A
+-- pre-queued order counts in queue_in (it is ahead of every order after the start) but has
+-- no place until the draw ranks it (draw_decide.lua counts it out).
 local q = rcall('HMGET', KEYS[1], 'queue_in', 'queue_out', 'drain_rate')
 local out = tonumber(q[2] or '0')
 local seq = rcall('HINCRBY', KEYS[1], 'queue_in', q[1] and 1 or out + backlog_now)
 local position = ''
-if not hold then
+if not hold and not early then
   position = string.format('%d', math.max(1, seq - out))
   rcall('HSET', KEYS[5], 'queue_seq', seq)
   if q[3] and tonumber(q[3]) > 0 then  -- the ETA told now, for the ETA error (finalize.lua)
@@ -172,8 +207,8 @@ local first = ARGV[6] .. '\n' .. ARGV[1] .. '\n' .. deadline_s
 rcall('SET', KEYS[6], position ~= '' and (first .. '\n' .. position) or first, 'PX', ARGV[8])
 rcall('ZREMRANGEBYSCORE', KEYS[7], '-inf', now)
 rcall('ZADD', KEYS[7], replay_until, ARGV[12])
-if KEYS[8] then
-  rcall('SET', KEYS[8], ARGV[3], 'PX', ARGV[8])
+if KEYS[10] then
+  rcall('SET', KEYS[10], ARGV[3], 'PX', ARGV[8])
 end
 rcall('XADD', KEYS[4], '*', 'order_id', ARGV[1], 'event', 'created')
 return {1, answer(ARGV[1], deadline_s, position)}

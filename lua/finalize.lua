@@ -26,10 +26,15 @@
     a REJECTED or settled order, or a second payment, changes no state and emits
     "refund_needed". A QUEUED order is decided first.
 
+  A QUEUED order of a SKU whose fair-start draw is not done (draw "pending" or "drawing") is
+  not decided: nothing is written and the entry stays pending (WAITING) until the draw is done.
+  A pre-queued order the draw decided has left the queue there (draw_decide.lua): its entry is
+  only acknowledged.
+
   Returns {code, status, waited_ms, eta_ms}: 1 APPLIED, 0 DUPLICATE (effect already stored),
-    -1 UNKNOWN_ORDER; status: the order's status after the entry ("" for an unknown order);
-    waited_ms: how long a QUEUED order this entry decided was queued, eta_ms: the ETA it was
-    told when queued ("" when none)
+    -1 UNKNOWN_ORDER, 2 WAITING (the SKU's draw comes first); status: the order's status after
+    the entry ("" for an unknown order); waited_ms: how long a QUEUED order this entry decided
+    was queued, eta_ms: the ETA it was told when queued ("" when none)
 ]]
 local rcall = redis.call
 local now
@@ -52,6 +57,13 @@ local status, user, qty = o[1], o[2], tonumber(o[3])
 local history = o[5]
 if not user or not qty or not history or string.sub(history, -1) ~= ']' then
   return redis.error_reply('corrupt order record ' .. ARGV[4])  -- before any write
+end
+
+if status == 'QUEUED' then
+  local draw = rcall('HGET', KEYS[1], 'draw')
+  if draw == 'pending' or draw == 'drawing' then
+    return {2, status, '', ''}
+  end
 end
 
 local function move(to, extra)

@@ -36,6 +36,7 @@ def window(**values: Any) -> dict[str, Any]:
         "per_user_limit": 5,
         "starts_at": None,
         "ends_at": None,
+        "prequeue_s": 0,
     }
     return {**base, **values}
 

@@ -112,9 +112,19 @@ CONTRACTS = {
         dict(
             sku=SK, promotion_id="p1", stock=10, per_user_limit=2, starts_at=None, ends_at=5,
             by="op", client="", changes_kept=1000, stock_mode="set", buckets=1, total_stock=None,
-            log_change=True,
+            log_change=True, prequeue_s=60, draw_seed="ab" * 32, draw_commitment="cd" * 32,
         ),
         codes=outcomes.ConfigureResult,
+    ),
+    "draw_open": Contract(
+        calls.draw_open, dict(sku=SK, now_ms=None), reply=outcomes.DrawOpened,
+        codes=outcomes.DrawState,
+    ),
+    "draw_decide": Contract(
+        calls.draw_decide,
+        dict(sku=SK, cursor=0, hold_ttl_ms=900, now_ms=None, orders_prefix=SK.orders_prefix,
+             order_ids=["abc.s1", "def.s1"]),
+        codes=outcomes.DrawDecided,
     ),
     "audit_sku": Contract(
         calls.audit_sku, dict(sku=SK, orders_prefix=SK.orders_prefix), reply=outcomes.AuditFigures

@@ -1,5 +1,5 @@
-"""`flashgate serve | gateway | finalizer | sweeper | relay | audit | status | dead`: the
-console script."""
+"""`flashgate serve | gateway | finalizer | sweeper | relay | audit | status | dead |
+verify-draw`: the console script."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from gateway import __version__
 from gateway.errors import GatewayError
@@ -58,6 +59,35 @@ def _read(args: argparse.Namespace, settings: Settings) -> int:
     return asyncio.run(audit(settings))
 
 
+def _verify_draw(args: argparse.Namespace, settings: Settings) -> int:
+    """`verify-draw`: from a saved answer, a gateway, or Redis (the default)."""
+    from gateway.ops import verify
+
+    try:
+        if args.file:
+            return verify.from_file(Path(args.file), args.commitment)
+        if args.url:
+            return verify.from_url(settings, args.sku, args.url)
+        return asyncio.run(verify.from_redis(resolve_redis(settings), args.sku))
+    except verify.Unreadable as exc:
+        print(f"flashgate: {exc}", file=sys.stderr)
+        return 2
+
+
+def _add_verify_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("sku", help="the SKU whose draw to check")
+    source = command.add_mutually_exclusive_group()
+    source.add_argument(
+        "--url", help="read the draw from this gateway (FLASHGATE_ADMIN_TOKEN) instead of Redis"
+    )
+    source.add_argument(
+        "--file", help="check a saved answer of GET /api/v1/admin/skus/{id}/draw instead"
+    )
+    command.add_argument(
+        "--commitment", help="with --file: the draw_commitment published before the sale"
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     """Every command with its own arguments and, but for local-cluster, every setting's flag."""
     parser = argparse.ArgumentParser(prog="flashgate", description="Flash-sale intake gateway.")
@@ -72,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
         ("audit", "check the inventory invariants of every SKU"),
         ("status", "mode, stock, backlog and rates of every SKU, in the terminal"),
         ("dead", "list the newest dead letters of every SKU (read only)"),
+        ("verify-draw", "recompute a fair start's draw: every rank and the commitment"),
     ):
         command = sub.add_parser(name, help=text, description=text)
         if name == "status":
@@ -102,6 +133,8 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--sku", action="append", help="only this SKU (repeatable)")
         if name == "dead":
             command.add_argument("--limit", type=int, default=20, help="per SKU (default 20)")
+        if name == "verify-draw":
+            _add_verify_arguments(command)
         _add_settings_flags(command)
     text = "a throwaway local Redis Cluster (embedded binary) for trying cluster mode"
     local = sub.add_parser("local-cluster", help=text, description=text)
@@ -135,6 +168,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in ("finalizer", "sweeper", "relay"):
             name = getattr(args, "consumer", None)
             return asyncio.run(run_role(resolve_redis(settings), args.command, name=name))
+        if args.command == "verify-draw":
+            return _verify_draw(args, settings)
         return _read(args, resolve_redis(settings))
     except (ConfigError, EmbeddedError) as exc:
         print(f"flashgate: {exc}", file=sys.stderr)

@@ -133,6 +133,7 @@ class Audit:
             return None
         records = None if index is None else index.get(tag, [])
         orders, problems = await self._check_orders(sk, now_ms, slack_ms, records)
+        problems += await self._check_draw(sk)
         earliest = figures.earliest_deadline_ms
         overdue = 0
         if earliest and now_ms is not None and slack_ms is not None:
@@ -181,6 +182,32 @@ class Audit:
                             f"{(now_ms - int(paid_at)) // 1000} s (finalizer down? dead letters?)"
                         )
         return orders, problems
+
+    async def _check_draw(self, sk: keys.SkuKeys) -> list[str]:
+        """A fair start's draw against its pre-queue, read in one transaction (one slot): the
+        ranking holds as many orders as the cursor says, and once done every pre-queued order,
+        with no units left waiting."""
+
+        async def read() -> list[Any]:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hmget(sk.sku, "draw", "draw_cursor")
+                pipe.scard(sk.prequeue)
+                pipe.llen(sk.draw)
+                pipe.hlen(sk.waiting)
+                result: list[Any] = await pipe.execute()
+                return result
+
+        (draw, cursor), prequeued, ranked, waiting = await self._run(read())
+        if draw is None:
+            return []
+        problems = []
+        if int(cursor or 0) != ranked:
+            problems.append(f"draw: cursor {int(cursor or 0)} != {ranked} orders ranked")
+        if draw == b"done" and ranked != prequeued:
+            problems.append(f"draw done: {ranked} orders ranked of {prequeued} pre-queued")
+        if draw == b"done" and waiting:
+            problems.append(f"draw done: {waiting} user(s) still have units waiting")
+        return problems
 
     async def _order_records(self, sk: keys.SkuKeys, records: list[bytes] | None) -> Any:
         if records is not None:

@@ -59,6 +59,8 @@ def create_order(
         sku.order(order_id),
         sku.idempotency(user_id, idempotency_key),
         sku.accepted,
+        sku.prequeue,
+        sku.waiting,
     ]
     if guarded:
         ks.append(keys.key_guard(user_id, idempotency_key))
@@ -144,8 +146,12 @@ def configure_sku(
     buckets: int | None,
     total_stock: int | None,
     log_change: bool,
+    prequeue_s: int,
+    draw_seed: str,
+    draw_commitment: str,
 ) -> Call:
-    """`buckets` None: any bucket count; `total_stock` None: not a bucketed SKU's bucket 0."""
+    """`buckets` None: any bucket count; `total_stock` None: not a bucketed SKU's bucket 0;
+    `draw_seed` "": no new draw (prequeue_s 0, or a bucket other than 0)."""
     return [sku.sku, sku.changes], [
         promotion_id,
         stock,
@@ -159,6 +165,32 @@ def configure_sku(
         _opt(buckets),
         _opt(total_stock),
         "1" if log_change else "0",
+        prequeue_s,
+        draw_seed,
+        draw_commitment,
+    ]
+
+
+def draw_open(sku: SkuKeys, *, now_ms: int | None) -> Call:
+    return [sku.sku, sku.prequeue], [_opt(now_ms)]
+
+
+def draw_decide(
+    sku: SkuKeys,
+    *,
+    cursor: int,
+    hold_ttl_ms: int,
+    now_ms: int | None,
+    orders_prefix: str,
+    order_ids: Sequence[str],
+) -> Call:
+    """One batch of the draw of `sku`, `order_ids` in rank order from rank `cursor` + 1."""
+    return [sku.sku, sku.users, sku.holds, sku.events, sku.waiting, sku.draw], [
+        cursor,
+        hold_ttl_ms,
+        _opt(now_ms),
+        orders_prefix,
+        *order_ids,
     ]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from gateway.settings import Settings
 from gateway.store.audit import Audit
 from gateway.store.buckets import Layouts, Mover
+from gateway.store.draws import Draws
 from gateway.store.orders import Orders
 from gateway.store.payments import Payments
 from gateway.store.sending import Sender
@@ -45,6 +46,7 @@ class Inventory(Orders):
         self.payments = Payments(send, scripts, two_phase=two_phase)
         self.skus = Skus(send, scripts, layouts, mover)
         self.audit = Audit(send, scripts, layouts)
+        self.draws = Draws(send, scripts)
         # bound, not wrapped: a call through the facade adds no coroutine
         self.confirm_payment = self.payments.confirm_payment
         self.configure_sku = self.skus.configure_sku

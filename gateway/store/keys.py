@@ -12,6 +12,7 @@ under its own tag; the order id names its bucket's tag.
 | key | type | holds |
 | --- | --- | --- |
 | `fg:skus` | set | every configured sku_id (read by audit, sweeper, finalizers) |
+| `fg:draws` | set | sku_ids with a fair start whose draw may not be done (read by finalizers) |
 | `fg:{S}:sku` | hash | SKU config and counters: stock available held sold ... |
 | `fg:{S}:users` | hash | user_id -> units the user holds or bought of S |
 | `fg:{S}:holds` | zset | order_id -> hold deadline (epoch ms), the sweeper's index |
@@ -24,6 +25,9 @@ under its own tag; the order id names its bucket's tag.
 | `fg:{S}:pay:<payment_id>` | hash | order_id, at, applied: one payment confirmation |
 | `fg:{S}:accepted` | zset | `<key>:<user>` of every 202 -> replay deadline (sold-out memo) |
 | `fg:{S}:changes` | stream | operator audit log of the SKU's configuration (~ last 1000) |
+| `fg:{S}:prequeue` | set | order ids pre-queued for the fair start (frozen once drawing) |
+| `fg:{S}:waiting` | hash | user_id -> units pre-queued and not yet drawn |
+| `fg:{S}:draw` | list | the drawn order ids in rank order (appended batch by batch) |
 | `fg:{S}:transfers` | hash | stock moving out of this bucket: transfer id -> units, to, at |
 | `fg:{S}:received` | zset | transfer ids this bucket received -> when (a week) |
 | `fg:{mode}` | hash | mode, changed_at: the intake mode shared by every gateway |
@@ -51,6 +55,7 @@ from gateway.transport.cluster import SLOTS
 PREFIX = "fg"
 FINALIZER_GROUP = "finalizers"  # the consumer group every finalizer joins on every SKU stream
 SKU_REGISTRY = f"{PREFIX}:skus"
+DRAW_REGISTRY = f"{PREFIX}:draws"  # SKUs whose draw may not be done: finalizers watch these
 MODE = f"{PREFIX}:{{mode}}"
 RELAY_LAG = f"{MODE}:relay-lag"  # in the mode's slot: the ops reads' first round trip reads both
 MODE_HISTORY = f"{MODE}:history"
@@ -143,11 +148,13 @@ class SkuKeys:
         "events",
         "holds",
         "orders_prefix",
+        "prequeue",
         "sku",
         "sku_id",
         "stream",
         "tag",
         "users",
+        "waiting",
     )
 
     def __init__(self, tag: str) -> None:
@@ -163,6 +170,8 @@ class SkuKeys:
         self.dead = f"{self.tag}:dead"
         self.changes = f"{self.tag}:changes"
         self.orders_prefix = f"{self.tag}:o:"
+        self.prequeue = f"{self.tag}:prequeue"
+        self.waiting = f"{self.tag}:waiting"
 
     @property
     def transfers(self) -> str:
@@ -171,6 +180,10 @@ class SkuKeys:
     @property
     def received(self) -> str:
         return f"{self.tag}:received"
+
+    @property
+    def draw(self) -> str:
+        return f"{self.tag}:draw"
 
     @property
     def relay_dead(self) -> str:

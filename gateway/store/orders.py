@@ -320,7 +320,8 @@ class Orders:
         read = OrderRead.of(await self.send.script(self._read, ks, args))
         if not read.record:
             return None
-        status, user_id, sku_id, quantity, promotion_id, created_at, deadline, history = read.record
+        *fields, opens_at = read.record  # opens_at: pre-queued for a fair start
+        status, user_id, sku_id, quantity, promotion_id, created_at, deadline, history = fields
         return OrderView(
             order_id=order_id,
             status=status.decode(),
@@ -331,6 +332,7 @@ class Orders:
             created_at=int(created_at),
             hold_expires_at=int(deadline) if deadline is not None else None,
             history=msgspec.Raw(history),
+            opens_at=int(opens_at) if opens_at is not None else None,
             queue=place(read.queue) if read.queue else None,
         )
 

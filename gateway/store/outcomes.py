@@ -88,6 +88,7 @@ class FinalizeResult(IntEnum):
     APPLIED = 1
     DUPLICATE = 0  # the effect was already stored
     UNKNOWN_ORDER = -1
+    WAITING = 2  # the SKU's fair-start draw is not done: left pending, nothing written
 
 
 class DeadLettered(IntEnum):
@@ -178,6 +179,36 @@ class OrderRead(NamedTuple):
     @classmethod
     def of(cls, raw: Sequence[Any]) -> OrderRead:
         return cls(list(raw[0]), list(raw[1]))
+
+
+class DrawState(IntEnum):
+    """draw_open.lua."""
+
+    DRAWING = 1
+    DONE = 2
+    NO_DRAW = -1  # the SKU has no fair start
+    NOT_DUE = -2  # its sale has not started
+
+
+class DrawOpened(NamedTuple):
+    """draw_open.lua: where the draw stands, and its seed (hex) while it is open or done."""
+
+    code: DrawState
+    cursor: int
+    total: int
+    seed: str
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> DrawOpened:
+        return cls(DrawState(raw[0]), int(raw[1]), int(raw[2]), text(raw[3]))
+
+
+class DrawDecided(IntEnum):
+    """draw_decide.lua."""
+
+    DECIDED = 1
+    STALE = 0  # another drawer moved the cursor: nothing written
+    NOT_DRAWING = -1  # the draw is not open (or done): nothing written
 
 
 class AuditFigures(NamedTuple):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from gateway.schemas import SkuChange, SkuConfig, SkuSettings, SkuView
-from gateway.store import calls, keys
+from gateway.store import calls, draws, keys
 from gateway.store.buckets import Layouts, Mover
 from gateway.store.calls import Call
 from gateway.store.keys import DEFAULT_OPERATOR
@@ -26,7 +26,9 @@ def _configure_call(
     stock_mode: Literal["set", "init", "total"],
     log_change: bool = True,
 ) -> Call:
-    """configure_sku.lua's call for one bucket (or a SKU without buckets) of `cfg`."""
+    """configure_sku.lua's call for one bucket (or a SKU without buckets) of `cfg`. A fair
+    start's SKU gets a fresh seed, which the script keeps only when the SKU has no draw yet."""
+    seed = draws.new_seed() if cfg.prequeue_s and log_change else ""
     return calls.configure_sku(
         sk,
         promotion_id=cfg.promotion_id,
@@ -41,6 +43,9 @@ def _configure_call(
         buckets=cfg.buckets,
         total_stock=cfg.stock if stock_mode == "total" else None,
         log_change=log_change,
+        prequeue_s=cfg.prequeue_s,
+        draw_seed=seed,
+        draw_commitment=draws.commitment(seed) if seed else "",
     )
 
 
@@ -64,6 +69,8 @@ class Skus:
         # Registry first: a SKU in the registry without config is harmless, the reverse
         # would hide a SKU from the audit.
         await run(self.redis.sadd(keys.SKU_REGISTRY, sku_id))
+        if cfg.prequeue_s:  # a draw may begin: finalizers watch it until it is done
+            await run(self.redis.sadd(keys.DRAW_REGISTRY, sku_id))
         if cfg.buckets == 1:
             home = keys.SkuKeys(sku_id)
             call = _configure_call(home, cfg, by, client, cfg.stock, "set")
@@ -153,6 +160,9 @@ class Skus:
             buckets=buckets,
             bucket_tags=self.layouts.tags(sku_id, buckets) if buckets > 1 else None,
             in_transit=in_transit,
+            prequeue_s=int(h.get("prequeue_s", 0)),
+            draw_commitment=h.get("draw_commitment"),
+            draw=h.get("draw"),
         )
 
     async def sku_changes(self, sku_id: str, limit: int = 20) -> list[SkuChange] | None:
@@ -202,4 +212,5 @@ def _sku_settings(f: dict[str, str], prefix: str) -> SkuSettings:
         per_user_limit=int(f[prefix + "per_user_limit"]),
         starts_at=opt("starts_at"),
         ends_at=opt("ends_at"),
+        prequeue_s=opt("prequeue_s") or 0,
     )

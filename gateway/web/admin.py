@@ -12,7 +12,16 @@ from starlette.responses import Response
 from gateway import errors
 from gateway.intake import rules
 from gateway.intake.mode import ModeView
-from gateway.schemas import ID_PATTERN, Id, Mode, SkuChanges, SkuConfig, SkuView, sku_config_decoder
+from gateway.schemas import (
+    ID_PATTERN,
+    DrawView,
+    Id,
+    Mode,
+    SkuChanges,
+    SkuConfig,
+    SkuView,
+    sku_config_decoder,
+)
 from gateway.store.outcomes import ConfigureResult
 from gateway.transport.replies import call
 from gateway.web.bodies import decode, request_body
@@ -39,6 +48,7 @@ SKU_LINKS = {
         "operationId": "getSkuChanges",
         "parameters": {"sku_id": "$request.path.sku_id"},
     },
+    "GetDraw": {"operationId": "getDraw", "parameters": {"sku_id": "$request.path.sku_id"}},
     "CreateOrder": {
         "operationId": "createOrder",
         "requestBody": {
@@ -84,6 +94,12 @@ CONFIGURE_SKU = Operation(
         Answer(status=200, body=SkuView, description="updated", links=SKU_LINKS),
         Answer(status=201, body=SkuView, description="created", links=SKU_LINKS),
     ),
+    description=(
+        "`prequeue_s` > 0 (with `starts_at`) makes a fair start: orders in `[starts_at - "
+        "prequeue_s, starts_at)` are pre-queued and decided at `starts_at` by a draw. The "
+        "first such configuration chooses the draw's seed and shows its commitment as "
+        "`draw_commitment`; no later change alters the seed."
+    ),
     raises=admin_raises(errors.StockBelowCommitted, errors.BucketsFixed, errors.PayloadTooLarge),
 )
 GET_SKU = Operation(
@@ -112,6 +128,33 @@ GET_SKU_CHANGES = Operation(
     answers=(Answer(status=200, body=SkuChanges, description="the changes"),),
     raises=admin_raises(errors.UnknownSku),
 )
+
+
+GET_DRAW = Operation(
+    method="GET",
+    security=ADMIN,
+    operation_id="getDraw",
+    summary="A fair start's draw once done: the seed, its commitment, the orders in rank order",
+    description=(
+        "An order's rank is the ascending order of HMAC-SHA256(key=seed bytes, msg=order id), "
+        "hex; sha256(seed bytes) is the commitment the SKU view showed before the sale. "
+        "`flashgate verify-draw SKU` checks both."
+    ),
+    parameters=(SKU_ID,),
+    answers=(Answer(status=200, body=DrawView, description="the draw"),),
+    raises=admin_raises(errors.UnknownSku, errors.NoDraw, errors.DrawPending),
+)
+
+
+def sku_problem(cfg: SkuConfig) -> str | None:
+    """What makes a SKU configuration invalid beyond its fields' own bounds (None: nothing)."""
+    if cfg.starts_at is not None and cfg.ends_at is not None and cfg.ends_at <= cfg.starts_at:
+        return "ends_at must be after starts_at"
+    if cfg.prequeue_s and cfg.starts_at is None:
+        return "prequeue_s needs starts_at (the pre-queue is the window before the start)"
+    if cfg.prequeue_s and cfg.buckets > 1:
+        return "prequeue_s is not available for a SKU with stock buckets"
+    return None
 
 
 GET_RULES = Operation(
@@ -213,8 +256,8 @@ def sku_routes(services: Services) -> list[Resource]:
         sku_id = _sku_id(request)
         body = await request_body(request, settings.max_body_bytes)
         cfg = decode(sku_config_decoder, body)
-        if cfg.starts_at is not None and cfg.ends_at is not None and cfg.ends_at <= cfg.starts_at:
-            raise errors.InvalidRequest("ends_at must be after starts_at")
+        if problem := sku_problem(cfg):
+            raise errors.InvalidRequest(problem)
         inventory = services.inventory
         result, committed = await inventory.configure_sku(sku_id, cfg, by=op.name, client=op.client)
         if result is ConfigureResult.STOCK_BELOW_COMMITTED:
@@ -231,6 +274,7 @@ def sku_routes(services: Services) -> list[Resource]:
             starts_at=cfg.starts_at,
             ends_at=cfg.ends_at,
             **({"buckets": cfg.buckets} if cfg.buckets > 1 else {}),
+            **({"prequeue_s": cfg.prequeue_s} if cfg.prequeue_s else {}),
         )
         view = await inventory.get_sku(sku_id)
         return MsgspecResponse(view, status_code=201 if created else 200)
@@ -258,3 +302,26 @@ def sku_routes(services: Services) -> list[Resource]:
         Resource("/api/v1/admin/skus/{sku_id}", (CONFIGURE_SKU, put_sku), (GET_SKU, get_sku)),
         Resource("/api/v1/admin/skus/{sku_id}/changes", (GET_SKU_CHANGES, get_sku_changes)),
     ]
+
+
+def draw_routes(services: Services) -> list[Resource]:
+    """`/api/v1/admin/skus/{sku_id}/draw`: a fair start's draw, revealed once done."""
+
+    def admin(request: Request) -> Operator:
+        return require_admin(request, services.settings.admin_token, services.admin_refusals)
+
+    async def get_draw(request: Request) -> Response:
+        admin(request)
+        sku_id = _sku_id(request)
+        draws = services.inventory.draws
+        view = await draws.view(sku_id)
+        if view is not None:
+            return MsgspecResponse(view)
+        exists, state, _ = await draws.state(sku_id)
+        if not exists:
+            raise errors.UnknownSku("no such SKU")
+        if state is None:
+            raise errors.NoDraw()
+        raise errors.DrawPending(draw=state)
+
+    return [Resource("/api/v1/admin/skus/{sku_id}/draw", (GET_DRAW, get_draw))]

@@ -76,6 +76,7 @@ def resources(services: Services, document: Callable[[], bytes]) -> list[Resourc
         *payments.routes(services),
         *admin.rules_routes(services),
         *admin.sku_routes(services),
+        *admin.draw_routes(services),
         *health.routes(services, document),
         *console.routes(services),
     ]

@@ -72,7 +72,7 @@ CREATE = Operation(
         Answer(
             status=202,
             body=OrderAccepted,
-            description="held or queued",
+            description="held, queued, or pre-queued for a fair start (`opens_at`)",
             headers={"Idempotent-Replayed": REPLAYED},
             links=ORDER_LINKS,
         ),
@@ -114,7 +114,10 @@ GET_ORDER = Operation(
     description=(
         "A `QUEUED` order also carries `queue`: its position in its SKU's queue (never "
         "increases), the ETA (`null` while the drain rate is unknown) and `poll_after_s`, "
-        "which `Retry-After` repeats: ask again no sooner. See the Shoppers' view page."
+        "which `Retry-After` repeats: ask again no sooner. See the Shoppers' view page. "
+        "An order pre-queued for a fair start also carries `opens_at`; until its SKU's draw "
+        "has ranked it, `queue.position` and `queue.eta_s` are `null` and `poll_after_s` "
+        "runs to the sale's start (at most 30 s). See the Fair start page."
     ),
     answers=(
         Answer(

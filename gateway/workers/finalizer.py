@@ -7,6 +7,10 @@ finalizer are claimed with XAUTOCLAIM once idle for `claim_idle_ms`; an entry th
 `max_deliveries` times moves to the SKU's dead-letter stream with its reason. Acknowledged
 entries are trimmed below what every consumer group confirmed (`workers.trim`, as the relay
 trims the events streams), never an unprocessed one.
+
+A SKU with a fair start waits for its draw: its stream is not read while the draw is not done
+(an entry read anyway is left pending, `WAITING`); at its start the finalizer runs the draw
+(`workers/draw.py`), then reads the stream again from its own pending entries.
 """
 
 from __future__ import annotations
@@ -28,15 +32,19 @@ from redis.exceptions import (
     TryAgainError,
 )
 
+from gateway.errors import BackendUnavailable
 from gateway.settings import Settings
 from gateway.store import calls, keys
 from gateway.store.buckets import Layouts, Mover
+from gateway.store.draws import Draws
 from gateway.store.outcomes import Finalized, FinalizeResult
+from gateway.store.sending import Sender
 from gateway.telemetry.queueing import ETA_ERROR, QUEUE_WAIT
 from gateway.transport.connect import Client, create_script_client
 from gateway.transport.durable import acked
 from gateway.transport.replies import REDIS_FAILURES, text
 from gateway.transport.scripts import ScriptRegistry
+from gateway.workers.draw import Drawer, DrawWatch
 from gateway.workers.trim import trim_stream
 
 log = logging.getLogger("flashgate")
@@ -83,6 +91,8 @@ class Finalizer:
         self._dead = scripts["dead_letter"]
         self._hold_ttl_ms = settings.hold_ttl_s * 1000
         self._streams: dict[str, str] = {}  # stream key -> its bucket's tag (the sku_id)
+        self.drawer = Drawer(Draws(Sender(redis, settings), scripts), settings)
+        self.draws = DrawWatch(self.drawer)  # streams waiting for their SKU's draw
         self.layouts = Layouts(redis)
         # Stock moved between buckets is as durable as an order (WAITAOF when asked): on the
         # order path's kind of client, so the wait reaches the node that ran the write.
@@ -109,7 +119,31 @@ class Finalizer:
                     if "BUSYGROUP" not in str(exc):
                         raise
                 self._streams[stream] = tag
+        await self.draws.read(self.redis, self._streams)
         self._streams_read_at = self.clock()
+
+    async def _run_draws(self) -> int:
+        """Run the draws that are due; a stream whose draw is done is read again from this
+        finalizer's own pending entries. Returns how many entries were handled."""
+        handled = 0
+        for stream in await self.draws.run_due(self._streams):
+            handled += await self._read_own_pending(stream)
+        return handled
+
+    async def _read_own_pending(self, stream: str) -> int:
+        """Apply the entries of `stream` this finalizer read and left pending (WAITING)."""
+        handled = 0
+        while True:
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, {stream: "0"}, count=self.count
+            )
+            entries = [e for _, batch in _stream_entries(reply) for e in batch if e[1]]
+            done = 0
+            for entry in entries:
+                done += await self.apply(stream, self._streams[stream], entry)
+            handled += done
+            if not done:
+                return handled
 
     async def step(self, *, block: bool = True) -> int:
         """One round: reclaim stale entries, then read and apply new ones. Returns how many
@@ -120,14 +154,14 @@ class Finalizer:
             if block:
                 await asyncio.sleep(self.block_ms / 1000)
             return 0
-        handled = 0
+        handled = await self._run_draws() if self.draws.held or self.draws.released else 0
         # Reclaiming looks for entries idle for claim_idle_ms. On a cluster an idle round
         # comes every 50 ms: once a second is soon enough there, unless the last look found
         # some (there may be more).
         if self._claimed or self.clock() - self._claimed_at >= self.claim_every_s:
             self._claimed_at = self.clock()
             claimed = 0
-            for stream, sku in self._streams.items():
+            for stream, sku in self._readable():
                 for entry in await self._claim(stream):
                     claimed += 1
                     handled += await self.apply(stream, sku, entry)
@@ -143,19 +177,24 @@ class Finalizer:
         stream is read on its own without blocking, and an idle round sleeps a short poll."""
         handled = 0
         if not self.cluster:
+            readable: dict[Any, Any] = {stream: ">" for stream, _ in self._readable()}
+            if not readable:  # every SKU waits for its draw
+                if block:
+                    await asyncio.sleep(self.draws.block_ms(self.block_ms) / 1000)
+                return 0
             reply = await self.redis.xreadgroup(
                 self.group,
                 self.consumer,
-                dict.fromkeys(self._streams, ">"),
+                readable,
                 count=self.count,
-                block=self.block_ms if block else None,
+                block=self.draws.block_ms(self.block_ms) if block else None,
             )
             for stream_name, entries in _stream_entries(reply):
                 stream = text(stream_name)
                 for entry in entries:
                     handled += await self.apply(stream, self._streams[stream], entry)
             return handled
-        for stream, sku in self._streams.items():
+        for stream, sku in self._readable():
             reply = await self.redis.xreadgroup(
                 self.group, self.consumer, {stream: ">"}, count=self.count
             )
@@ -165,6 +204,11 @@ class Finalizer:
         if block and not handled:
             await asyncio.sleep(min(self.block_ms, CLUSTER_POLL_MS) / 1000)
         return handled
+
+    def _readable(self) -> list[tuple[str, str]]:
+        """(stream, its bucket's tag) of every stream not waiting for a draw."""
+        held = self.draws.held
+        return [(s, sku) for s, sku in self._streams.items() if s not in held]
 
     async def _claim(self, stream: str) -> list[Entry]:
         reply = await self.redis.xautoclaim(
@@ -207,6 +251,9 @@ class Finalizer:
                 raise  # ... unless the server says it cannot write now: waited out
 
             return await self._failed(stream, sku_id, entry, str(exc))
+        if done.code is FinalizeResult.WAITING:  # left pending until the SKU's draw is done
+            self.draws.wait(stream)
+            return 0
         self.applied += 1
         if done.waited_ms is not None:  # a QUEUED order left the queue
             QUEUE_WAIT.observe(done.waited_ms / 1000)
@@ -288,7 +335,7 @@ class Finalizer:
         while not stop.is_set():
             try:
                 await self.step()
-            except REDIS_FAILURES as exc:
+            except (*REDIS_FAILURES, BackendUnavailable) as exc:
                 log.warning("finalizer: Redis unavailable (%s); retrying", exc)
                 await asyncio.sleep(1.0)
         log.info("finalizer %s stopped (%d applied)", self.consumer, self.applied)

@@ -102,6 +102,7 @@ async def test_each_change_is_logged_in_the_same_step(inv: Inventory, redis: Red
         b"after:per_user_limit": b"5",
         b"after:starts_at": b"100",
         b"after:ends_at": b"",
+        b"after:prequeue_s": b"0",
     }
     assert updated == {
         b"by": b"bob",
@@ -112,11 +113,13 @@ async def test_each_change_is_logged_in_the_same_step(inv: Inventory, redis: Red
         b"before:per_user_limit": b"5",
         b"before:starts_at": b"100",
         b"before:ends_at": b"",
+        b"before:prequeue_s": b"0",
         b"after:promotion_id": b"p",
         b"after:stock": b"4",
         b"after:per_user_limit": b"2",
         b"after:starts_at": b"",
         b"after:ends_at": b"",
+        b"after:prequeue_s": b"0",
     }
     await hold(inv, 3)
     refused = await inv.configure_sku("s", cfg(2), by="eve")
@@ -143,6 +146,9 @@ async def test_the_change_log_is_trimmed(inv: Inventory, redis: Redis) -> None:
             buckets=None,
             total_stock=None,
             log_change=True,
+            prequeue_s=0,
+            draw_seed="",
+            draw_commitment="",
         )
         assert (await script(redis, *call))[0] > 0
     # MAXLEN ~: whole stream nodes (100 entries by default) are dropped, never the newest 10.
