@@ -57,8 +57,10 @@ async def test_a_receiver_not_listening_is_unreachable(receiver: Receiver) -> No
     await target.deliver(EVENT)  # the same port again
     assert [d.id for d in receiver.deliveries] == [EVENT.id]
     await target.close()
+    nowhere = WebhookTarget("http://no-such-host.invalid/", SECRET, timeout_s=1)
     with pytest.raises(Unreachable):
-        await WebhookTarget("http://no-such-host.invalid/", SECRET, timeout_s=1).deliver(EVENT)
+        await nowhere.deliver(EVENT)
+    await nowhere.close()
 
 
 def test_the_group_names_the_target_without_its_credentials() -> None:
