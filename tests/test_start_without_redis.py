@@ -19,13 +19,14 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import httpx
 import pytest
 
-from gateway.ops.embedded import free_port, server_binary, wait_for_ping
+from gateway.ops.embedded import free_port, free_ports, server_binary, wait_for_ping
+from gateway.ops.localcluster import LocalCluster
 from gateway.settings import Settings
 from gateway.web.app import create_app
 from tests.support.api import ADMIN, ADMIN_TOKEN, create, order_body, put_sku
@@ -95,9 +96,22 @@ def ready(base: str) -> bool:
         return False
 
 
-async def test_app_started_without_redis_opens_once_it_answers() -> None:
-    port = free_port()
-    settings = Settings(redis_url=f"redis://127.0.0.1:{port}/0", admin_token=ADMIN_TOKEN)
+@contextmanager
+def cluster(ports: list[int], directory: Path) -> Iterator[str]:
+    """A throwaway 3-primary cluster on `ports`."""
+    with LocalCluster(directory, primaries=3, ports=ports) as nodes:
+        yield nodes.url
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["single", "cluster"])
+async def test_app_started_without_redis_opens_once_it_answers(kind: str, tmp_path: Path) -> None:
+    ports = free_ports(3)
+    settings = Settings(
+        redis_url=f"redis://127.0.0.1:{ports[0]}/0",
+        redis_cluster=kind == "cluster",
+        admin_token=ADMIN_TOKEN,
+    )
     app = create_app(settings)
     transport = httpx.ASGITransport(app=app)
     async with (
@@ -110,8 +124,12 @@ async def test_app_started_without_redis_opens_once_it_answers() -> None:
         r = await create(c, sku_id="sku-42")
         assert r.status_code == 503 and r.json()["error"] == "unavailable"
         assert r.headers["Retry-After"] == "1"
-        with valkey(port):
-            deadline = time.monotonic() + 8  # tries at 0.5, 1.5, 3.5, 7.5 s at the latest
+        with ExitStack() as stack:
+            if kind == "cluster":
+                await asyncio.to_thread(stack.enter_context, cluster(ports, tmp_path))
+            else:
+                stack.enter_context(valkey(ports[0]))
+            deadline = time.monotonic() + 15  # tries at most 5 s apart
             while (await c.get("/readyz")).status_code != 200:
                 assert time.monotonic() < deadline, "not ready once Redis answered"
                 await asyncio.sleep(0.05)
@@ -119,6 +137,17 @@ async def test_app_started_without_redis_opens_once_it_answers() -> None:
             assert (await create(c, sku_id="sku-42")).status_code == 202
             r = await create(c, sku_id="sku-42", user_id="u2")
             assert r.status_code == 409 and r.json()["error"] == "sold_out"
+
+
+async def test_app_stopped_before_redis_ever_answered() -> None:
+    """The lifespan ends while the connection is still being tried: nothing left running."""
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    app = create_app(settings)
+    before = asyncio.all_tasks()
+    async with app.router.lifespan_context(app):
+        assert any(t.get_name() == "flashgate-connect" for t in asyncio.all_tasks())
+        await asyncio.sleep(0.6)  # one retry
+    assert asyncio.all_tasks() == before
 
 
 @pytest.mark.timeout(60)
