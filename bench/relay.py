@@ -173,6 +173,7 @@ def main() -> None:
     print(json.dumps({
         "python": platform.python_version(), "machine": platform.machine(),
         "redis-py": version("redis"), "aio-pika": version("aio-pika"),
+        "aiohttp": version("aiohttp"),
         "server": server_binary(),
     }))  # fmt: skip
     with ExitStack() as stack:

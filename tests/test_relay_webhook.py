@@ -3,6 +3,7 @@ the relay's group name, and trimming an events stream."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
@@ -57,8 +58,64 @@ async def test_a_receiver_not_listening_is_unreachable(receiver: Receiver) -> No
     await target.deliver(EVENT)  # the same port again
     assert [d.id for d in receiver.deliveries] == [EVENT.id]
     await target.close()
+    nowhere = WebhookTarget("http://no-such-host.invalid/", SECRET, timeout_s=1)
     with pytest.raises(Unreachable):
-        await WebhookTarget("http://no-such-host.invalid/", SECRET, timeout_s=1).deliver(EVENT)
+        await nowhere.deliver(EVENT)
+    await nowhere.close()
+
+
+class Plain:
+    """A bare HTTP/1.1 server on asyncio streams: answers every request `status` (with
+    `headers`), keeps the connection open, counts connections and requests."""
+
+    def __init__(self, status: int, headers: str = "") -> None:
+        self.answer = f"HTTP/1.1 {status} X\r\ncontent-length: 0\r\n{headers}\r\n".encode()
+        self.connections = self.requests = 0
+
+    async def start(self) -> str:
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/hook"
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                length = next(
+                    int(line.split(b":")[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+                self.requests += 1
+                writer.write(self.answer)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def stop(self) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+async def test_events_share_one_kept_alive_connection() -> None:
+    plain = Plain(204)
+    target = WebhookTarget(await plain.start(), SECRET, timeout_s=2)
+    for _ in range(5):
+        await target.deliver(EVENT)
+    await target.close()
+    await plain.stop()
+    assert (plain.connections, plain.requests) == (1, 5)
+
+
+async def test_a_redirect_is_refused_not_followed(receiver: Receiver) -> None:
+    plain = Plain(307, f"location: {receiver.url}\r\n")
+    target = WebhookTarget(await plain.start(), SECRET, timeout_s=2)
+    with pytest.raises(Refused, match="HTTP 307"):
+        await target.deliver(EVENT)
+    await target.close()
+    await plain.stop()
+    assert receiver.deliveries == []
 
 
 def test_the_group_names_the_target_without_its_credentials() -> None:

@@ -116,6 +116,30 @@ class Intake:
         self.memo.sold_out(sku_id, promotion_id, accepted, until_ms)
 
 
+class Starting(Intake):
+    """The intake of a process that has not yet read the mode and the rules from Redis (it
+    started while Redis was down): every order is `503 unavailable`, without touching Redis.
+    `web/services.py` swaps in the real `Intake` once Redis answered, so the order path
+    checks nothing per request."""
+
+    @classmethod
+    def like(cls, intake: Intake) -> Starting:
+        """A starting intake on `intake`'s collaborators."""
+        return cls(
+            intake.inventory,
+            limiter=intake.limiter,
+            keyed=intake.keyed,
+            breaker=intake.breaker,
+            memo=intake.memo,
+            watcher=intake.watcher,
+        )
+
+    async def create(
+        self, req: OrderRequest, key: str, client: str = ""
+    ) -> tuple[CreateResult, bytes]:
+        raise errors.BackendUnavailable(reason="starting: Redis has not answered yet")
+
+
 def refusal(result: CreateResult, payload: bytes) -> errors.GatewayError:
     """The contract's error for a refusal the order script answered."""
     if result is CreateResult.LIMIT_EXCEEDED:

@@ -36,7 +36,7 @@ from gateway.web.responses import (
     internal_error,
 )
 from gateway.web.routing import Resource
-from gateway.web.services import Services, check_waitaof
+from gateway.web.services import Services
 
 METRICS_FLUSH_S = 1.0  # how often a worker writes its counts for the others' scrapes
 
@@ -85,8 +85,8 @@ def resources(services: Services, document: Callable[[], bytes]) -> list[Resourc
 def lifespan(
     services: Services, redis: Client | None
 ) -> Callable[[Starlette], AbstractAsyncContextManager[None]]:
-    """Connect, load every script (startup fails fast), build the services, run the mode
-    watcher and the metrics flush; undo it all at the end."""
+    """Build the services, connect (load every script, read the mode: `Services.connect`,
+    in the background while Redis is down), run the metrics flush; undo it all at the end."""
     settings = services.settings
     scripts = ScriptRegistry()
 
@@ -96,10 +96,8 @@ def lifespan(
         fast = create_script_client(settings)
         reader = create_reader(settings, client)
         try:
-            await scripts.load_all(client)
-            await check_waitaof(client, settings)
             services.start(client, scripts, fast, reader)
-            await services.watcher.start()
+            await services.connect(scripts)  # Redis down: connects in the background
             flushing = asyncio.create_task(metrics.flush_every(METRICS_FLUSH_S))
             try:
                 yield
@@ -107,7 +105,7 @@ def lifespan(
                 flushing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await flushing
-                await services.watcher.stop()
+                await services.stop()
                 services.close()
         finally:
             await reader.aclose()

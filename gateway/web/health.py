@@ -63,6 +63,8 @@ def routes(services: Services, document: Callable[[], bytes]) -> list[Resource]:
         return MsgspecResponse(_HEALTHY)
 
     async def readyz(request: Request) -> Response:
+        if not services.ready:
+            raise errors.BackendUnavailable(reason=services.not_ready)
         if await services.inventory.ping():
             mode = services.watcher.mode
             return MsgspecResponse(Readiness(status="ready", mode=mode, pid=os.getpid()))
