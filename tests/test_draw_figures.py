@@ -4,6 +4,8 @@ the `Sampler` (pending with its open pre-queue, drawing with its cursor, done), 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
@@ -17,6 +19,7 @@ from gateway.telemetry import metrics
 from gateway.transport.connect import create_reader
 from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.draw import Drawer
+from tests.support.api import ADMIN, Client, create, put_sku
 from tests.support.fairstart import FairStart
 
 
@@ -87,3 +90,18 @@ async def test_the_draw_in_the_figures_status_and_metrics(
         assert opened is not None and drawn is not None and int(drawn) >= int(opened)
     finally:
         await reader.aclose()
+
+
+async def test_the_console_view_carries_the_draw_of_a_fair_start_only(client: Client) -> None:
+    """The view's SKU rows: a fair start's SKU has its draw, pre-queued and decided counts
+    (the page shows any such field as a column), a SKU without one has none of them."""
+    r = await put_sku(client, starts_at=int(time.time()) + 1800, prequeue_s=3600)
+    assert r.status_code == 201, r.text
+    assert (await put_sku(client, "plain")).status_code == 201
+    for user in ("u1", "u2"):
+        assert (await create(client, user_id=user)).status_code == 202
+    view = (await client.get("/api/v1/admin/console", headers=ADMIN)).json()
+    rows = {s["sku_id"]: s for s in view["skus"]}
+    fair, plain = rows["sku-42"], rows["plain"]
+    assert (fair["draw"], fair["prequeued"], fair["drawn"]) == ("pending", 2, 0)
+    assert not {"draw", "prequeued", "drawn"} & set(plain)

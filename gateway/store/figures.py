@@ -201,7 +201,7 @@ def _sku_sample(sku_id: str, buckets: list[Figures | None]) -> SkuSample | None:
     if not home:
         return None  # registered, not configured: `flashgate audit` reports it
     if len(buckets) == 1:
-        state, prequeued, drawn = _draw([home])
+        state, prequeued, drawn = _draw([home]) if home[_DRAW] else _NO_DRAW
         return SkuSample(
             sku_id, home[_DRAIN_MILLI] / 1000, *home[:10],
             draw=state, prequeued=prequeued, drawn=drawn,
@@ -221,12 +221,15 @@ def _sku_sample(sku_id: str, buckets: list[Figures | None]) -> SkuSample | None:
     )
 
 
+_NO_DRAW = ("none", 0, 0)
+
+
 def _draw(buckets: list[Figures]) -> tuple[str, int, int]:
     """(state, pre-queued, drawn) of a SKU's draw over its buckets (each bucket draws its own
     pre-queue): the state of the bucket furthest behind, the counts summed."""
     states = [b[_DRAW] for b in buckets if b[_DRAW]]
     if not states:
-        return "none", 0, 0
+        return _NO_DRAW
     prequeued = sum(b[_DRAW + 1] for b in buckets)
     return DRAW_STATES[min(states)], prequeued, sum(b[_DRAW + 2] for b in buckets)
 
