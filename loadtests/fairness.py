@@ -8,13 +8,17 @@
   shoppers) the HELD ones are exactly the first `min(stock, pre-queued)` of the ranking; a
   post-start order holds units only when every pre-queued one was held, and never more than
   the stock the draw left;
-- `flashgate verify-draw` (run by the runner) recomputes every rank and the commitment.
+- `flashgate verify-draw` (run by the runner) recomputes every rank and the commitment;
+- `GET /metrics` (`draw_metrics`): the draw is `done`, its gauges count the pre-queue, and the
+  finalizers counted each drawn order once (HELD + REJECTED = pre-queued) and timed one draw.
 """
 
 from __future__ import annotations
 
 import json
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.store import keys
 
@@ -73,7 +77,7 @@ def check(client: Any, sku: str, stock: int, order_ids: set[str]) -> dict[str, A
         )
     if after_held and sum(draw_held) < len(ranking):
         problems.append(f"{after_held} order(s) after the start held while the draw rejected")
-    if after_held > stock - sum(draw_held):
+    if after_held > stock - sum(draw_held):  # the audit would also find the oversell
         problems.append(f"{after_held} order(s) after the start held, over the stock left")
     return {
         "prequeued": len(ranking),
@@ -86,7 +90,30 @@ def check(client: Any, sku: str, stock: int, order_ids: set[str]) -> dict[str, A
     }
 
 
-def print_fairness(found: dict[str, Any], verify_rc: int, verify_out: str) -> None:
+def draw_metrics(metrics: str, sku: str) -> dict[str, Any]:
+    """What one `GET /metrics` says of the draws: the orders the finalizers counted as drawn
+    by outcome, the draws they timed and their total length, and `sku`'s draw gauges."""
+    found: dict[str, Any] = {"held": 0, "rejected": 0, "timed": 0, "seconds": 0.0}
+    for family in text_string_to_metric_families(metrics):
+        for s in family.samples:
+            if s.name == "flashgate_draw_orders_total":
+                found[s.labels["outcome"].lower()] = int(s.value)
+            elif s.name == "flashgate_draw_duration_seconds_count":
+                found["timed"] = int(s.value)
+            elif s.name == "flashgate_draw_duration_seconds_sum":
+                found["seconds"] = round(s.value, 3)
+            elif s.name.startswith("flashgate_sku_draw_") and s.labels.get("sku") == sku:
+                if s.name == "flashgate_sku_draw_state":
+                    if s.value:
+                        found["state"] = s.labels["state"]
+                else:
+                    found[s.name.removeprefix("flashgate_sku_draw_")] = int(s.value)
+    return found
+
+
+def print_fairness(
+    found: dict[str, Any], drawn: dict[str, Any], verify_rc: int, verify_out: str
+) -> None:
     gap = None
     if found["first_after_start_decided_ms"] and found["last_prequeued_decided_ms"]:
         gap = found["first_after_start_decided_ms"] - found["last_prequeued_decided_ms"]
@@ -94,6 +121,11 @@ def print_fairness(found: dict[str, Any], verify_rc: int, verify_out: str) -> No
         f"fair start: {found['prequeued']} pre-queued ({found['prequeued_held']} held, the first"
         f" of the draw), {found['after_start']} after the start ({found['after_start_held']}"
         f" held); first post-start decision {gap} ms after the last pre-queued one"
+    )
+    print(
+        f"  /metrics: the draw {drawn.get('state')}, {drawn.get('prequeued')} pre-queued,"
+        f" {drawn.get('drawn')} decided; drawn HELD {drawn['held']}, REJECTED"
+        f" {drawn['rejected']}; {drawn['timed']} draw(s) timed, {drawn['seconds']} s"
     )
     print(f"  problems: {len(found['problems'])}")
     for problem in found["problems"][:10]:

@@ -413,7 +413,7 @@ class LoadRun:
             }
             queue_line.print_line(report)
         if args.scenario == "prequeue":
-            fair_ok = self.report_fair_start(fair, seconds)
+            fair_ok = self.report_fair_start(fair, fairness.draw_metrics(metrics, HOT), seconds)
         counts = findings.counts()
         ok = (
             fair_ok
@@ -465,12 +465,15 @@ class LoadRun:
         self.summary["draw_commitment"] = r.json()["draw_commitment"]
         print(f"fair start: {HOT} pre-queues now, starts at {starts_at} ({self.args.mode})")
 
-    def report_fair_start(self, fair: dict[str, Any], seconds: float) -> bool:
-        """Print and keep the fair start's report; True when it is fair and verified."""
+    def report_fair_start(
+        self, fair: dict[str, Any], drawn: dict[str, Any], seconds: float
+    ) -> bool:
+        """Print and keep the fair start's report; True when it is fair, verified and counted
+        in /metrics as it happened."""
         argv = [sys.executable, "-m", "gateway", "verify-draw", HOT,
                 "--data-dir", str(self.serve.data_dir)]  # fmt: skip
         verify = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60)
-        fairness.print_fairness(fair, verify.returncode, verify.stdout + verify.stderr)
+        fairness.print_fairness(fair, drawn, verify.returncode, verify.stdout + verify.stderr)
         path = self.out / "line.jsonl"
         self.summary["line"].update(
             prequeued=queue_line.shoppers_side(path, seconds, prequeued=True),
@@ -483,8 +486,15 @@ class LoadRun:
                   f" p90 {s['wait_s_p90']} s; |ETA error| p50 {s['eta_abs_error_s_p50']} s,"
                   f" p90 {s['eta_abs_error_s_p90']} s ({s['with_eta']} told one)")  # fmt: skip
         self.summary["fairness"] = fair
+        self.summary["draw_metrics"] = drawn
         self.summary["verify_draw_exit_code"] = verify.returncode
-        return not fair["problems"] and verify.returncode == 0 and fair["prequeued"] > 0
+        counted = (drawn.get("state"), drawn.get("prequeued"), drawn.get("drawn"),
+                   drawn["held"] + drawn["rejected"], drawn["held"], drawn["timed"])  # fmt: skip
+        n = fair["prequeued"]
+        expected = ("done", n, n, n, fair["prequeued_held"], 1)
+        if counted != expected:
+            print(f"  /metrics counted {counted}, expected {expected}")
+        return not fair["problems"] and verify.returncode == 0 and n > 0 and counted == expected
 
     def throttle(self) -> None:
         """Slow the finalizer of the run's `flashgate serve` down to `--finalizer-share`."""

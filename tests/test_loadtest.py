@@ -163,6 +163,12 @@ def test_short_fair_start_no_order_after_the_start_beats_the_prequeue(
         assert fair["after_start_held"] == 0, log
     else:
         assert fair["after_start_held"] == min(stock - fair["prequeued"], fair["after_start"])
+    # /metrics of the run's gateway: the draw done, its gauges and the finalizer's counts
+    drawn = summary["draw_metrics"]
+    assert (drawn["state"], drawn["prequeued"], drawn["drawn"]) == (
+        "done", fair["prequeued"], fair["prequeued"]), log  # fmt: skip
+    assert (drawn["held"], drawn["rejected"], drawn["timed"]) == (
+        fair["prequeued_held"], fair["prequeued"] - fair["prequeued_held"], 1), log  # fmt: skip
     line = summary["line"]
     assert line["prequeued"]["orders"] == fair["prequeued"], log  # each shopper saw its end
     assert line["prequeued"]["reads"] >= fair["prequeued"], log
