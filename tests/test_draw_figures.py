@@ -1,6 +1,7 @@
 """A fair start's draw as the people on call see it: `sku_figures.lua`'s draw fields through
 the `Sampler` (pending with its open pre-queue, drawing with its cursor, done), the lines of
-`flashgate status` and `GET /metrics`, and the drawers' counters and duration."""
+`flashgate status` and `GET /metrics`, and the drawers' counters and duration; on one server
+and on a cluster."""
 
 from __future__ import annotations
 
@@ -21,6 +22,9 @@ from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.draw import Drawer
 from tests.support.api import ADMIN, Client, create, put_sku
 from tests.support.fairstart import FairStart
+from tests.support.state import BOTH_BACKENDS
+
+pytestmark = BOTH_BACKENDS
 
 
 @pytest.fixture
