@@ -1,7 +1,8 @@
 """What Redis holds about the sale, read for the people on call: the intake mode and its last
 switch, each SKU's figures (stock, available, held, sold, holds, backlog, pending, dead letters,
-entries in and out), each relay group's lag (as its relays last wrote it), and the dead letters
-themselves. Read only, nothing written.
+entries in and out, a fair start's draw: its state, pre-queued and decided orders), each relay
+group's lag (as its relays last wrote it), and the dead letters themselves. Read only, nothing
+written.
 
 `flashgate status`, `flashgate dead`, `GET /metrics` and the admin overview read through here.
 """

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from gateway.errors import BackendUnavailable
 from gateway.settings import Settings
 from gateway.store import draws, keys
 from gateway.store.draws import Draws
@@ -80,7 +81,13 @@ class Drawer:
         return DrawState.DONE
 
     async def _timed(self, sku_id: str) -> None:
-        seconds = await self.store.duration_s(sku_id)
+        """Observe the draw's length, opening to last batch (a failed read skips it: the
+        draw is done whatever the metric says)."""
+        try:
+            seconds = await self.store.duration_s(sku_id)
+        except BackendUnavailable:
+            log.warning("draw of SKU %s done; its length not read", sku_id)
+            return
         if seconds is not None:
             DRAW_DURATION.observe(seconds)
             log.info("draw of SKU %s took %.3f s", sku_id, seconds)
