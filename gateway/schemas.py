@@ -151,7 +151,7 @@ class DrawView(Struct, frozen=True, kw_only=True):
     orders: list[str]  # order ids, rank 1 first
 
 
-class ConsoleSku(Struct, frozen=True, kw_only=True):
+class ConsoleSku(Struct, frozen=True, kw_only=True, omit_defaults=True):
     sku_id: str
     stock: int
     available: int
@@ -161,6 +161,9 @@ class ConsoleSku(Struct, frozen=True, kw_only=True):
     backlog: int  # orders no finalizer has decided yet
     pending: int  # stream entries delivered to a finalizer, not yet acknowledged
     dead: int  # dead letters
+    draw: DrawProgress | None = None  # a fair start's draw (absent: the SKU has none)
+    prequeued: int | None = None  # orders in the draw's pre-queue (with a draw)
+    drawn: int | None = None  # pre-queued orders the draw decided so far (with a draw)
 
 
 class ConsoleWorker(Struct, frozen=True, kw_only=True):

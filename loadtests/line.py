@@ -23,10 +23,13 @@ def _rounded(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
-def shoppers_side(path: Path, seconds: float) -> dict[str, Any]:
+def shoppers_side(path: Path, seconds: float, *, prequeued: bool | None = None) -> dict[str, Any]:
     """Reads per order and per second; the ETA error of each order that was told one:
-    (when told + eta_s) - when it was decided, in seconds (negative: decided later)."""
+    (when told + eta_s) - when it was decided, in seconds (negative: decided later).
+    `prequeued`: only the orders pre-queued for a fair start (True) or the others (False)."""
     lines = [json.loads(b) for b in path.read_bytes().splitlines()] if path.exists() else []
+    if prequeued is not None:
+        lines = [x for x in lines if bool(x.get("prequeued")) == prequeued]
     reads = [int(x["reads"]) for x in lines]
     errors = [
         x["eta_told_at"] + x["eta_s"] - x["decided_at"]

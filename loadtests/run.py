@@ -3,7 +3,9 @@
 Starts `flashgate serve` (embedded server, fresh data directory, free port), configures the
 SKUs through the admin API, runs Locust headless with the spike shape (`locustfile.py`; with
 `--scenario queue`, shoppers in a QUEUE_ONLY line, `queue_locustfile.py`, and a report of their
-poll volume and ETA error), lets
+poll volume and ETA error; with `--scenario prequeue`, a fair start: the hot SKU pre-queues
+until its start a few seconds in, `prequeue_locustfile.py`, and the report adds the draw's
+fairness and `flashgate verify-draw`), lets
 the finalizers drain, runs `flashgate audit`, reads the figures from Redis and prints the
 oversold, duplicate, lost and unsettled counts. Exit code 0 only when all of them are 0, the
 audit passes and Locust saw no unexpected answer. Whatever happens (Ctrl-C, SIGTERM, an error)
@@ -32,13 +34,18 @@ import redis
 
 from gateway.ops.embedded import free_port
 from gateway.ops.localcluster import LocalCluster
-from loadtests import line as queue_line
+from loadtests import fairness, line as queue_line
 from loadtests.procs import Locust, Serve, Throttle, Tracker, child_running
 from loadtests.report import LocustStats, read_locust, report_files
 from loadtests.verify import Findings, check_records, check_skus, drain, read_records
 
 LOCUSTFILE = Path(__file__).with_name("locustfile.py")
-LOCUSTFILES = {"spike": LOCUSTFILE, "queue": Path(__file__).with_name("queue_locustfile.py")}
+LOCUSTFILES = {
+    "spike": LOCUSTFILE,
+    "queue": Path(__file__).with_name("queue_locustfile.py"),
+    "prequeue": Path(__file__).with_name("prequeue_locustfile.py"),
+}
+PREQUEUE_S = 3600  # the fair start's window: open from the SKU's configuration
 REPORTS = Path(__file__).with_name("reports")  # in .gitignore
 PROMOTION = "promo-load"
 HOT = "hot"
@@ -52,7 +59,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--scenario", choices=sorted(LOCUSTFILES), default="spike",
-        help="spike: the 0:00 spike (default); queue: shoppers in a QUEUE_ONLY line",
+        help="spike: the 0:00 spike (default); queue: shoppers in a QUEUE_ONLY line; prequeue:"
+        " a fair start, shoppers before and after it",
+    )  # fmt: skip
+    p.add_argument(
+        "--start-in", type=float, default=5, metavar="SECONDS",
+        help="prequeue: the hot SKU's sale starts this long after Locust starts (default 5)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mode", choices=("QUEUE_ONLY", "NORMAL"), default="QUEUE_ONLY",
+        help="prequeue: the intake mode of the run (default QUEUE_ONLY)",
     )  # fmt: skip
     p.add_argument(
         "--finalizer-share", type=float, default=1.0, metavar="SHARE",
@@ -340,11 +356,13 @@ class LoadRun:
             f"SKUs: {HOT} stock {args.stock} limit {args.hot_limit}; {', '.join(self.skus)} "
             f"stock {args.sku_stock} limit {args.sku_limit}; promotion {PROMOTION}"
         )
-        if args.scenario == "queue":
+        if args.scenario == "queue" or (args.scenario, args.mode) == ("prequeue", "QUEUE_ONLY"):
             self.switch("QUEUE_ONLY")
             time.sleep(1.2)  # every worker applies a switch within a second
         if args.finalizer_share < 1:
             self.throttle()
+        if args.scenario == "prequeue":
+            self.fair_start()
         started = time.monotonic()
         self.locust.start()
         locust_rc = self.locust.wait(span + 120, self.scan)
@@ -375,6 +393,9 @@ class LoadRun:
             check_skus(client, self.catalogue, findings)
             orders, payments = read_records(out / "accepted.jsonl", findings)
             check_records(client, serve.base, orders, payments, findings)
+            if args.scenario == "prequeue":
+                accepted = {r["order_id"] for r in orders if r.get("sku_id") == HOT}
+                fair = fairness.check(client, HOT, args.stock, accepted)
         finally:
             client.close()
 
@@ -383,16 +404,20 @@ class LoadRun:
         found = groups(out, stats)
         print_groups(found)
         print_findings(findings)
-        if args.scenario == "queue":
+        fair_ok = True
+        if args.scenario in ("queue", "prequeue"):
             metrics = httpx.get(f"{serve.base}/metrics", timeout=10).text
             self.summary["line"] = report = {
                 "shoppers": queue_line.shoppers_side(out / "line.jsonl", seconds),
                 "finalizers": queue_line.finalizers_side(metrics),
             }
             queue_line.print_line(report)
+        if args.scenario == "prequeue":
+            fair_ok = self.report_fair_start(fair, fairness.draw_metrics(metrics, HOT), seconds)
         counts = findings.counts()
         ok = (
-            not any(counts.values())
+            fair_ok
+            and not any(counts.values())
             and (audit_rc, locust_rc, stats.failures, stats.exceptions) == (0, 0, 0, 0)
             and waited is not None
             and stats.requests > 0
@@ -422,6 +447,54 @@ class LoadRun:
         )
         print("reports: " + ", ".join(str(p) for p in reports))
         return 0 if ok else 1
+
+    def fair_start(self) -> None:
+        """The hot SKU's fair start: pre-queue open now, the sale `--start-in` seconds on."""
+        starts_at = int(time.time() + self.args.start_in) + 1
+        body = {"promotion_id": PROMOTION, "stock": self.args.stock,
+                "per_user_limit": self.args.hot_limit, "starts_at": starts_at,
+                "prequeue_s": PREQUEUE_S}  # fmt: skip
+        r = httpx.put(
+            f"{self.serve.base}/api/v1/admin/skus/{HOT}",
+            json=body,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10,
+        )
+        if r.status_code != 200 or not r.json().get("draw_commitment"):
+            raise RuntimeError(f"PUT fair start of {HOT}: {r.status_code} {r.text}")
+        self.summary["draw_commitment"] = r.json()["draw_commitment"]
+        print(f"fair start: {HOT} pre-queues now, starts at {starts_at} ({self.args.mode})")
+
+    def report_fair_start(
+        self, fair: dict[str, Any], drawn: dict[str, Any], seconds: float
+    ) -> bool:
+        """Print and keep the fair start's report; True when it is fair, verified and counted
+        in /metrics as it happened."""
+        argv = [sys.executable, "-m", "gateway", "verify-draw", HOT,
+                "--data-dir", str(self.serve.data_dir)]  # fmt: skip
+        verify = subprocess.run(argv, env=self.env, capture_output=True, text=True, timeout=60)
+        fairness.print_fairness(fair, drawn, verify.returncode, verify.stdout + verify.stderr)
+        path = self.out / "line.jsonl"
+        self.summary["line"].update(
+            prequeued=queue_line.shoppers_side(path, seconds, prequeued=True),
+            after_start=queue_line.shoppers_side(path, seconds, prequeued=False),
+        )
+        for side in ("prequeued", "after_start"):
+            s = self.summary["line"][side]
+            print(f"  {side}: {s['orders']} orders, {s['reads']} reads"
+                  f" ({s['reads_per_order_mean']} per order); wait p50 {s['wait_s_p50']} s,"
+                  f" p90 {s['wait_s_p90']} s; |ETA error| p50 {s['eta_abs_error_s_p50']} s,"
+                  f" p90 {s['eta_abs_error_s_p90']} s ({s['with_eta']} told one)")  # fmt: skip
+        self.summary["fairness"] = fair
+        self.summary["draw_metrics"] = drawn
+        self.summary["verify_draw_exit_code"] = verify.returncode
+        counted = (drawn.get("state"), drawn.get("prequeued"), drawn.get("drawn"),
+                   drawn["held"] + drawn["rejected"], drawn["held"], drawn["timed"])  # fmt: skip
+        n = fair["prequeued"]
+        expected = ("done", n, n, n, fair["prequeued_held"], 1)
+        if counted != expected:
+            print(f"  /metrics counted {counted}, expected {expected}")
+        return not fair["problems"] and verify.returncode == 0 and n > 0 and counted == expected
 
     def throttle(self) -> None:
         """Slow the finalizer of the run's `flashgate serve` down to `--finalizer-share`."""

@@ -20,7 +20,8 @@
   ARGV[4] orders_prefix: the order-record key prefix of S ("fg:{S}:o:")
   ARGV[5..] order_ids: the batch, in rank order
 
-  Returns {code, cursor}:
+  Returns {code, cursor, held, rejected}: held and rejected count the batch's orders this call
+  decided HELD and REJECTED (0 unless DECIDED)
      1 DECIDED      cursor: the draw's cursor after the batch
      0 STALE        cursor: the stored cursor (another drawer moved it; nothing written)
     -1 NOT_DRAWING  cursor: 0 (the draw is not open, or done; nothing written)
@@ -29,11 +30,11 @@ local rcall = redis.call
 local cfg = rcall('HMGET', KEYS[1], 'draw', 'draw_cursor', 'draw_total', 'per_user_limit',
   'ends_at')
 if cfg[1] ~= 'drawing' then
-  return {-1, 0}
+  return {-1, 0, 0, 0}
 end
 local cursor = tonumber(cfg[2])
 if cursor ~= tonumber(ARGV[1]) then
-  return {0, cursor}
+  return {0, cursor, 0, 0}
 end
 local n = #ARGV - 4
 if cursor + n > tonumber(cfg[3]) then
@@ -50,6 +51,7 @@ local now_s = string.format('%d', now)
 local ended = cfg[5] and now >= tonumber(cfg[5]) * 1000
 
 local left_queue = 0  -- orders of the batch that left the queue
+local held, rejected = 0, 0  -- orders of the batch decided HELD, REJECTED
 
 local function decide(order_id, key, rank)
   local o = rcall('HMGET', key, 'status', 'user_id', 'quantity', 'history', 'paid_in_time',
@@ -89,8 +91,10 @@ local function decide(order_id, key, rank)
     end
     table.insert(event, 'reason'); table.insert(event, reason)
     rcall('XADD', unpack(event))
+    rejected = rejected + 1
     return
   end
+  held = held + 1
   local deadline = now + tonumber(ARGV[2])
   rcall('HINCRBY', KEYS[1], 'available', -qty)
   rcall('HINCRBY', KEYS[1], 'held', qty)
@@ -118,4 +122,4 @@ rcall('HSET', KEYS[1], 'draw_cursor', cursor)
 if cursor == tonumber(cfg[3]) then
   rcall('HSET', KEYS[1], 'draw', 'done', 'drawn_at', now_s)
 end
-return {1, cursor}
+return {1, cursor, held, rejected}

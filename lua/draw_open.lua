@@ -4,7 +4,8 @@
   is done. Time in epoch milliseconds.
 
   KEYS[1] fg:{S}:sku (hash)        draw (pending | drawing | done) draw_seed starts_at
-                                   draw_total draw_cursor (orders decided so far) drawn_at
+                                   draw_total draw_cursor (orders decided so far)
+                                   draw_opened_at drawn_at (epoch ms)
   KEYS[2] fg:{S}:prequeue (set)    order ids pre-queued for the draw
   ARGV[1] now_ms ("" = server TIME)
 
@@ -31,11 +32,13 @@ if h[1] == 'pending' then
     return {-2, 0, 0, ''}
   end
   local total = rcall('SCARD', KEYS[2])
+  local now_s = string.format('%d', now)
   h[1], h[4], h[5] = 'drawing', total, 0
-  rcall('HSET', KEYS[1], 'draw', 'drawing', 'draw_total', total, 'draw_cursor', 0)
+  rcall('HSET', KEYS[1], 'draw', 'drawing', 'draw_total', total, 'draw_cursor', 0,
+    'draw_opened_at', now_s)
   if total == 0 then
     h[1] = 'done'
-    rcall('HSET', KEYS[1], 'draw', 'done', 'drawn_at', string.format('%d', now))
+    rcall('HSET', KEYS[1], 'draw', 'done', 'drawn_at', now_s)
   end
 end
 local code = 1

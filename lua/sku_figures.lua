@@ -6,20 +6,22 @@
   XINFO STREAM, which also builds the first and last entries), else from XINFO STREAM.
 
   KEYS[1] fg:{S}:sku (hash)   KEYS[2] fg:{S}:stream (stream)   KEYS[3] fg:{S}:events (stream)
-  KEYS[4] fg:{S}:dead (stream)   KEYS[5] fg:{S}:holds (zset)
+  KEYS[4] fg:{S}:dead (stream)   KEYS[5] fg:{S}:holds (zset)   KEYS[6] fg:{S}:prequeue (set)
   ARGV[1] group: the finalizers' consumer group on the order stream
   ARGV[2] streams: 0: no entries counted (0 answered for both), 1: the order stream's,
     2: the order stream's and the events stream's
 
   Returns {stock, available, held, sold, holds, backlog, pending, dead, entries_in,
-    entries_out, buckets, total_stock, drain_rate_milli}: entries_in and entries_out are the
-    entries ever added to the order stream and the events stream; drain_rate_milli the
-    finalizers' drain rate (orders per second, an EWMA) times 1,000, as an integer; an empty
-    reply for a SKU not configured
+    entries_out, buckets, total_stock, drain_rate_milli, draw_state, prequeued, drawn}:
+    entries_in and entries_out are the entries ever added to the order stream and the events
+    stream; drain_rate_milli the finalizers' drain rate (orders per second, an EWMA) times
+    1,000, as an integer; draw_state the fair start's draw (0: none, 1: pending, 2: drawing,
+    3: done), prequeued the orders in its pre-queue (fixed once the draw opens), drawn the
+    ones it decided so far (its cursor); an empty reply for a SKU not configured
 ]]
 local rcall = redis.call
 local f = rcall('HMGET', KEYS[1], 'stock', 'available', 'held', 'sold', 'backlog', 'buckets',
-  'total_stock', 'drain_rate')
+  'total_stock', 'drain_rate', 'draw', 'draw_total', 'draw_cursor')
 if not f[1] then
   return {}
 end
@@ -70,9 +72,14 @@ end
 if streams >= 2 then
   entries_out = added(KEYS[3], '')
 end
+local DRAW_STATES = {pending = 1, drawing = 2, done = 3}
+local draw_state, prequeued = DRAW_STATES[f[9]] or 0, tonumber(f[10])
+if draw_state == 1 or (draw_state > 1 and not prequeued) then
+  prequeued = rcall('SCARD', KEYS[6])  -- the pre-queue still open (O(1))
+end
 return {
   tonumber(f[1]) or 0, tonumber(f[2]) or 0, tonumber(f[3]) or 0, tonumber(f[4]) or 0,
   rcall('ZCARD', KEYS[5]), tonumber(f[5]) or 0, pending, rcall('XLEN', KEYS[4]),
   entries_in, entries_out, tonumber(f[6]) or 1, tonumber(f[7]) or 0,
-  math.floor((tonumber(f[8]) or 0) * 1000),
+  math.floor((tonumber(f[8]) or 0) * 1000), draw_state, prequeued or 0, tonumber(f[11]) or 0,
 }

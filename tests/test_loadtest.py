@@ -123,6 +123,58 @@ def test_short_queue_shoppers_poll_as_told(tmp_path: Path) -> None:
     assert "ETA error" in run.stdout and "reads" in run.stdout
 
 
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize(
+    ("mode", "stock"),
+    [("QUEUE_ONLY", 10), ("NORMAL", 60)],
+    ids=["queue_only-stock-short", "normal-stock-left"],
+)
+def test_short_fair_start_no_order_after_the_start_beats_the_prequeue(
+    tmp_path: Path, mode: str, stock: int
+) -> None:
+    """`--scenario prequeue`: shoppers arrive for 5 s around a start 4 s in, behind a slow
+    finalizer; those before the start are pre-queued and drawn. QUEUE_ONLY with less stock
+    than the pre-queue (the draw's first ones hold it all, the rest and every later order are
+    rejected), NORMAL with stock left for orders after the start (held only once the draw is
+    done). No post-start order was decided before a pre-queued one, the HELD pre-queued orders
+    are the first of the ranking, `flashgate verify-draw` passes, nothing lost."""
+    out = tmp_path / "fair"
+    argv = [
+        *(sys.executable, "-m", "loadtests.run", "--out", str(out), "--scenario", "prequeue"),
+        *("--mode", mode, "--start-in", "4", "--users", "30", "--spawn-seconds", "5"),
+        *("--hold-seconds", "0.5", "--tail-seconds", "0.5", "--tail-users", "5"),
+        *("--stock", str(stock), "--finalizer-share", "0.05", "--think-seconds", "0.5"),
+    ]
+    env = {k: v for k, v in os.environ.items() if k != "REDIS_URL"}
+    run = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=140)
+    log = f"stdout:\n{run.stdout[-6000:]}\nstderr:\n{run.stderr[-3000:]}"
+
+    assert run.returncode == 0 and processes_of(out) == [], log
+    summary = json.loads((out / "summary.json").read_text())
+    counts = {k: summary.get(k) for k in ("oversold", "duplicate", "lost", "unsettled")}
+    assert counts == {"oversold": 0, "duplicate": 0, "lost": 0, "unsettled": 0}, log
+    assert summary["failures"] == 0 and summary["exceptions"] == 0, log
+    fair = summary["fairness"]
+    assert fair["problems"] == [] and summary["verify_draw_exit_code"] == 0, log
+    assert fair["prequeued"] > 0 and fair["after_start"] > 0, log  # both sides of the start
+    assert fair["prequeued_held"] == min(stock, fair["prequeued"]), log
+    assert fair["first_after_start_decided_ms"] >= fair["last_prequeued_decided_ms"], log
+    if stock < fair["prequeued"]:
+        assert fair["after_start_held"] == 0, log
+    else:
+        assert fair["after_start_held"] == min(stock - fair["prequeued"], fair["after_start"])
+    # /metrics of the run's gateway: the draw done, its gauges and the finalizer's counts
+    drawn = summary["draw_metrics"]
+    assert (drawn["state"], drawn["prequeued"], drawn["drawn"]) == (
+        "done", fair["prequeued"], fair["prequeued"]), log  # fmt: skip
+    assert (drawn["held"], drawn["rejected"], drawn["timed"]) == (
+        fair["prequeued_held"], fair["prequeued"] - fair["prequeued_held"], 1), log  # fmt: skip
+    line = summary["line"]
+    assert line["prequeued"]["orders"] == fair["prequeued"], log  # each shopper saw its end
+    assert line["prequeued"]["reads"] >= fair["prequeued"], log
+    assert "fair start:" in run.stdout and "verify-draw: exit code 0" in run.stdout
+
+
 def test_the_checks_count_what_they_are_for(tmp_path: Path) -> None:
     """The runner's checks against a real server: a clean record passes, and each planted
     fault is counted once: a key with two orders, a user over the limit, an order and a

@@ -240,3 +240,14 @@ def test_the_dashboard_shows_the_relay_lag() -> None:
     exprs = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
     for name in ("flashgate_relay_lag", "flashgate_relay_oldest_unconfirmed_seconds"):
         assert name in exprs
+
+
+def test_the_dashboard_shows_the_draw() -> None:
+    import json
+
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = " ".join(t["expr"] for panel in dashboard["panels"] for t in panel["targets"])
+    for name in ("flashgate_sku_draw_prequeued", "flashgate_sku_draw_drawn",
+                 "flashgate_sku_draw_state", "flashgate_draw_orders_total",
+                 "flashgate_draw_duration_seconds"):  # fmt: skip
+        assert name in exprs

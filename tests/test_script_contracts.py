@@ -124,6 +124,7 @@ CONTRACTS = {
         calls.draw_decide,
         dict(sku=SK, cursor=0, hold_ttl_ms=900, now_ms=None, orders_prefix=SK.orders_prefix,
              order_ids=["abc.s1", "def.s1"]),
+        reply=outcomes.DrawBatch,
         codes=outcomes.DrawDecided,
     ),
     "audit_sku": Contract(

@@ -4,7 +4,8 @@ The intake mode (with the last switch: when, who, from where) and, per SKU: stoc
 held, sold; the backlog of orders not yet decided by a finalizer; entries delivered to a
 finalizer and not yet acknowledged; dead letters; and two rates over the sampling interval:
 entries into the SKU's stream per second (orders and payment confirmations) and final states
-out per second (the outbound events). The figures are read by `gateway.store.figures`;
+out per second (the outbound events); a fair start's draw (pending, drawing or done), its
+pre-queued orders and how many of them it decided. The figures are read by `gateway.store.figures`;
 nothing is written.
 
     flashgate status                 # one table, rates over 1 s
@@ -70,6 +71,9 @@ def render(before: Sample, now: Sample) -> list[str]:
         f"{len(now.skus)} SKU(s): stock {totals[0]}, available {totals[1]}, held {totals[2]}, "
         f"sold {totals[3]}, backlog {totals[4]}, pending {totals[5]}, dead letters {totals[6]}"
     )
+    for s in now.skus:
+        if s.draw != "none":
+            lines.append(f"draw {s.sku_id}: {s.draw}, {s.prequeued} pre-queued, {s.drawn} decided")
     now_ms = int(time.time() * 1000)
     for r in now.relays:  # as the relays last wrote it, about once a second
         lines.append(f"relay {r.target} ({r.group}): lag {r.lag}, oldest unconfirmed "

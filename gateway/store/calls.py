@@ -277,7 +277,8 @@ def relay_dead(
 
 
 def sku_figures(sku: SkuKeys, *, group: str, streams: Literal[0, 1, 2]) -> Call:
-    return [sku.sku, sku.stream, sku.events, sku.dead, sku.holds], [group, streams]
+    keys_ = [sku.sku, sku.stream, sku.events, sku.dead, sku.holds, sku.prequeue]
+    return keys_, [group, streams]
 
 
 def sweep(sku: SkuKeys, *, now_ms: int | None, batch: int, orders_prefix: str, skip: int) -> Call:

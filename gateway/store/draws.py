@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 from gateway.schemas import DrawView
 from gateway.store import calls, keys
-from gateway.store.outcomes import DrawDecided, DrawOpened
+from gateway.store.outcomes import DrawBatch, DrawOpened
 from gateway.store.sending import Sender
 from gateway.transport.replies import text
 from gateway.transport.scripts import ScriptRegistry
@@ -104,8 +104,9 @@ class Draws:
         *,
         hold_ttl_ms: int,
         now_ms: int | None = None,
-    ) -> tuple[DrawDecided, int]:
-        """Decide one batch from `cursor`; (outcome, the draw's cursor after it)."""
+    ) -> DrawBatch:
+        """Decide one batch from `cursor`: the outcome, the draw's cursor after it, the
+        batch's orders decided HELD and REJECTED."""
         sk = keys.SkuKeys(sku_id)
         call = calls.draw_decide(
             sk,
@@ -115,8 +116,16 @@ class Draws:
             orders_prefix=sk.orders_prefix,
             order_ids=order_ids,
         )
-        code, after = await self.send.script(self._decide, *call)
-        return DrawDecided(code), int(after)
+        return DrawBatch.of(await self.send.script(self._decide, *call))
+
+    async def duration_s(self, sku_id: str) -> float | None:
+        """Seconds from the draw's opening to its end (None while it is not done)."""
+        opened, drawn = await self.send.run(
+            self.redis.hmget(keys.SkuKeys(sku_id).sku, "draw_opened_at", "drawn_at")
+        )
+        if opened is None or drawn is None:
+            return None
+        return max(0.0, (int(drawn) - int(opened)) / 1000)
 
     async def prequeued(self, sku_id: str) -> set[str]:
         """The SKU's pre-queued order ids (a frozen set once its draw is open)."""

@@ -1,7 +1,8 @@
 """What Redis holds about the sale, read for the people on call: the intake mode and its last
 switch, each SKU's figures (stock, available, held, sold, holds, backlog, pending, dead letters,
-entries in and out), each relay group's lag (as its relays last wrote it), and the dead letters
-themselves. Read only, nothing written.
+entries in and out, a fair start's draw: its state, pre-queued and decided orders), each relay
+group's lag (as its relays last wrote it), and the dead letters themselves. Read only, nothing
+written.
 
 `flashgate status`, `flashgate dead`, `GET /metrics` and the admin overview read through here.
 """
@@ -13,7 +14,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any, Literal
 
 from redis.exceptions import NoScriptError
@@ -29,6 +30,8 @@ Figures = list[int]  # sku_figures.lua's reply, in SkuFigures' order (empty: not
 _BUCKETS = SkuFigures._fields.index("buckets")
 _TOTAL_STOCK = SkuFigures._fields.index("total_stock")
 _DRAIN_MILLI = SkuFigures._fields.index("drain_rate_milli")
+_DRAW = SkuFigures._fields.index("draw_state")
+DRAW_STATES = ("none", "pending", "drawing", "done")  # sku_figures.lua's draw_state, by code
 Streams = Literal[0, 1, 2]  # which streams' entries added a pass counts (sku_figures.lua)
 
 
@@ -46,6 +49,10 @@ class SkuSample:
     dead: int
     entries_in: int  # entries ever added to the SKU's stream
     entries_out: int  # entries ever added to its events stream
+    _: KW_ONLY
+    draw: str = "none"  # its fair start's draw: none, pending, drawing or done
+    prequeued: int = 0  # orders in the draw's pre-queue (fixed once the draw opens)
+    drawn: int = 0  # pre-queued orders the draw decided so far (its cursor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +202,11 @@ def _sku_sample(sku_id: str, buckets: list[Figures | None]) -> SkuSample | None:
     if not home:
         return None  # registered, not configured: `flashgate audit` reports it
     if len(buckets) == 1:
-        return SkuSample(sku_id, home[_DRAIN_MILLI] / 1000, *home[:10])
+        state, prequeued, drawn = _draw([home]) if home[_DRAW] else _NO_DRAW
+        return SkuSample(
+            sku_id, home[_DRAIN_MILLI] / 1000, *home[:10],
+            draw=state, prequeued=prequeued, drawn=drawn,
+        )  # fmt: skip
     figures = list(home[:10])
     drain_milli = home[_DRAIN_MILLI]
     for more in buckets[1:]:
@@ -205,7 +216,23 @@ def _sku_sample(sku_id: str, buckets: list[Figures | None]) -> SkuSample | None:
     in_transit = home[_TOTAL_STOCK] - figures[0]
     figures[0] += in_transit
     figures[1] += in_transit
-    return SkuSample(sku_id, drain_milli / 1000, *figures)
+    state, prequeued, drawn = _draw([b for b in buckets if b])
+    return SkuSample(
+        sku_id, drain_milli / 1000, *figures, draw=state, prequeued=prequeued, drawn=drawn
+    )
+
+
+_NO_DRAW = ("none", 0, 0)
+
+
+def _draw(buckets: list[Figures]) -> tuple[str, int, int]:
+    """(state, pre-queued, drawn) of a SKU's draw over its buckets (each bucket draws its own
+    pre-queue): the state of the bucket furthest behind, the counts summed."""
+    states = [b[_DRAW] for b in buckets if b[_DRAW]]
+    if not states:
+        return _NO_DRAW
+    prequeued = sum(b[_DRAW + 1] for b in buckets)
+    return DRAW_STATES[min(states)], prequeued, sum(b[_DRAW + 2] for b in buckets)
 
 
 async def dead_letters(

@@ -211,6 +211,20 @@ class DrawDecided(IntEnum):
     NOT_DRAWING = -1  # the draw is not open (or done): nothing written
 
 
+class DrawBatch(NamedTuple):
+    """draw_decide.lua: the outcome, the draw's cursor after it, and how many of the batch's
+    orders this call decided HELD and REJECTED."""
+
+    code: DrawDecided
+    cursor: int
+    held: int
+    rejected: int
+
+    @classmethod
+    def of(cls, raw: Sequence[Any]) -> DrawBatch:
+        return cls(DrawDecided(raw[0]), int(raw[1]), int(raw[2]), int(raw[3]))
+
+
 class AuditFigures(NamedTuple):
     """audit_sku.lua: one SKU's counters and holds (exists 0: not configured, all else 0)."""
 
@@ -246,7 +260,7 @@ class Taken(NamedTuple):
 
 class SkuFigures(NamedTuple):
     """sku_figures.lua: one SKU's (or stock bucket's) figures, in `figures.SkuSample`'s order
-    (its drain rate aside), then its bucket count, total stock and drain rate."""
+    (its drain rate aside), then its bucket count, total stock and drain rate, then its draw."""
 
     stock: int
     available: int
@@ -261,6 +275,9 @@ class SkuFigures(NamedTuple):
     buckets: int
     total_stock: int
     drain_rate_milli: int  # orders decided per 1,000 s of busy time (finalize.lua's EWMA)
+    draw_state: int  # the fair start's draw: 0 none, 1 pending, 2 drawing, 3 done
+    prequeued: int  # orders in the draw's pre-queue (fixed once it opens)
+    drawn: int  # orders the draw decided so far (its cursor)
 
     @classmethod
     def of(cls, raw: Sequence[int]) -> SkuFigures | None:

@@ -10,10 +10,10 @@ Two sources:
   the variable (tests, an app embedded elsewhere) the process's own registry is served.
 - what Redis holds, read by the worker that answers: the shared intake mode and, per SKU,
   stock, available, held, sold, active holds, backlog, entries pending at a finalizer, dead
-  letters, drain rate (`gateway.store.figures.Sampler`, the same figures as `flashgate status`),
-  at most `FLASHGATE_FIGURES_MAX_AGE_MS` old: two Redis round trips per pass, whatever the
-  number of SKUs; per relay group, its lag and the age of its oldest unconfirmed event, as the
-  relays wrote them. SKU and relay labels only, never users.
+  letters, drain rate, a fair start's draw (`gateway.store.figures.Sampler`, the same
+  figures as `flashgate status`), at most `FLASHGATE_FIGURES_MAX_AGE_MS` old: two Redis round
+  trips per pass, whatever the number of SKUs; per relay group, its lag and the age of its
+  oldest unconfirmed event, as the relays wrote them. SKU and relay labels only, never users.
 
 The hot path adds to plain dicts; each worker writes its counts to prometheus-client once a
 second and before a scrape it answers (`flush`), so another worker's counts may be up to a
@@ -42,7 +42,10 @@ from prometheus_client import (
 )
 
 from gateway.store import figures
-from gateway.telemetry import queueing  # noqa: F401  (registered: every scrape shows them)
+from gateway.telemetry import (  # noqa: F401  (registered: every scrape shows them)
+    drawing,
+    queueing,
+)
 from gateway.transport.replies import REDIS_FAILURES
 
 log = logging.getLogger("flashgate")
@@ -233,11 +236,39 @@ def figures_text(sample: figures.Sample | None) -> bytes:
                 f"{name}{label}{float(getattr(s, field))}"
                 for label, s in zip(labels, sample.skus, strict=True)
             ]
+        lines += _draw_lines(sample)
         lines += _relay_lines(sample)
     text = ("\n".join(lines) + "\n").encode()
     if sample is not None:
         _rendered = (sample, text)
     return text
+
+
+_DRAW_GAUGES = (
+    ("prequeued", "Orders in the fair start's pre-queue (fixed once its draw opens)"),
+    ("drawn", "Pre-queued orders the fair start's draw decided so far"),
+)
+
+
+def _draw_lines(sample: figures.Sample) -> list[str]:
+    """The fair-start SKUs' draws (the others have none: no line): the state, 1 for the
+    current one of pending / drawing / done, and the pre-queued and decided counts."""
+    drawn = [s for s in sample.skus if s.draw != "none"]
+    state = "flashgate_sku_draw_state"
+    lines = [
+        f"# HELP {state} The fair start's draw (1 = current state: pending, drawing, done)",
+        f"# TYPE {state} gauge",
+    ]
+    for s in drawn:
+        lines += [
+            f'{state}{{sku="{s.sku_id}",state="{name}"}} {float(s.draw == name)}'
+            for name in figures.DRAW_STATES[1:]
+        ]
+    for field, about in _DRAW_GAUGES:
+        name = f"flashgate_sku_draw_{field}"
+        lines += [f"# HELP {name} {about}", f"# TYPE {name} gauge"]
+        lines += [f'{name}{{sku="{s.sku_id}"}} {float(getattr(s, field))}' for s in drawn]
+    return lines
 
 
 def _relay_lines(sample: figures.Sample) -> list[str]:

@@ -15,10 +15,12 @@ import logging
 import time
 from collections.abc import Callable
 
+from gateway.errors import BackendUnavailable
 from gateway.settings import Settings
 from gateway.store import draws, keys
 from gateway.store.draws import Draws
 from gateway.store.outcomes import DrawDecided, DrawState
+from gateway.telemetry.drawing import DRAW_DURATION, DRAW_ORDERS
 from gateway.transport.connect import Client
 from gateway.transport.replies import text
 
@@ -63,17 +65,39 @@ class Drawer:
             if max_batches is not None and sent >= max_batches:
                 return DrawState.DRAWING
             batch = ranked[cursor : cursor + self.batch]
-            outcome, after = await self.store.decide(
+            done = await self.store.decide(
                 sku_id, cursor, batch, hold_ttl_ms=self.hold_ttl_ms, now_ms=now_ms
             )
             sent += 1
-            if outcome is DrawDecided.NOT_DRAWING:
+            if done.code is DrawDecided.NOT_DRAWING:
                 break  # another drawer finished it
-            if outcome is DrawDecided.DECIDED:
-                self.decided += after - cursor
-            cursor = after  # STALE: the stored cursor, where another drawer got to
+            if done.code is DrawDecided.DECIDED:
+                self.decided += done.cursor - cursor
+                _count(done.held, done.rejected)
+                if done.cursor == opened.total:  # this drawer's batch ended the draw
+                    await self._timed(sku_id)
+            cursor = done.cursor  # STALE: the stored cursor, where another drawer got to
         log.info("draw of SKU %s done", sku_id)
         return DrawState.DONE
+
+    async def _timed(self, sku_id: str) -> None:
+        """Observe the draw's length, opening to last batch (a failed read skips it: the
+        draw is done whatever the metric says)."""
+        try:
+            seconds = await self.store.duration_s(sku_id)
+        except BackendUnavailable:
+            log.warning("draw of SKU %s done; its length not read", sku_id)
+            return
+        if seconds is not None:
+            DRAW_DURATION.observe(seconds)
+            log.info("draw of SKU %s took %.3f s", sku_id, seconds)
+
+
+def _count(held: int, rejected: int) -> None:
+    if held:
+        DRAW_ORDERS.labels("HELD").inc(held)
+    if rejected:
+        DRAW_ORDERS.labels("REJECTED").inc(rejected)
 
 
 class DrawWatch:

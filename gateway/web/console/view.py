@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 from importlib import resources
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -16,6 +17,7 @@ from gateway.schemas import (
     ConsoleView,
     ConsoleWorker,
 )
+from gateway.store.figures import SkuSample
 from gateway.telemetry import snapshot
 from gateway.transport.replies import call
 from gateway.web.console import assets
@@ -62,6 +64,13 @@ async def console_page(request: Request) -> Response:
     return Response(_PAGE, media_type="text/html", headers=_PAGE_HEADERS)
 
 
+def _draw(s: SkuSample) -> dict[str, Any]:
+    """A fair start's SKU's draw fields (none for the others: left out of the view)."""
+    if s.draw == "none":
+        return {}
+    return {"draw": s.draw, "prequeued": s.prequeued, "drawn": s.drawn}
+
+
 def routes(services: Services) -> list[Resource]:
     async def console_view(request: Request) -> Response:
         require_admin(request, services.settings.admin_token, services.admin_refusals)
@@ -86,6 +95,7 @@ def routes(services: Services) -> list[Resource]:
                     backlog=s.backlog,
                     pending=s.pending,
                     dead=s.dead,
+                    **_draw(s),
                 )  # fmt: skip
                 for s in sample.skus
             ],

@@ -281,7 +281,9 @@ function showSkus(skus) {
   const columns = [...SKU_COLUMNS];
   for (const s of skus) {
     for (const [k, v] of Object.entries(s)) {
-      if (k !== "sku_id" && typeof v === "number" && !columns.includes(k)) columns.push(k);
+      // any other figure of a SKU (a number, or a state such as a fair start's draw)
+      const shown = typeof v === "number" || typeof v === "string";
+      if (k !== "sku_id" && shown && !columns.includes(k)) columns.push(k);
     }
   }
   while (head.cells.length < columns.length + 1) {
