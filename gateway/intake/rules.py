@@ -190,7 +190,7 @@ class LiveRules:
                     "runtime rules in Redis unreadable (%s); keeping version %d", exc, self.version
                 )
                 return
-            metrics.RULES_VERSION.set(version)
+            metrics.worker().rules_version.set(version)
             if version == self.version and rules == self.rules:
                 return
             if self.version >= 0:  # not the first read
