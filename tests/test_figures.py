@@ -49,6 +49,7 @@ async def many_skus(redis_url: str) -> AsyncIterator[str]:
                 keys.SkuKeys(f"s{i}"), promotion_id="p", stock=stock_of(i), per_user_limit=5,
                 starts_at=None, ends_at=None, by="test", client="", changes_kept=10,
                 stock_mode="set", buckets=1, total_stock=None, log_change=False,
+                prequeue_s=0, draw_seed="", draw_commitment="",
             )  # fmt: skip
             commands.append(("EVALSHA", sha, len(ks), *ks, *args))
         replies = await mux.execute_many(commands)
@@ -152,6 +153,7 @@ async def test_a_pass_on_a_cluster_reads_every_node(cluster_url: str) -> None:
                 keys.SkuKeys(sku_id), promotion_id="p", stock=stock_of(i), per_user_limit=5,
                 starts_at=None, ends_at=None, by="test", client="", changes_kept=10,
                 stock_mode="set", buckets=1, total_stock=None, log_change=False,
+                prequeue_s=0, draw_seed="", draw_commitment="",
             )  # fmt: skip
             commands.append(("EVAL", scripts["configure_sku"].source, len(ks), *ks, *args))
         assert not [r for r in await mux.execute_many(commands) if isinstance(r, Exception)]
