@@ -89,7 +89,7 @@ async def run(url: str, holds: int, sweep_batch: int) -> dict[str, Any]:
     ks, args = calls.configure_sku(
         keys.SkuKeys(SKU), promotion_id="p", stock=10**12, per_user_limit=1, starts_at=None,
         ends_at=None, by="bench", client="", changes_kept=10, stock_mode="set", buckets=1,
-        total_stock=None, log_change=False,
+        total_stock=None, log_change=False, prequeue_s=0, draw_seed="", draw_commitment="",
     )  # fmt: skip
     await scripts["configure_sku"](mux, ks, args)
     await mux.execute_command("SADD", keys.SKU_REGISTRY, SKU)
