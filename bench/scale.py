@@ -153,7 +153,10 @@ def main() -> None:
     p.add_argument("--holds", type=int, default=1_000_000)
     p.add_argument("--sweep-batch", type=int, default=Settings().sweep_batch)
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "scale.json")
-    uvloop.run(main_async(p.parse_args()))
+    args = p.parse_args()
+    if args.holds < 20_000:  # the first and the last 10,000 orders are measured apart
+        p.error("--holds must be at least 20000")
+    uvloop.run(main_async(args))
 
 
 if __name__ == "__main__":

@@ -246,7 +246,10 @@ def groups(out: Path, stats: LocustStats) -> dict[str, Any]:
 
 
 def print_groups(found: dict[str, Any]) -> None:
+    """One line per group that sent creates (no scalper line in a run without scalpers)."""
     for group, g in found.items():
+        if not g["creates"]:
+            continue
         print(
             f"{group} creates: {g['creates']}, accepted {g['accepted']}, 429"
             f" client_rate_limited {g['client_rate_limited']}; p50 {g['p50_ms']} ms,"

@@ -522,6 +522,14 @@ def test_status_shows_mode_stock_and_rates(serve: Serve, data_dir: Path) -> None
     watched = flashgate("status", "--data-dir", str(data_dir), "--watch", "0.2", "--count", "2")
     assert watched.returncode == 0, watched.stderr
     assert watched.stdout.count("mode QUEUE_ONLY") == 2
+    # `flashgate status --watch 0.2 | head -1`: the reader goes, Redis is not blamed
+    cmd = [sys.executable, "-m", "gateway", "status", "--data-dir", str(data_dir)]
+    piped = subprocess.Popen([*cmd, "--watch", "0.2"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)  # fmt: skip
+    assert piped.stdout is not None and piped.stdout.readline().startswith(b"-- ")
+    piped.stdout.close()
+    _, err = piped.communicate(timeout=30)
+    assert (piped.returncode, err) == (1, b""), err
 
 
 def test_the_data_dir_is_private(serve: Serve, data_dir: Path) -> None:

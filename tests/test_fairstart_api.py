@@ -172,6 +172,9 @@ async def test_verify_draw_passes_on_a_real_draw_and_fails_on_a_tampered_one(
     assert flashgate(*offline, commitment).returncode == 0
     wrong = flashgate(*offline, "0" * 64)
     assert wrong.returncode == 1 and "MISMATCH" in wrong.stdout
+    assert "published before the sale, " + "0" * 64 in wrong.stdout, wrong.stdout
+    alone = flashgate("verify-draw", "s", "--file", str(saved))  # only the draw's own commitment
+    assert alone.returncode == 0 and "no --commitment" in alone.stdout, alone.stdout
     swapped = {**answer, "orders": [orders[1], orders[0], *orders[2:]]}
     saved.write_text(json.dumps(swapped))
     assert flashgate("verify-draw", "s", "--file", str(saved)).returncode == 1
@@ -229,6 +232,9 @@ def test_fair_start_end_to_end_through_serve(tmp_path: Path) -> None:
         assert sorted(r.json()["orders"]) == sorted(early)
         out = flashgate("verify-draw", "sku-42", "--url", base, FLASHGATE_ADMIN_TOKEN=ADMIN_TOKEN)
         assert out.returncode == 0, out.stdout + out.stderr
+        anonymous = flashgate("verify-draw", "sku-42", "--url", base, FLASHGATE_ADMIN_TOKEN="")
+        assert anonymous.returncode == 2, anonymous.stdout + anonymous.stderr
+        assert "set FLASHGATE_ADMIN_TOKEN" in anonymous.stderr, anonymous.stderr
         local = flashgate("verify-draw", "sku-42", "--data-dir", str(tmp_path / "data"))
         assert local.returncode == 0 and "12 order(s)" in local.stdout, local.stdout + local.stderr
         statuses = [

@@ -97,6 +97,27 @@ async def test_bad_body_is_400_and_changes_nothing(
     assert await snapshot(redis) == seeded
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (b"", "request body is empty: a JSON object is expected"),
+        (b"  ", "request body is empty: a JSON object is expected"),
+        (GOOD[:-1], "JSON is malformed: input data was truncated"),
+        (b"user_id=u1", "JSON is malformed: invalid character (byte 0)"),
+    ],
+)
+async def test_a_body_that_is_not_json_is_said_to_be_so(
+    client: Client, redis: Redis, seeded: dict[bytes, object], raw: bytes, message: str
+) -> None:
+    r = await client.post(
+        "/api/v1/order/create",
+        content=raw,
+        headers={"X-Idempotency-Key": str(uuid.uuid4()), "Content-Type": "application/json"},
+    )
+    assert (r.status_code, r.json()) == (400, {"error": "invalid_request", "message": message})
+    assert await snapshot(redis) == seeded
+
+
 BAD_KEYS = [
     None,
     "",

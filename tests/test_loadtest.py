@@ -19,6 +19,7 @@ import redis
 from gateway.ops.embedded import free_port
 from gateway.store import keys
 from loadtests.procs import Serve
+from loadtests.run import print_groups
 from loadtests.verify import Findings, check_records, check_skus
 from tests.support.api import ADMIN, ADMIN_TOKEN
 
@@ -236,3 +237,14 @@ FAKE_HOLD = {
     "created_at": "1",
     "history": '[{"from": null, "to": "HELD", "at": 1}]',
 }
+
+
+def test_the_report_names_only_the_groups_that_ordered(capsys: pytest.CaptureFixture[str]) -> None:
+    quiet = {"creates": 0, "accepted": 0, "client_rate_limited": 0, "p50_ms": None, "p99_ms": None}
+    busy = {**quiet, "creates": 9, "accepted": 7, "client_rate_limited": 2, "p50_ms": 3,
+            "p99_ms": 40}  # fmt: skip
+    print_groups({"honest": busy, "scalper": quiet})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [
+        "honest creates: 9, accepted 7, 429 client_rate_limited 2; p50 3 ms, p99 40 ms"
+    ]

@@ -119,5 +119,21 @@ def test_figures_not_rewritten_for_a_while_are_left_out() -> None:
         )
     raw[b"relay:junk"] = b"not json"
     assert relaylag.parse(raw, now) == [fresh]
+    assert relaylag.parse(raw, now, stale=True) == [stale]
     assert fresh.oldest_age_s(now) == 2.5
     assert relaylag.parse(None, now) == []
+
+
+async def test_status_names_a_group_no_relay_reports_for(redis: Redis) -> None:
+    """A target whose relays are gone (its URL changed, its relay retired): /metrics leaves its
+    frozen lag out, `flashgate status` says its group still holds the events streams."""
+    now = int(time.time() * 1000)
+    gone = relaylag.RelayLag("relay:rabbitmq:2", "rabbitmq", 9, now - 700_000, now - 600_000)
+    await relaylag.write(redis, gone)
+    sample = await Sampler(PipelineBatch(redis), ScriptRegistry(), max_age_s=0).sample()
+    assert sample.relays == [] and sample.silent == [gone]
+    shown = status.render(sample, sample)
+    assert shown[-1].startswith(
+        "relay rabbitmq (relay:rabbitmq:2): no relay reported for 10 min; its group keeps the "
+        "events streams from being trimmed"
+    ), shown

@@ -103,6 +103,13 @@ async def test_a_sale_reaches_the_webhook_once_per_final_state(tmp_path: Path) -
         for event, n in (("CONFIRMED", PAID), ("EXPIRED", ORDERS - PAID)):
             line = f'flashgate_relay_delivered_total{{event="{event}",target="webhook"}} {n}.0'
             assert line in text.splitlines(), [x for x in text.splitlines() if "relay" in x]
+        # the relay shares the metrics directory but is no gateway worker: one series each
+        gateway = role_pid(serve, "gateway")
+        for gauge in ("breaker_state", "rules_version", "worker_mode_queue_only"):
+            series = [x for x in text.splitlines() if x.startswith(f"flashgate_{gauge}{{")]
+            assert [x.split("}")[0] for x in series] == [f'flashgate_{gauge}{{pid="{gateway}"'], (
+                series
+            )
 
         async def caught_up() -> bool:  # the relay's lag, written by it, read by the gateway
             async with httpx.AsyncClient(base_url=serve.base) as c:

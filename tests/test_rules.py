@@ -52,16 +52,26 @@ async def until(check: Any, within_s: float) -> float:
     return time.monotonic() - start
 
 
-async def test_the_environment_seeds_the_rules_once(make_client: MakeClient) -> None:
+async def test_the_environment_seeds_the_rules_once(
+    make_client: MakeClient, caplog: pytest.LogCaptureFixture
+) -> None:
     a = await make_client(qps=300, user_qps=2)
     r = await a.get(RULES, headers=ADMIN)
     assert r.status_code == 200
     view = r.json()
     assert rules_of(view) == {**DEFAULTS, "qps": 300.0, "user_qps": 2.0}
     assert view["version"] == 0 and view["history"] == []
+    assert "not the environment" not in caplog.text
     b = await make_client(qps=999, user_qps=0)  # another instance, other environment
     assert (await b.get(RULES, headers=ADMIN)).json() == view
     assert applied(b)["qps"] == 300.0 and applied(b)["user_qps"] == 2.0
+    # and it says so: the environment's differing values are named
+    said = [r.getMessage() for r in caplog.records if "not the environment" in r.getMessage()]
+    assert said == [
+        "runtime rules version 0 from Redis apply, not the environment: qps=300.0 "
+        "(FLASHGATE_QPS=999), user_qps=2.0 (FLASHGATE_USER_QPS=0); change them with "
+        "PUT /api/v1/admin/rules"
+    ], said
 
 
 async def test_a_change_on_one_gateway_is_applied_by_the_other_within_a_second(

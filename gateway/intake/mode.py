@@ -119,7 +119,7 @@ class NoticeWatcher:
     @mode.setter
     def mode(self, value: Mode) -> None:
         self._mode = value
-        metrics.WORKER_MODE.set(1 if value is Mode.QUEUE_ONLY else 0)
+        metrics.worker().queue_only.set(1 if value is Mode.QUEUE_ONLY else 0)
 
     async def start(self, listen_timeout_s: float = 2.0) -> None:
         """Read the mode once (start-up fails fast without Redis), then watch in the background:

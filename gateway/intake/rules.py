@@ -21,7 +21,7 @@ from gateway import errors
 from gateway.intake.breaker import CircuitBreaker
 from gateway.intake.keyed import KeyedBuckets
 from gateway.intake.limiter import TokenBucket
-from gateway.settings import Settings
+from gateway.settings import Settings, env_name
 from gateway.store import calls, keys
 from gateway.store.keys import DEFAULT_OPERATOR
 from gateway.store.outcomes import RulesChange, RulesResult
@@ -101,6 +101,22 @@ def merged(rules: Any, patch: Any) -> Any:
     """`rules` with the fields `patch` sets."""
     changes = {n: v for n in NAMES if (v := getattr(patch, n)) is not msgspec.UNSET}
     return msgspec.structs.replace(rules, **changes)
+
+
+def unheeded(version: int, rules: Any, initial: Any) -> None:
+    """Say at start-up which settings of the environment the rules in Redis override: they
+    only seed the rules of a new Redis, so a changed variable and a restart change nothing."""
+    shown = ", ".join(
+        f"{n}={getattr(rules, n)} ({env_name(n)}={getattr(initial, n)})"
+        for n in NAMES
+        if getattr(rules, n) != getattr(initial, n)
+    )
+    log.warning(
+        "runtime rules version %d from Redis apply, not the environment: %s; change them with "
+        "PUT /api/v1/admin/rules",
+        version,
+        shown,
+    )
 
 
 class RulesStore:
@@ -190,11 +206,13 @@ class LiveRules:
                     "runtime rules in Redis unreadable (%s); keeping version %d", exc, self.version
                 )
                 return
-            metrics.RULES_VERSION.set(version)
+            metrics.worker().rules_version.set(version)
             if version == self.version and rules == self.rules:
                 return
             if self.version >= 0:  # not the first read
                 log.warning("runtime rules version %d -> %d", self.version, version)
+            elif rules != self.store.initial:
+                unheeded(version, rules, self.store.initial)
             self.version = version
             self.rules = rules
             self.apply(rules)

@@ -160,5 +160,5 @@ def refusal(result: CreateResult, payload: bytes) -> errors.GatewayError:
 def log_transition(old: State, new: State) -> None:
     """The breaker's transitions, logged and counted."""
     log.warning("circuit breaker %s -> %s", old.value, new.value)
-    metrics.BREAKER_STATE.set(metrics.BREAKER_CODES[new.value])
+    metrics.worker().breaker.set(metrics.BREAKER_CODES[new.value])
     metrics.BREAKER_TRANSITIONS.labels(new.value).inc()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import select
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -175,5 +176,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"flashgate: {exc}", file=sys.stderr)
         return 2
     except (GatewayError, *REDIS_FAILURES) as exc:  # audit, status, dead: Redis out of reach
+        if isinstance(exc, BrokenPipeError) and _stdout_gone():
+            return 1  # the reader of the output went away (`flashgate status --watch 2 | head`)
         print(f"flashgate: Redis is not answering ({type(exc).__name__})", file=sys.stderr)
         return 1
+
+
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader closed it: then a BrokenPipeError was ours, not the
+    Redis connection's. Stdout is pointed at /dev/null so that the exit flush stays quiet."""
+    poll = select.poll()
+    poll.register(sys.stdout.fileno(), select.POLLOUT)
+    if not any(events & select.POLLERR for _, events in poll.poll(0)):
+        return False
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return True

@@ -78,6 +78,11 @@ def render(before: Sample, now: Sample) -> list[str]:
     for r in now.relays:  # as the relays last wrote it, about once a second
         lines.append(f"relay {r.target} ({r.group}): lag {r.lag}, oldest unconfirmed "
                      f"{r.oldest_age_s(now_ms):.1f} s")  # fmt: skip
+    for r in now.silent:  # its group still holds the events streams back from trimming
+        lines.append(f"relay {r.target} ({r.group}): no relay reported for "
+                     f"{(now_ms - r.at_ms) / 60_000:.0f} min; its group keeps "
+                     "the events streams from being trimmed: start its relay, or retire the "
+                     "group (docs/operations/relay.md)")  # fmt: skip
     return lines
 
 

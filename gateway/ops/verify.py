@@ -83,7 +83,12 @@ async def from_redis(settings: Settings, sku_id: str) -> int:
 
 
 def from_url(settings: Settings, sku_id: str, base: str) -> int:
-    headers = {"Authorization": f"Bearer {settings.admin_token or ''}"}
+    if not settings.admin_token:
+        raise Unreadable(
+            "--url reads the draw through the admin API: set FLASHGATE_ADMIN_TOKEN "
+            "(or give --admin-token)"
+        )
+    headers = {"Authorization": f"Bearer {settings.admin_token}"}
     path = f"{base.rstrip('/')}/api/v1/admin/skus/{sku_id}"
     try:
         with httpx.Client(headers=headers, timeout=FETCH_TIMEOUT_S) as http:
@@ -111,7 +116,10 @@ def from_file(path: Path, commitment: str | None) -> int:
     except (OSError, msgspec.DecodeError) as exc:  # ValidationError is a DecodeError
         raise Unreadable(f"{path}: {exc}") from exc
     checked = [
-        "sha256(seed) is the commitment" + (" given" if commitment else ""),
+        "sha256(seed) is the commitment given"
+        if commitment
+        else "sha256(seed) is the draw's own commitment (no --commitment: compare it with the"
+        " draw_commitment published before the sale)",
         "every rank is the ascending HMAC-SHA256(seed, order_id)",
     ]
     return report(view, draws.problems(view, published=commitment), checked)

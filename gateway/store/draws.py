@@ -67,7 +67,7 @@ def problems(
     if hashlib.sha256(seed).hexdigest() != view.commitment:
         found.append("sha256(seed) is not the draw's commitment")
     if published is not None and published != view.commitment:
-        found.append("the draw's commitment is not the one the SKU view published")
+        found.append(f"the draw's commitment is not the one published before the sale, {published}")
     if len(set(view.orders)) != len(view.orders):
         found.append("an order is listed more than once")
     ranks = [rank_key(seed, oid) for oid in view.orders]

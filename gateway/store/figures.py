@@ -14,7 +14,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Literal
 
 from redis.exceptions import NoScriptError
@@ -63,6 +63,7 @@ class Sample:
     skus: list[SkuSample]
     relays: list[relaylag.RelayLag]  # each relay group's lag, as its relays last wrote it
     streams: Streams = 2  # which entries were counted (sku_figures.lua)
+    silent: list[relaylag.RelayLag] = field(default_factory=list)  # groups no relay reports for
 
 
 class Sampler:
@@ -144,8 +145,9 @@ class Sampler:
             mode=mode.decode() if mode else "NORMAL",
             last_switch=json.loads(last) if last else None,
             skus=skus,
-            relays=relaylag.parse(_pairs(lags), int(time.time() * 1000)),
+            relays=relaylag.parse(_pairs(lags), now_ms := int(time.time() * 1000)),
             streams=streams,
+            silent=relaylag.parse(_pairs(lags), now_ms, stale=True),
         )
 
     async def _figures(self, tags: list[str], streams: Streams) -> dict[str, Figures]:

@@ -49,15 +49,17 @@ async def write(redis: Client, figures: RelayLag) -> None:
     await redis.hset(keys.RELAY_LAG, figures.group, _encode(stored))
 
 
-def parse(raw: dict[Any, Any] | None, now_ms: int) -> list[RelayLag]:
-    """An HGETALL of `fg:{mode}:relay-lag` as figures, by group, stale or unreadable left out."""
+def parse(raw: dict[Any, Any] | None, now_ms: int, *, stale: bool = False) -> list[RelayLag]:
+    """An HGETALL of `fg:{mode}:relay-lag` as figures, by group, unreadable left out: the fresh
+    ones, or with `stale` those no relay rewrote for `STALE_S` (a group whose relays are gone
+    keeps the events streams from being trimmed: `flashgate status` names it)."""
     found = []
     for group, value in sorted((raw or {}).items()):
         try:
             s = _decode(value)
         except msgspec.DecodeError:
             continue
-        if now_ms - s.at_ms <= STALE_S * 1000:
+        if (now_ms - s.at_ms > STALE_S * 1000) == stale:
             name = group.decode() if isinstance(group, bytes) else str(group)
             found.append(RelayLag(name, s.target, s.lag, s.oldest_ms, s.at_ms))
     return found

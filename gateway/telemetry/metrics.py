@@ -25,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -72,11 +74,6 @@ SCRIPT_LATENCY = Histogram(
     ["script"],
     buckets=SLO_BUCKETS,
 )
-BREAKER_STATE = Gauge(
-    "flashgate_breaker_state",
-    "This worker's circuit breaker: 0 closed, 1 open, 2 half-open",
-    multiprocess_mode="liveall",
-)
 BREAKER_TRANSITIONS = Counter(
     "flashgate_breaker_transitions_total", "Circuit breaker transitions, by new state", ["to"]
 )
@@ -87,16 +84,6 @@ CLIENT_REFUSALS = Counter(
     "flashgate_client_refusals_total",
     "Orders refused by a user's or a client address's bucket (429 client_rate_limited)",
     ["limit"],
-)
-RULES_VERSION = Gauge(
-    "flashgate_rules_version",
-    "Version of the runtime rules this worker applies",
-    multiprocess_mode="liveall",
-)
-WORKER_MODE = Gauge(
-    "flashgate_worker_mode_queue_only",
-    "1 when this worker applies QUEUE_ONLY, 0 for NORMAL",
-    multiprocess_mode="liveall",
 )
 RELAY_DELIVERED = Counter(
     "flashgate_relay_delivered_total",
@@ -112,6 +99,42 @@ RELAY_DEAD = Counter(
     "Events moved to the relay's dead letters (refused too often, or not an event)",
 )
 BREAKER_CODES = {"closed": 0, "open": 1, "half_open": 2}
+
+
+@dataclass(frozen=True)
+class WorkerGauges:
+    """A gateway worker's own state, one series per live worker: its breaker (0 closed, 1 open,
+    2 half-open), the runtime rules' version and whether it applies QUEUE_ONLY."""
+
+    breaker: Gauge
+    rules_version: Gauge
+    queue_only: Gauge
+
+
+@functools.cache
+def worker() -> WorkerGauges:
+    """The worker gauges, made by the first gateway code that sets one, not at import: a gauge
+    without labels writes its series the moment it exists, and the relay, which imports this
+    module and shares the instance's metrics directory, would then show in `GET /metrics` and
+    in the console as one more gateway worker (breaker closed, rules version 0)."""
+    return WorkerGauges(
+        breaker=Gauge(
+            "flashgate_breaker_state",
+            "This worker's circuit breaker: 0 closed, 1 open, 2 half-open",
+            multiprocess_mode="liveall",
+        ),
+        rules_version=Gauge(
+            "flashgate_rules_version",
+            "Version of the runtime rules this worker applies",
+            multiprocess_mode="liveall",
+        ),
+        queue_only=Gauge(
+            "flashgate_worker_mode_queue_only",
+            "1 when this worker applies QUEUE_ONLY, 0 for NORMAL",
+            multiprocess_mode="liveall",
+        ),
+    )
+
 
 # This process's counts not yet written to prometheus-client's values: the hot path adds to
 # plain dicts (well under a microsecond), `flush` writes them once a second and before every

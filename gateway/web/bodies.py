@@ -49,10 +49,23 @@ def decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
     """Decode and validate a body; every failure is `400 invalid_request` naming the field."""
     try:
         return decoder.decode(body)
-    except msgspec.DecodeError as exc:  # ValidationError included: it is a subclass
+    except msgspec.ValidationError as exc:
         raise errors.InvalidRequest(str(exc)) from None
+    except msgspec.DecodeError as exc:
+        raise errors.InvalidRequest(malformed(body, exc)) from None
     except UnicodeDecodeError:
         raise errors.InvalidRequest("request body is not valid UTF-8") from None
+
+
+def malformed(body: bytes, exc: msgspec.DecodeError) -> str:
+    """What is wrong with a body that is not JSON, said as such (msgspec alone answers an
+    empty or cut-off body with "Input data was truncated")."""
+    if not body.strip():
+        return "request body is empty: a JSON object is expected"
+    text = str(exc)
+    if text.startswith("JSON is malformed"):
+        return text
+    return f"JSON is malformed: {text[:1].lower()}{text[1:]}"
 
 
 def header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

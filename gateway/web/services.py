@@ -84,7 +84,7 @@ class Services:
             open_s=settings.breaker_open_s,
             on_transition=log_transition,
         )
-        metrics.BREAKER_STATE.set(0)  # this worker's series exists from the start
+        metrics.worker().breaker.set(0)  # this worker's series exists from the start
         memo = SoldOutMemo(settings.soldout_recheck_ms / 1000)
         self.modes = ModeStore(redis, scripts)
         path = settings.bucket_file
