@@ -307,7 +307,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self._refuse(*HEAD_TOO_LARGE)
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        """uvicorn's, without the ASGI scope: built once the head is complete, for a request
+        that does not take the fast path (`_scope`)."""
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self._head_open = True
         self._head_bytes = 0
         if self._since is None:  # the next request on a kept-alive connection
@@ -318,7 +322,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         if self._fast is not None and self.url == FAST_PATH and self._take_fast():
             return
+        self._scope()
         super().on_headers_complete()
+
+    def _scope(self) -> None:
+        """uvicorn's scope of the request whose head is complete (its `on_message_begin`,
+        the head kept)."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.headers, self.expect_100_continue = url, headers, expect
+        self.scope["headers"] = headers
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's `send_400_response`: same status and `connection: close`, JSON body."""
