@@ -24,6 +24,7 @@ from gateway.settings import Settings
 from gateway.telemetry import metrics
 from gateway.web import protocol as http
 from gateway.web.app import create_app
+from gateway.web.fastpath import FastCycle
 from tests.support.api import ADMIN, order_body
 
 Serving = Callable[..., Awaitable[int]]  # serving(**setting_overrides) -> port
@@ -45,8 +46,11 @@ async def serving(
     async def serve(**overrides: Any) -> int:
         app = create_app(settings.replace(**overrides), redis=redis)
         await stack.enter_async_context(app.router.lifespan_context(app))
-        config = Config(app, lifespan="off", log_level="warning", timeout_keep_alive=30)
+        config = Config(
+            app, lifespan="off", log_level="warning", timeout_keep_alive=30, proxy_headers=False
+        )
         config.load()
+        assert config.loaded_app is app  # not wrapped: the protocol finds the fast path
         state = ServerState()
         state.default_headers = [DATE]
 
@@ -275,3 +279,53 @@ async def test_a_body_in_pieces_is_answered_once_whole(ports: tuple[int, int]) -
     answer = await read_answer(reader)
     assert answer.startswith(b"HTTP/1.1 202 ") and b'"status":"HELD"' in answer
     writer.close()
+
+
+class _Recorded:
+    """A transport that records each write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name in ("peername", "sockname") else default
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_an_answer_waits_while_the_client_does_not_read(
+    settings: Settings, fast_path: bool
+) -> None:
+    """With the transport's write buffer over its high-water mark, the answer waits until it
+    drains (uvicorn's flow control), on both paths. (A malformed body: refused before any
+    Redis work, so the app runs without its lifespan.)"""
+    app = create_app(settings.replace(fast_path=fast_path))
+    config = Config(app, lifespan="off", proxy_headers=False)
+    config.load()
+    proto = http.GatewayHttpProtocol(config=config, server_state=ServerState(), app_state={})
+    transport = _Recorded()
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    proto.pause_writing()
+    proto.data_received(order(body=b"{"))
+    assert isinstance(proto.cycle, FastCycle) is fast_path
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert transport.writes == []
+    proto.resume_writing()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert len(transport.writes) == 1 and transport.writes[0].startswith(b"HTTP/1.1 400 ")
+    proto.connection_lost(None)

@@ -9,7 +9,9 @@ uvicorn formats them (its status line, its default headers such as `date`, `conn
 close` when the connection ends), then `GatewayApp.order_answered` (metrics, access log).
 No ASGI scope, `asyncio.Event`, receive or send messages, no Starlette. Everything else goes
 through ASGI: other paths and methods, a query string, a missing, unreadable or too large
-`Content-Length` (the ASGI path answers 400 or 413 as always), `Expect: 100-continue`.
+`Content-Length` (the ASGI path answers 400 or 413 as always), `Expect: 100-continue`, and
+every request when uvicorn wraps the app (its proxy-headers middleware, which flashgate turns
+off, or its trace logging): the fast path is taken only when the app is the gateway's own.
 
 A `FastCycle` carries the attributes of uvicorn's cycle that the protocol reads
 (`response_complete`, `keep_alive`, `disconnected`, `message_event`...), so pipelining (it
@@ -105,7 +107,8 @@ async def answer(protocol: GatewayHttpProtocol, app: GatewayApp, cycle: FastCycl
         status, code, headers, body = await app.order_answer(cycle.headers, cycle.body, scope)
         if protocol.flow.write_paused and not cycle.disconnected:
             await protocol.flow.drain()
-        if not cycle.disconnected and not protocol._refused:
+        transport = protocol.transport
+        if not (cycle.disconnected or protocol._refused or transport.is_closing()):
             content = [STATUS_LINE[status], _defaults.of(protocol.server_state.default_headers)]
             for name, value in headers:
                 content += (name, b": ", value, b"\r\n")
@@ -113,10 +116,10 @@ async def answer(protocol: GatewayHttpProtocol, app: GatewayApp, cycle: FastCycl
                 content.append(b"connection: close\r\n")
             content += (b"\r\n", body)
             cycle.response_started = True
-            protocol.transport.write(b"".join(content))
+            transport.write(b"".join(content))
         cycle.response_complete = True
         if not cycle.keep_alive:
-            protocol.transport.close()
+            transport.close()
         protocol.on_response_complete()
     finally:
         if not cycle.response_complete:  # cancelled: nothing was written
