@@ -22,6 +22,11 @@ armed per request: one sweep a second per worker cuts off slow requests and clos
 idle past uvicorn's keep-alive timeout (uvicorn arms and cancels a timer per request for it),
 so an idle connection closes between that timeout and a second after it.
 
+The order path skips the rest: with FLASHGATE_FAST_PATH (on by default), a plain
+`POST /api/v1/order/create` is answered by the protocol itself (`fastpath.py`), its head and
+body kept in a `FastCycle` that the protections above treat as uvicorn's cycle; the ASGI scope
+is built only for requests that go through ASGI.
+
 The head is counted per read while a head is open: at most one read (uvloop reads up to
 256 KiB) beyond the bound is ever buffered. A read that ends inside a head counts whole, so a
 pipelining client that sends more than the bound of requests in one read, ending mid-head, is
