@@ -6,6 +6,9 @@ Pinned and in process, it is steady enough on a busy machine to decide what pays
 
     taskset -c 0 python -m bench.protocol_path --requests 20000 --connections 64
 
+`intake`, `replay` and `soldout` take the order fast path (`gateway/web/fastpath.py`); the
+`_asgi` scenarios the same requests through ASGI (FLASHGATE_FAST_PATH=0).
+
 Prints one JSON line per scenario: CPU microseconds per request of this process (Redis's CPU
 is not counted), requests per CPU-second, and the ratio to the bare endpoint.
 """
@@ -72,6 +75,14 @@ class Transport(asyncio.Transport):
 
     def write_eof(self) -> None:
         pass
+
+
+class AsgiOnlyProtocol(GatewayHttpProtocol):
+    """The gateway's protocol with its order fast path off (FLASHGATE_FAST_PATH=0)."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._fast = None
 
 
 def request(sku: str, user: str, key: str) -> bytes:
@@ -181,6 +192,9 @@ async def run(url: str, args: argparse.Namespace) -> None:
             "intake": (GatewayHttpProtocol, gw, "hot", False),
             "replay": (GatewayHttpProtocol, gw, "hot", True),
             "soldout": (GatewayHttpProtocol, gw, "gone", False),
+            "intake_asgi": (AsgiOnlyProtocol, gw, "hot", False),
+            "replay_asgi": (AsgiOnlyProtocol, gw, "hot", True),
+            "soldout_asgi": (AsgiOnlyProtocol, gw, "gone", False),
         }
         if args.only:
             scenarios = {k: v for k, v in scenarios.items() if k in args.only or k == "bare"}

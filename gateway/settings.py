@@ -2,10 +2,9 @@
 
 Each field of `Settings` declares one setting whole: its name, its type with bounds or choices
 (`Annotated[int, Meta(ge=1)]`, `Literal[...]`), its default and its description (unit
-included) in `Meta(description=...)`. `SETTINGS` reads these declarations once; from them come
-the environment variables (`FLASHGATE_` + the upper-case name, unless `Meta(extra={"env": ...})`
-names another), the command-line flags (`gateway/ops/cli.py`), the error messages and
-`docs/reference/settings.md` (`python -m gateway.settings --markdown`).
+included) in `Meta(description=...)`. `SETTINGS` reads these once; from them come the environment
+variables (`FLASHGATE_` + the upper-case name, unless `Meta(extra={"env": ...})` names another),
+the command-line flags (`gateway/ops/cli.py`), the errors and `docs/reference/settings.md`.
 """
 
 from __future__ import annotations
@@ -306,9 +305,7 @@ class Settings:
     busy_message: Annotated[str, Meta(description="shopper text of overload answers")] = (
         DEFAULT_BUSY_MESSAGE
     )
-    data_dir: Annotated[str, Meta(description="the embedded server's data directory")] = (
-        ".flashgate"
-    )
+    data_dir: Annotated[str, Meta(description="embedded server's data directory")] = ".flashgate"
     host: Annotated[str, Meta(description="address the gateway listens on")] = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535, description="TCP port the gateway listens on")] = 8080
     workers: Annotated[int, Meta(ge=1, description="HTTP worker processes")] = 1
@@ -322,6 +319,9 @@ class Settings:
             " request)"
         ),
     ] = False
+    fast_path: Annotated[
+        bool, Meta(description="order creation answered in the HTTP protocol, not via ASGI")
+    ] = True
     log_level: Annotated[str, Meta(description="uvicorn's log level")] = "info"
     log_format: Annotated[
         Literal["json", "text"],

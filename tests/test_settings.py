@@ -70,6 +70,7 @@ VARIABLES = [
     ("FLASHGATE_PORT", 8080),
     ("FLASHGATE_WORKERS", 1),
     ("FLASHGATE_ACCESS_LOG", False),
+    ("FLASHGATE_FAST_PATH", True),
     ("FLASHGATE_LOG_LEVEL", "info"),
     ("FLASHGATE_LOG_FORMAT", "json"),
 ]

@@ -61,6 +61,8 @@ def create_app(settings: Settings, *, redis: Client | None = None) -> Starlette:
     app.errors = RenderedErrors(settings.busy_message)
     app.access_log = settings.access_log
     app.clients = services.clients
+    app.body_limit = settings.max_body_bytes
+    app.fast_path = settings.fast_path
     app.route_names = {route.endpoint: route.path for route in routes}
     # A path with a trailing slash is a 404, not a redirect: API clients do not follow one,
     # and its Location is built from the request's Host header (a redirect anywhere).

@@ -12,6 +12,7 @@ from starlette.types import Receive, Scope, Send
 from gateway.errors import GatewayError, MethodNotAllowed
 from gateway.telemetry import metrics
 from gateway.web.access import access, order_id_of
+from gateway.web.bodies import header, read_body
 from gateway.web.clients import CLIENT, ClientAddress
 from gateway.web.orders import ORDER_PATH, OrderHandler
 from gateway.web.responses import RenderedErrors, internal_error
@@ -29,7 +30,8 @@ class GatewayApp(Starlette):
     runs as a bare ASGI handler (`create_order`, from `orders.create_handler`) with the same
     error answers. Everything else is Starlette. The handler owns the path: another method
     is a 405 with `Allow: POST` (routed by Starlette, the path matched the order lookup
-    `/api/v1/order/{order_id}`).
+    `/api/v1/order/{order_id}`). With `fast_path`, the HTTP protocol answers a plain
+    `POST` there itself, through `order_answer` and `order_answered` (`fastpath.py`).
     """
 
     create_order: OrderHandler
@@ -38,32 +40,61 @@ class GatewayApp(Starlette):
     access_log: bool  # one access-log line per answer (settings)
     route_names: dict[Any, str]  # endpoint -> its path template, the metrics' route label
     clients: ClientAddress  # the client's address, through trusted proxies (settings)
+    body_limit: int  # request bodies' size limit, bytes (settings)
+    fast_path: bool  # the HTTP protocol answers the order path itself (`fastpath.py`, settings)
 
-    async def _order(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
-        """The order endpoint: its answer sent as two ASGI messages with headers built here
-        (no Response object), an error's from a cache of rendered errors."""
-        scope["app"] = self
+    async def order_answer(
+        self, headers: list[tuple[bytes, bytes]], body: bytes, scope: Scope
+    ) -> tuple[int, str, list[tuple[bytes, bytes]], bytes]:
+        """The order endpoint's answer to a whole request: (status, code, headers, body),
+        headers built here (no Response object), an error's from a cache of rendered errors.
+        `scope` needs only `client` and `headers` (the client's address)."""
         try:
-            if scope["method"] != "POST":
-                raise MethodNotAllowed(headers={"Allow": "POST"})
-            body, replayed = await self.create_order(scope, receive)
-            status, code = 202, "replayed" if replayed else "created"
-            length = (b"content-length", b"%d" % len(body))
-            headers = [JSON, length, REPLAYED] if replayed else [JSON, length]
+            payload, replayed = await self.create_order(headers, body, scope)
         except GatewayError as exc:
-            status, headers, body = self.errors.render(exc)
-            code = exc.code
+            status, raw, payload = self.errors.render(exc)
+            return status, exc.code, raw, payload
         except Exception:
-            response = internal_error("POST", ORDER_PATH)
-            status, headers, body = 500, response.raw_headers, bytes(response.body)
-            code = "internal_error"
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+            return self.internal_error()
+        length = (b"content-length", b"%d" % len(payload))
+        if replayed:
+            return 202, "replayed", [JSON, length, REPLAYED], payload
+        return 202, "created", [JSON, length], payload
+
+    def internal_error(self) -> tuple[int, str, list[tuple[bytes, bytes]], bytes]:
+        response = internal_error("POST", ORDER_PATH)
+        return 500, "internal_error", response.raw_headers, bytes(response.body)
+
+    def order_answered(
+        self, status: int, code: str, started: float, body: bytes, scope: Scope
+    ) -> None:
+        """Count an order answer and, when asked, log it (`scope`: `client`, `headers`,
+        `method`)."""
         took = time.perf_counter() - started
         metrics.answered(ORDER_PATH, status, code, took)
         if self.access_log:
             order_id = order_id_of(body) if status == 202 else None
             access(scope, ORDER_PATH, status, code, took, order_id, self.clients.of(scope))
+
+    async def _order(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
+        """The order endpoint through ASGI: its answer sent as two ASGI messages."""
+        scope["app"] = self
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        try:
+            if scope["method"] != "POST":
+                raise MethodNotAllowed(headers={"Allow": "POST"})
+            body = await read_body(receive, header(headers, b"content-length"), self.body_limit)
+        except GatewayError as exc:
+            status, raw, body = self.errors.render(exc)
+            answer = status, exc.code, raw, body
+        except Exception:
+            answer = self.internal_error()
+        else:
+            answer = await self.order_answer(headers, body, scope)
+        status, code, raw, body = answer
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": body})
+        self.order_answered(status, code, started, body, scope)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

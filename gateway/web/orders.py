@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Receive, Scope
+from starlette.types import Scope
 
 from gateway import errors
 from gateway.schemas import (
@@ -21,7 +21,7 @@ from gateway.schemas import (
 )
 from gateway.store.keys import ORDER_ID_PATTERN
 from gateway.store.outcomes import CreateResult
-from gateway.web.bodies import decode, header, read_body
+from gateway.web.bodies import decode, header
 from gateway.web.responses import MsgspecResponse
 from gateway.web.routing import (
     REPLAYED,
@@ -130,20 +130,20 @@ GET_ORDER = Operation(
     raises=(errors.UnknownOrder, errors.NotFound, errors.BackendUnavailable),
 )
 
-OrderHandler = Callable[[Scope, Receive], Awaitable[tuple[bytes, bool]]]
+OrderHandler = Callable[[list[tuple[bytes, bytes]], bytes, Scope], Awaitable[tuple[bytes, bool]]]
 
 
 def create_handler(services: Services) -> OrderHandler:
-    """`POST /api/v1/order/create` as a bare ASGI handler: the scope and receive in; out the
-    `202` body and whether it is a replay (`front.GatewayApp` sends it; a refusal raises its
-    `GatewayError`)."""
-    limit = services.settings.max_body_bytes
+    """`POST /api/v1/order/create`: the request's headers (lower-case names) and body in, and
+    the scope for the client's address (its `client` and `headers`); out the `202` body and
+    whether it is a replay (`front.GatewayApp` answers it; a refusal raises its
+    `GatewayError`). The body is read by the caller, within the size limit."""
     max_quantity = services.settings.max_quantity
     clients = services.clients
 
-    async def create_order(scope: Scope, receive: Receive) -> tuple[bytes, bool]:
-        headers: list[tuple[bytes, bytes]] = scope["headers"]
-        body = await read_body(receive, header(headers, b"content-length"), limit)
+    async def create_order(
+        headers: list[tuple[bytes, bytes]], body: bytes, scope: Scope
+    ) -> tuple[bytes, bool]:
         req = decode(order_request_decoder, body)
         if req.quantity > max_quantity:
             raise errors.InvalidRequest(f"quantity must be <= {max_quantity} - at `$.quantity`")

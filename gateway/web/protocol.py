@@ -22,6 +22,11 @@ armed per request: one sweep a second per worker cuts off slow requests and clos
 idle past uvicorn's keep-alive timeout (uvicorn arms and cancels a timer per request for it),
 so an idle connection closes between that timeout and a second after it.
 
+The order path skips the rest: with FLASHGATE_FAST_PATH (on by default), a plain
+`POST /api/v1/order/create` is answered by the protocol itself (`fastpath.py`), its head and
+body kept in a `FastCycle` that the protections above treat as uvicorn's cycle; the ASGI scope
+is built only for requests that go through ASGI.
+
 The head is counted per read while a head is open: at most one read (uvloop reads up to
 256 KiB) beyond the bound is ever buffered. A read that ends inside a head counts whole, so a
 pipelining client that sends more than the bound of requests in one read, ending mid-head, is
@@ -38,10 +43,15 @@ from typing import Any
 
 from uvicorn._types import ASGISendEvent
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.server import ServerState
 
 from gateway.settings import Settings
+from gateway.web import fastpath
+from gateway.web.fastpath import FastCycle
+from gateway.web.orders import ORDER_PATH
 
 log = logging.getLogger("flashgate")
+FAST_PATH = ORDER_PATH.encode()  # the request target the fast path answers (fastpath.py)
 MAX_HEAD_BYTES = 32 * 1024
 LINGER_S = 2.0
 MALFORMED = (400, b'{"error":"invalid_request","message":"malformed HTTP request"}')
@@ -61,13 +71,15 @@ def read_timeout_s() -> float:
     return Settings.from_env().client_timeout_s
 
 
-_sweeping: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()  # loops swept
+# the servers swept (a server's connections, swept on the loop of its first connection)
+_sweeping: weakref.WeakSet[ServerState] = weakref.WeakSet()
 
 
 def _sweep(loop: asyncio.AbstractEventLoop, connections: set[Any], every_s: float) -> None:
     """Once per `every_s`: cut off every connection whose request has been arriving for
-    longer than the client timeout. One timer per worker: a timer per request (armed and
-    cancelled on each) cost a fifth of the sold-out path's throughput in bench/."""
+    longer than the client timeout. One timer per server (a worker runs one): a timer per
+    request (armed and cancelled on each) cost a fifth of the sold-out path's throughput in
+    bench/."""
     try:
         now = loop.time()
         limit = read_timeout_s()
@@ -167,9 +179,56 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     _got_bytes = False
     _idle_since: float | None = None  # kept alive and idle since (loop time)
 
+    _fast: Any = None  # the app, when it lets the protocol answer the order path (fastpath.py)
+
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        if isinstance(cycle, FastCycle):  # its turn came in the pipeline
+            self._start_fast(cycle)
+            return
         cycle.__class__ = GatewayCycle  # uvicorn builds the cycle; this one's `send` is ours
         super()._start_asgi_task(cycle, app)
+
+    def _take_fast(self) -> bool:
+        """Take an order request whose head is complete onto the fast path, when it can go
+        (`fastpath.py`): False leaves it to uvicorn's cycle and the ASGI app."""
+        app = self._fast
+        if (
+            self.expect_100_continue
+            or self.limit_concurrency is not None
+            or self.parser.get_method() != b"POST"
+            or self.parser.should_upgrade()
+            or not fastpath.content_length(self.headers, app.body_limit)
+        ):
+            return False
+        if self.transport.is_closing():
+            return True  # after an answer that closed the connection: uvicorn answers none
+        keep_alive = self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+        cycle = FastCycle(self.headers, keep_alive)
+        existing = self.cycle
+        self.cycle = cycle  # type: ignore[assignment]
+        if existing is None or existing.response_complete:
+            self._start_fast(cycle)
+        else:  # pipelined behind an earlier request: as uvicorn queues one
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, app))  # type: ignore[arg-type]
+        return True
+
+    def _start_fast(self, cycle: FastCycle) -> None:
+        cycle.started = True
+        if not cycle.more_body:
+            self._run_fast(cycle)
+
+    def _run_fast(self, cycle: FastCycle) -> None:
+        task = self.loop.create_task(fastpath.answer(self, self._fast, cycle))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def on_body(self, body: bytes) -> None:
+        cycle = self.cycle
+        if isinstance(cycle, FastCycle):
+            cycle.body += body  # within the declared length, itself within the limit
+            return
+        super().on_body(body)
 
     def on_response_complete(self) -> None:
         """uvicorn's, without its keep-alive timer: the sweep closes idle connections."""
@@ -186,9 +245,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if getattr(self.app, "fast_path", False):
+            self._fast = self.app
         self._since = self.loop.time()
-        if self.loop not in _sweeping:
-            _sweeping.add(self.loop)
+        if self.server_state not in _sweeping:
+            _sweeping.add(self.server_state)
             every_s = min(1.0, read_timeout_s() / 4)
             self.loop.call_later(every_s, _sweep, self.loop, self.connections, every_s)
 
@@ -224,6 +285,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_message_complete(self) -> None:
         self._since = None
+        cycle = self.cycle
+        if isinstance(cycle, FastCycle):
+            if cycle.more_body:
+                cycle.more_body = False
+                if cycle.started:
+                    self._run_fast(cycle)
+            return
         super().on_message_complete()
 
     def data_received(self, data: bytes) -> None:
@@ -244,7 +312,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 self._refuse(*HEAD_TOO_LARGE)
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        """uvicorn's, without the ASGI scope: built once the head is complete, for a request
+        that does not take the fast path (`_scope`)."""
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
         self._head_open = True
         self._head_bytes = 0
         if self._since is None:  # the next request on a kept-alive connection
@@ -253,7 +325,18 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_open = False
         self._head_bytes = 0
+        if self._fast is not None and self.url == FAST_PATH and self._take_fast():
+            return
+        self._scope()
         super().on_headers_complete()
+
+    def _scope(self) -> None:
+        """uvicorn's scope of the request whose head is complete (its `on_message_begin`,
+        the head kept)."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        super().on_message_begin()
+        self.url, self.headers, self.expect_100_continue = url, headers, expect
+        self.scope["headers"] = headers
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's `send_400_response`: same status and `connection: close`, JSON body."""
