@@ -121,7 +121,7 @@ def _wait(what: str, check: Any, timeout_s: float = 10.0) -> Any:
 
 @pytest.mark.integration
 def test_the_console_adds_up_every_worker_of_the_instance(tmp_path: Path) -> None:
-    """`serve --workers 2`: orders answered by both workers, each on a new connection; the
+    """`serve --workers 2`: orders answered by the workers, each on a new connection; the
     view, whichever worker answers it, counts them all and lists both workers."""
     serve = Serve(tmp_path / "data", "--workers", "2")
     try:
@@ -135,10 +135,13 @@ def test_the_console_adds_up_every_worker_of_the_instance(tmp_path: Path) -> Non
                 headers={"X-Idempotency-Key": str(uuid.uuid4()), "Connection": "close"},
             )
             statuses.append(r.status_code)
-            pids.add(
-                httpx.get(f"{serve.base}/readyz", headers={"Connection": "close"}).json()["pid"]
-            )
-        assert statuses.count(202) == 5 and statuses.count(409) == 7 and len(pids) == 2
+        assert statuses.count(202) == 5 and statuses.count(409) == 7
+        for _ in range(400):  # which worker accepts a connection is the kernel's choice
+            answer = httpx.get(f"{serve.base}/readyz", headers={"Connection": "close"})
+            pids.add(answer.json()["pid"])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2
 
         def view() -> dict[str, Any]:
             got: dict[str, Any] = httpx.get(
