@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from gateway.ops import cli
 from gateway.settings import Settings
 from gateway.store import keys, relaylag
 from gateway.transport.scripts import ScriptRegistry
@@ -178,3 +179,20 @@ async def test_the_forget_command(
     assert f"{relay.group} is on no events stream" in missing.stderr
     wrong = await run("--group", keys.FINALIZER_GROUP)
     assert wrong.returncode == 2 and "is not a relay group" in wrong.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--group", "relay:webhook:0"], "--group and --force go with --forget"),
+        (["--force"], "--group and --force go with --forget"),
+        (["--forget", "--sku", "sa"], "--forget retires the group on every SKU"),
+        (["--forget", "--replay-dead"], "not allowed with argument"),
+    ],
+)
+def test_forget_arguments_out_of_place_are_refused(
+    args: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["relay", *args])
+    assert exited.value.code == 2 and said in capsys.readouterr().err
