@@ -137,3 +137,4 @@ async def test_status_names_a_group_no_relay_reports_for(redis: Redis) -> None:
         "relay rabbitmq (relay:rabbitmq:2): no relay reported for 10 min; its group keeps the "
         "events streams from being trimmed"
     ), shown
+    assert shown[-1].endswith("retire it with `flashgate relay --forget --group relay:rabbitmq:2`")

@@ -89,6 +89,36 @@ def _add_verify_arguments(command: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_relay_arguments(command: argparse.ArgumentParser) -> None:
+    once = command.add_mutually_exclusive_group()
+    once.add_argument(
+        "--replay-dead", action="store_true",
+        help="send this target's dead letters again (same event ids), then exit "
+        "instead of running a relay",
+    )  # fmt: skip
+    once.add_argument(
+        "--forget", action="store_true",
+        help="retire this target (or --group): destroy its consumer group on every events "
+        "stream, so they are trimmed again, and drop its lag figures; its dead letters stay. "
+        "Refused while one of its relays reported within 30 s",
+    )  # fmt: skip
+    command.add_argument(
+        "--group", metavar="G",
+        help="with --forget: the group to retire, as flashgate status names it (default: "
+        "FLASHGATE_RELAY_URL's)",
+    )  # fmt: skip
+    command.add_argument(
+        "--force", action="store_true",
+        help="with --forget: even if one of its relays reported within 30 s",
+    )  # fmt: skip
+    command.add_argument(
+        "--consumer", metavar="NAME",
+        help="this relay's name in its consumer group (default: host, pid and a random"
+        " part); a relay started again under its old name resumes the entries it held"
+        " at once. Never give two live relays one name",
+    )  # fmt: skip
+
+
 def _parser() -> argparse.ArgumentParser:
     """Every command with its own arguments and, but for local-cluster, every setting's flag."""
     parser = argparse.ArgumentParser(prog="flashgate", description="Flash-sale intake gateway.")
@@ -119,17 +149,7 @@ def _parser() -> argparse.ArgumentParser:
                 "then exit instead of running a finalizer",
             )  # fmt: skip
         if name == "relay":
-            command.add_argument(
-                "--replay-dead", action="store_true",
-                help="send this target's dead letters again (same event ids), then exit "
-                "instead of running a relay",
-            )  # fmt: skip
-            command.add_argument(
-                "--consumer", metavar="NAME",
-                help="this relay's name in its consumer group (default: host, pid and a random"
-                " part); a relay started again under its old name resumes the entries it held"
-                " at once. Never give two live relays one name",
-            )  # fmt: skip
+            _add_relay_arguments(command)
         if name in ("dead", "finalizer", "relay"):
             command.add_argument("--sku", action="append", help="only this SKU (repeatable)")
         if name == "dead":
@@ -149,8 +169,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "relay" and not args.forget and (args.group or args.force):
+        parser.error("--group and --force go with --forget")
+    if args.command == "relay" and args.forget and args.sku:
+        parser.error("--forget retires the group on every SKU: no --sku")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     if args.command == "local-cluster":
         return local_cluster(args.dir, args.primaries, args.replicas, args.first_port)
     logs.configure("text")  # until the settings say which
@@ -166,6 +196,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             replay = status.replay_dead if args.command == "finalizer" else status.replay_relay
             return asyncio.run(replay(resolve_redis(settings), args.sku))
+        if args.command == "relay" and args.forget:
+            from gateway.ops import status
+
+            return asyncio.run(
+                status.forget_relay(resolve_redis(settings), args.group, force=args.force)
+            )
         if args.command in ("finalizer", "sweeper", "relay"):
             name = getattr(args, "consumer", None)
             return asyncio.run(run_role(resolve_redis(settings), args.command, name=name))

@@ -19,12 +19,15 @@ import asyncio
 import sys
 import time
 from collections.abc import Sequence
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from gateway.settings import Settings
 from gateway.store.figures import Sample, Sampler, dead_letters
 from gateway.transport.connect import create_client, create_reader
 from gateway.transport.scripts import ScriptRegistry
+
+if TYPE_CHECKING:
+    from gateway.workers.relay.forget import Forgotten
 
 DEAD_HEADER = (
     "sku_id", "dead_id", "entry_id", "event", "order_id", "payment_id", "reason", "from"
@@ -81,8 +84,8 @@ def render(before: Sample, now: Sample) -> list[str]:
     for r in now.silent:  # its group still holds the events streams back from trimming
         lines.append(f"relay {r.target} ({r.group}): no relay reported for "
                      f"{(now_ms - r.at_ms) / 60_000:.0f} min; its group keeps "
-                     "the events streams from being trimmed: start its relay, or retire the "
-                     "group (docs/operations/relay.md)")  # fmt: skip
+                     "the events streams from being trimmed: start its relay, or retire it "
+                     f"with `flashgate relay --forget --group {r.group}`")  # fmt: skip
     return lines
 
 
@@ -178,3 +181,46 @@ async def replay_relay(settings: Settings, sku_ids: list[str] | None) -> int:
         print(f"stopped: {done.stopped}", file=sys.stderr)
         return 1
     return 0
+
+
+async def forget_relay(settings: Settings, group: str | None, *, force: bool) -> int:
+    """`flashgate relay --forget`: retire a target's consumer group (`group`, else
+    FLASHGATE_RELAY_URL's) on every events stream; says what it did and which dead letters stay.
+    Exits 1 when a relay of it still reports (without `force`) or there was nothing to forget."""
+    from gateway.workers.relay import forget
+
+    group = group or forget.target_group(settings)
+    client = create_client(settings)
+    try:
+        done = await forget.forget_group(client, group, now_ms=int(time.time() * 1000), force=force)
+    except ValueError as exc:  # not a relay's group
+        print(f"flashgate relay: {exc}", file=sys.stderr)
+        return 2
+    except forget.Alive as exc:
+        print(f"flashgate relay: {exc}: it is alive; stop its relays first, or give --force "
+              "(a relay still running joins the streams again from their first entry and "
+              "delivers every event in them again)", file=sys.stderr)  # fmt: skip
+        return 1
+    finally:
+        await client.aclose()
+    if not done.found:
+        print(f"flashgate relay: {group} is on no events stream and has no lag figures: "
+              "nothing to forget", file=sys.stderr)  # fmt: skip
+    print_forgotten(done, sys.stdout)
+    return 0 if done.found else 1
+
+
+def print_forgotten(done: Forgotten, out: TextIO) -> None:
+    if done.streams:
+        rows = [("events stream", "pending dropped")]
+        print("\n".join(text_table([*rows, *((s, str(n)) for s, n in done.streams)])), file=out)
+    if done.figures:
+        print(f"lag figures of {done.group} removed", file=out)
+    for sku_id, stream, kept in done.dead:
+        print(f"kept: {kept} dead letter(s) of {done.group} in {stream}; list them with "
+              f"`flashgate dead --sku {sku_id}`, send them again with `flashgate relay "
+              "--replay-dead` (FLASHGATE_RELAY_URL: that target), or delete one with "
+              f"`XDEL {stream} <dead_id>`", file=out)  # fmt: skip
+    if done.found:
+        print(f"{done.group} forgotten: {len(done.streams)} events stream(s), "
+              f"{done.pending} pending entries dropped", file=out)  # fmt: skip

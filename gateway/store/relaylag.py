@@ -63,3 +63,20 @@ def parse(raw: dict[Any, Any] | None, now_ms: int, *, stale: bool = False) -> li
             name = group.decode() if isinstance(group, bytes) else str(group)
             found.append(RelayLag(name, s.target, s.lag, s.oldest_ms, s.at_ms))
     return found
+
+
+async def read(redis: Client, group: str) -> RelayLag | None:
+    """The figures one group's relays last wrote (fresh or stale), None with none."""
+    raw = await redis.hget(keys.RELAY_LAG, group)
+    if raw is None:
+        return None
+    try:
+        s = _decode(raw)
+    except msgspec.DecodeError:
+        return None
+    return RelayLag(group, s.target, s.lag, s.oldest_ms, s.at_ms)
+
+
+async def remove(redis: Client, group: str) -> bool:
+    """Drop a retired group's figures; returns whether it had any."""
+    return bool(await redis.hdel(keys.RELAY_LAG, group))
