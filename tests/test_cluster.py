@@ -263,7 +263,9 @@ async def test_a_slot_moving_mid_sale_never_duplicates(tmp_path: Path) -> None:
             assert view is not None and view.held == len(answers) >= 100
             stream = await redis.xrange(keys.SkuKeys("mv").stream)
             assert len(stream) == len(answers)  # one order per key, none twice
-            assert fast.redirects["MOVED"] >= 1, fast.redirects  # the map followed the move
+            # the map followed the move: by a MOVED, or by the reload a TRYAGAIN asked for
+            owner = fast._owner[slot] or ""
+            assert fast.redirects["MOVED"] >= 1 or owner.endswith(f":{target}"), fast.redirects
             assert fast.redirects["ASK"] + fast.redirects["SLOT_MOVING"] >= 1, fast.redirects
             row = await inv.audit_sku("mv")
             assert row is not None and row.breaches() == []
