@@ -19,6 +19,7 @@ from gateway.transport.connect import create_client
 from gateway.transport.scripts import ScriptRegistry
 from gateway.web.app import create_app
 from tests.support.api import ADMIN_TOKEN, Client, MakeClient
+from tests.support.fairstart import FairStart
 from tests.support.rabbitmq import BrokerMissing, RabbitBroker, rabbit_broker
 from tests.support.receiver import Receiver
 from tests.support.relaying import PAYMENT_SECRET, SECRET, Orders
@@ -177,6 +178,12 @@ async def scripts(redis: Redis) -> ScriptRegistry:
     registry = ScriptRegistry()
     await registry.load_all(redis)
     return registry
+
+
+@pytest.fixture
+def fs(redis: Redis, scripts: ScriptRegistry, settings: Settings) -> FairStart:
+    """A fair-start sale on the test's server (tests/support/fairstart.py)."""
+    return FairStart(redis, scripts, settings)
 
 
 @pytest.fixture

@@ -8,9 +8,6 @@ import json
 import time
 from typing import Any
 
-import pytest
-from redis.asyncio import Redis
-
 from gateway.settings import Settings
 from gateway.store import draws, keys
 from gateway.store.inventory import Inventory
@@ -23,13 +20,6 @@ from tests.support.fairstart import FairStart
 from tests.support.state import BOTH_BACKENDS
 
 pytestmark = BOTH_BACKENDS
-
-
-@pytest.fixture
-async def fs(redis: Redis, settings: Settings) -> FairStart:
-    scripts = ScriptRegistry()
-    await scripts.load_all(redis)
-    return FairStart(redis, scripts, settings)
 
 
 async def _decided_once(fs: FairStart, ids: list[str], stock: int) -> None:

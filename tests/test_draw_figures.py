@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
@@ -25,13 +24,6 @@ from tests.support.fairstart import FairStart
 from tests.support.state import BOTH_BACKENDS
 
 pytestmark = BOTH_BACKENDS
-
-
-@pytest.fixture
-async def fs(redis: Redis, settings: Settings) -> FairStart:
-    scripts = ScriptRegistry()
-    await scripts.load_all(redis)
-    return FairStart(redis, scripts, settings)
 
 
 def _counted(name: str, **labels: str) -> float:

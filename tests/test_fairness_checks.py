@@ -10,20 +10,10 @@ from collections.abc import Iterator
 
 import pytest
 import redis
-from redis.asyncio import Redis
 
-from gateway.settings import Settings
 from gateway.store import keys
-from gateway.transport.scripts import ScriptRegistry
 from loadtests import fairness
 from tests.support.fairstart import FairStart
-
-
-@pytest.fixture
-async def fs(redis: Redis, settings: Settings) -> FairStart:
-    scripts = ScriptRegistry()
-    await scripts.load_all(redis)
-    return FairStart(redis, scripts, settings)
 
 
 @pytest.fixture

@@ -12,25 +12,15 @@ import uuid
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
 
 from gateway.schemas import SkuConfig
-from gateway.settings import Settings
 from gateway.store import draws, keys
 from gateway.store.inventory import Inventory
 from gateway.store.outcomes import CreateResult, PaymentResult
-from gateway.transport.scripts import ScriptRegistry
 from tests.support.fairstart import WINDOW_S, FairStart, spearman
 from tests.support.state import BOTH_BACKENDS, audit_breaches, snapshot
 
 pytestmark = BOTH_BACKENDS
-
-
-@pytest.fixture
-async def fs(redis: Redis, settings: Settings) -> FairStart:
-    scripts = ScriptRegistry()
-    await scripts.load_all(redis)
-    return FairStart(redis, scripts, settings)
 
 
 @pytest.mark.parametrize("queue_only", [False, True])

@@ -9,13 +9,11 @@ import json
 import time
 
 import pytest
-from redis.asyncio import Redis
 
 from gateway.schemas import QueueView
 from gateway.settings import Settings
 from gateway.store import keys
 from gateway.store.outcomes import CreateResult, DrawState
-from gateway.transport.scripts import ScriptRegistry
 from gateway.workers.draw import Drawer
 from tests.support.api import ADMIN, Client, create, put_sku
 from tests.support.fairstart import FairStart
@@ -49,10 +47,8 @@ async def test_a_prequeued_order_has_no_place_until_the_draw(client: Client) -> 
 
 
 @pytest.fixture
-async def fs(redis: Redis, settings: Settings) -> FairStart:
-    scripts = ScriptRegistry()
-    await scripts.load_all(redis)
-    return FairStart(redis, scripts, settings.replace(finalizer_batch=2))
+def settings(settings: Settings) -> Settings:
+    return settings.replace(finalizer_batch=2)  # the draw and the finalizer in steps of 2
 
 
 async def counters(fs: FairStart) -> tuple[int, int, int]:
