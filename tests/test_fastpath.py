@@ -26,6 +26,7 @@ from gateway.web import protocol as http
 from gateway.web.app import create_app
 from gateway.web.fastpath import FastCycle
 from tests.support.api import ADMIN, order_body
+from tests.support.transports import Recorded
 
 Serving = Callable[..., Awaitable[int]]  # serving(**setting_overrides) -> port
 DATE = (b"date", b"Sun, 06 Dec 2026 05:00:00 GMT")  # uvicorn's default header, kept fixed here
@@ -281,30 +282,6 @@ async def test_a_body_in_pieces_is_answered_once_whole(ports: tuple[int, int]) -
     writer.close()
 
 
-class _Recorded:
-    """A transport that records each write."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name in ("peername", "sockname") else default
-
-    def pause_reading(self) -> None: ...
-
-    def resume_reading(self) -> None: ...
-
-
 @pytest.mark.parametrize("fast_path", [True, False])
 async def test_an_answer_waits_while_the_client_does_not_read(
     settings: Settings, fast_path: bool
@@ -316,7 +293,7 @@ async def test_an_answer_waits_while_the_client_does_not_read(
     config = Config(app, lifespan="off", proxy_headers=False)
     config.load()
     proto = http.GatewayHttpProtocol(config=config, server_state=ServerState(), app_state={})
-    transport = _Recorded()
+    transport = Recorded()
     proto.connection_made(transport)  # type: ignore[arg-type]
     proto.pause_writing()
     proto.data_received(order(body=b"{"))

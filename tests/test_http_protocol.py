@@ -17,6 +17,7 @@ import uvicorn
 
 from gateway.ops.embedded import free_port
 from gateway.web import protocol as http
+from tests.support.transports import Recorded
 
 
 async def slow_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -99,30 +100,6 @@ def test_an_idle_kept_alive_connection_is_closed_by_the_sweep(
         http.read_timeout_s.cache_clear()
 
 
-class _Recorded:
-    """A transport that records each write."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append(bytes(data))
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name in ("peername", "sockname") else default
-
-    def pause_reading(self) -> None: ...
-
-    def resume_reading(self) -> None: ...
-
-
 async def streamed_app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     headers = [(b"content-type", b"text/plain")]  # no length: chunked
     if scope["path"] == "/stream":
@@ -149,7 +126,7 @@ async def test_a_response_head_leaves_with_its_body(
     proto = http.GatewayHttpProtocol(
         config=config, server_state=uvicorn.server.ServerState(), app_state={}
     )
-    transport = _Recorded()
+    transport = Recorded()
     proto.connection_made(transport)  # type: ignore[arg-type]
     proto.data_received(request_line + b" HTTP/1.1\r\nHost: x\r\n\r\n")
     for _ in range(20):
