@@ -251,6 +251,15 @@ class Client(FastHttpUser):
                 resp.success()
         return answer
 
+    def create_until_served(self, sku: str, key: str, *, label: str) -> Answer:
+        """`create`, sent again with the same key after each overload answer (429, 503), as
+        its Retry-After says (at least 1 s): a shopper in line who does as told."""
+        answer = self.create(sku, key, label=label)
+        while answer.status in (429, 503):
+            gevent.sleep(max(answer.retry_after_s, 1.0))
+            answer = self.create(sku, key, label=label)
+        return answer
+
     def _accepted(
         self,
         resp: ResponseContextManager,

@@ -44,10 +44,7 @@ class EarlyShopper(Client):
     def queue_up(self) -> None:
         self.user_id = f"e-{uuid.uuid4().hex[:16]}"  # a new shopper each time: limit 1 each
         key = new_key()
-        answer = self.create(CFG.hot_sku, key, label="prequeue")
-        while answer.status in (429, 503):  # busy: the same request again when told
-            gevent.sleep(max(answer.retry_after_s, 1.0))
-            answer = self.create(CFG.hot_sku, key, label="prequeue")
+        answer = self.create_until_served(CFG.hot_sku, key, label="prequeue")
         view = json_object(answer.raw) if answer.status == 202 else None
         if view is None:
             return  # refused (sold out after the draw, in NORMAL)

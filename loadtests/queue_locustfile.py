@@ -42,10 +42,7 @@ class LineShopper(Client):
     def queue_up(self) -> None:
         self.user_id = f"q-{uuid.uuid4().hex[:16]}"  # a new shopper each time: limit 1 each
         key = new_key()
-        answer = self.create(CFG.hot_sku, key, label="line")
-        while answer.status in (429, 503):  # busy: the same request again when told
-            gevent.sleep(max(answer.retry_after_s, 1.0))
-            answer = self.create(CFG.hot_sku, key, label="line")
+        answer = self.create_until_served(CFG.hot_sku, key, label="line")
         view = json_object(answer.raw) if answer.status == 202 else None
         if view is None or view.get("status") != "QUEUED":
             return  # refused, or the mode was not QUEUE_ONLY: not in line
