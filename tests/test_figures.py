@@ -8,6 +8,7 @@ teardown audits every SKU, and 10,000 of them are the audit's own benchmark, not
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 
 import httpx
@@ -16,7 +17,7 @@ from redis.crc import key_slot
 
 from gateway.settings import Settings
 from gateway.store import calls, keys
-from gateway.store.figures import Sampler
+from gateway.store.figures import PER_CALL, Sampler, collector_paused, paused
 from gateway.transport.cluster import ClusterMux
 from gateway.transport.connect import create_client
 from gateway.transport.scripts import ScriptRegistry
@@ -61,15 +62,20 @@ async def many_skus(redis_url: str) -> AsyncIterator[str]:
         await client.aclose()
 
 
-async def test_a_pass_over_10000_skus_is_two_round_trips(many_skus: str) -> None:
+@pytest.mark.parametrize("per_call", [1, PER_CALL])
+async def test_a_pass_over_10000_skus_is_two_round_trips(many_skus: str, per_call: int) -> None:
+    """One SKU a call (a cluster's way) or PER_CALL a call (one server's); SKUs registered
+    but not configured, amid the others, are left out and move nothing."""
     reader = Multiplexed(many_skus, timeout_s=30.0)
     try:
-        sampler = Sampler(reader, ScriptRegistry(), max_age_s=0)
+        await reader.execute_command("SADD", keys.SKU_REGISTRY, "s1x", "s4321x", "zz")
+        sampler = Sampler(reader, ScriptRegistry(), max_age_s=0, per_call=per_call)
         before = reader.writes
         sample = await sampler.sample()
         first = reader.writes - before
         assert first <= 3  # the connection's handshake (SELECT) may be one of them
         assert len(sample.skus) == SKUS
+        assert [s.sku_id for s in sample.skus] == sorted(f"s{i}" for i in range(SKUS))
         by_id = {s.sku_id: s for s in sample.skus}
         for i in (0, 1, 4321, SKUS - 1):
             s = by_id[f"s{i}"]
@@ -121,16 +127,18 @@ async def test_a_bucketed_sku_is_summed_and_its_layout_read_once(redis_url: str)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://fg.test") as c:
             assert (await put_sku(c, "hot", stock=30, buckets=3)).status_code == 201
+            assert (await put_sku(c, "plain", stock=7)).status_code == 201
             for user in ("a", "b", "c", "d"):
                 assert (await create(c, sku_id="hot", user_id=user)).status_code == 202
             sampler = Sampler(app.state.services.figures.reader, ScriptRegistry(), max_age_s=0)
             reader = sampler.reader
             await sampler.sample()  # connected
-            fresh = Sampler(reader, ScriptRegistry(), max_age_s=0)
+            fresh = Sampler(reader, ScriptRegistry(), max_age_s=0, per_call=PER_CALL)
             before = reader.writes
-            (hot,) = (await fresh.sample()).skus
+            hot, plain = (await fresh.sample()).skus
             assert reader.writes - before == 3  # its other buckets, once
             assert (hot.stock, hot.held, hot.available, hot.holds) == (30, 4, 26, 4)
+            assert (plain.sku_id, plain.stock, plain.held) == ("plain", 7, 0)
             before = reader.writes
             await fresh.sample()
             assert reader.writes - before == 2
@@ -171,3 +179,24 @@ async def test_a_pass_on_a_cluster_reads_every_node(cluster_url: str) -> None:
         await client.flushall()
         await mux.aclose()
         await client.aclose()
+
+
+def test_the_collector_is_paused_for_a_pass_and_back_after_the_last() -> None:
+    """Passes (and their threads) overlap: the collector comes back on with the last one to
+    end, and stays off if it was off before the first."""
+    assert gc.isenabled()
+    with collector_paused():
+        assert not gc.isenabled()
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the outer pass is still under way
+    assert gc.isenabled()
+    assert paused(lambda a, b: (gc.isenabled(), a + b), 2, 3) == (False, 5)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            pass
+        assert not gc.isenabled()  # off before: left off
+    finally:
+        gc.enable()

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, TextIO
 
 from gateway.settings import Settings
-from gateway.store.figures import Sample, Sampler, dead_letters
+from gateway.store.figures import PER_CALL, Sample, Sampler, dead_letters
 from gateway.transport.connect import create_client, create_reader
 from gateway.transport.scripts import ScriptRegistry
 
@@ -112,7 +112,8 @@ async def show_status(settings: Settings, watch_s: float, count: int | None) -> 
     client = create_client(settings)
     reader = create_reader(settings, client)
     try:
-        sampler = Sampler(reader, ScriptRegistry(), max_age_s=0)
+        per_call = 1 if settings.redis_cluster else PER_CALL
+        sampler = Sampler(reader, ScriptRegistry(), max_age_s=0, per_call=per_call)
         return await run(sampler, watch_s=watch_s, count=count, out=sys.stdout)
     except KeyboardInterrupt:
         return 0

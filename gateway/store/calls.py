@@ -281,6 +281,13 @@ def sku_figures(sku: SkuKeys, *, group: str, streams: Literal[0, 1, 2]) -> Call:
     return keys_, [group, streams]
 
 
+def sku_figures_of(skus: Sequence[SkuKeys], *, group: str, streams: Literal[0, 1, 2]) -> Call:
+    """sku_figures.lua over several SKUs at once (one server: their keys need not share a
+    slot): each SKU's six keys in turn, one reply list per SKU in the same order."""
+    keys_ = [k for sku in skus for k in sku_figures(sku, group=group, streams=streams)[0]]
+    return keys_, [group, streams]
+
+
 def sweep(sku: SkuKeys, *, now_ms: int | None, batch: int, orders_prefix: str, skip: int) -> Call:
     return [sku.sku, sku.users, sku.holds, sku.events], [
         _opt(now_ms),

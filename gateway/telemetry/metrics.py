@@ -31,6 +31,9 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from itertools import chain, repeat
+from operator import attrgetter
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -251,20 +254,54 @@ def figures_text(sample: figures.Sample | None) -> bytes:
         ]
         for name in ("NORMAL", "QUEUE_ONLY"):
             lines.append(f'flashgate_intake_mode{{mode="{name}"}} {float(sample.mode == name)}')
-        labels = [f'{{sku="{s.sku_id}"}} ' for s in sample.skus]
+        heads = _series_heads(sample.skus)
         for field, about in _PER_SKU:
             name = f"flashgate_sku_{field}"
             lines += [f"# HELP {name} {about}", f"# TYPE {name} gauge"]
-            lines += [
-                f"{name}{label}{float(getattr(s, field))}"
-                for label, s in zip(labels, sample.skus, strict=True)
-            ]
+            if sample.skus:
+                values = tuple(map(attrgetter(field), sample.skus))
+                lines.append(_gauge_values(name, heads[name], values))
         lines += _draw_lines(sample)
         lines += _relay_lines(sample)
     text = ("\n".join(lines) + "\n").encode()
     if sample is not None:
         _rendered = (sample, text)
     return text
+
+
+# SKU ids, series heads: tuples of strings, which the collector stops tracking
+_heads: tuple[tuple[str, ...], dict[str, tuple[str, ...]]] = ((), {})
+
+
+def _series_heads(skus: list[figures.SkuSample]) -> dict[str, tuple[str, ...]]:
+    """Each per-SKU gauge's `name{sku="..."} ` of every SKU, in order: made again only when
+    the SKUs change."""
+    global _heads
+    ids = tuple(s.sku_id for s in skus)
+    if ids != _heads[0]:
+        labels = [f'{{sku="{sku_id}"}} ' for sku_id in ids]
+        names = [f"flashgate_sku_{field}" for field, _ in _PER_SKU]
+        _heads = (ids, {name: tuple([name + label for label in labels]) for name in names})
+    return _heads[1]
+
+
+# a gauge's last heads, values and text
+_written: dict[str, tuple[tuple[str, ...], tuple[Any, ...], str]] = {}
+
+
+def _gauge_values(name: str, heads: tuple[str, ...], values: tuple[Any, ...]) -> str:
+    """One line per head with its value, as `float(value)` writes it: integers below 2**53
+    as `<int>.0` (the same text, a third of the time). The gauge's last text when neither the
+    SKUs nor the values changed (most SKUs are idle)."""
+    last = _written.get(name)
+    if last is not None and last[0] is heads and last[1] == values:
+        return last[2]
+    if set(map(type, values)) == {int} and -(2**53) < min(values) and max(values) < 2**53:
+        text = "".join(chain.from_iterable(zip(heads, map(str, values), repeat(".0\n"))))
+    else:
+        text = "".join(chain.from_iterable(zip(heads, map(repr, map(float, values)), repeat("\n"))))
+    _written[name] = (heads, values, text[:-1])  # the lines are joined with the others'
+    return text[:-1]
 
 
 _DRAW_GAUGES = (
@@ -335,5 +372,5 @@ async def render(sampler: figures.Sampler) -> bytes:
     except (*REDIS_FAILURES, ValueError):  # Redis down (or a record unreadable): redis_up 0
         sample = None
     if sample is not None and _rendered[0] is not sample:  # tens of ms at 10,000 SKUs
-        return workers + await asyncio.to_thread(figures_text, sample)
+        return workers + await asyncio.to_thread(figures.paused, figures_text, sample)
     return workers + figures_text(sample)

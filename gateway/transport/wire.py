@@ -26,6 +26,7 @@ from gateway.transport.replies import NotSent
 
 log = logging.getLogger("flashgate")
 MANY = 500  # commands in one `execute_many` past which they are packed in a thread
+MANY_ARGS = 5000  # or arguments in all
 
 
 def _encode(args: tuple[Any, ...]) -> bytes:
@@ -258,7 +259,8 @@ class Multiplexed:
         wire = self._wire
         if wire is None or wire.lost:
             wire = await self._connect()
-        if len(commands) > MANY:  # packed in a thread: the loop keeps serving meanwhile
+        if len(commands) > MANY or sum(map(len, commands)) > MANY_ARGS:
+            # packed in a thread: the loop keeps serving meanwhile
             packed = await asyncio.to_thread(_encode_all, commands)
             wire = self._wire if self._wire is not None and not self._wire.lost else wire
         else:

@@ -54,6 +54,7 @@ log = logging.getLogger("flashgate")
 FAST_PATH = ORDER_PATH.encode()  # the request target the fast path answers (fastpath.py)
 MAX_HEAD_BYTES = 32 * 1024
 LINGER_S = 2.0
+BIG_BODY = 64 * 1024  # a body from which the head is written beside it, not copied into one
 MALFORMED = (400, b'{"error":"invalid_request","message":"malformed HTTP request"}')
 HEAD_TOO_LARGE = (
     431,
@@ -124,7 +125,12 @@ class _HeadFirst:
 
     def write(self, data: bytes) -> None:
         head, self.head = self.head, b""
-        self.transport.write(head + data if head else data)
+        if not head:
+            self.transport.write(data)
+        elif len(data) < BIG_BODY:
+            self.transport.write(head + data)
+        else:  # not copied into one buffer (a /metrics text at 10,000 SKUs is megabytes)
+            self.transport.writelines((head, data))
 
     def close(self) -> None:
         self.flush()

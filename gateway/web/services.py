@@ -23,7 +23,7 @@ from gateway.intake.rules import LiveRules, RulesStore, from_settings
 from gateway.intake.service import Intake, Starting, log_transition
 from gateway.intake.soldout import SoldOutMemo
 from gateway.settings import ConfigError, Settings
-from gateway.store.figures import Sampler
+from gateway.store.figures import PER_CALL, Sampler
 from gateway.store.inventory import Inventory
 from gateway.telemetry import metrics
 from gateway.transport.cluster import ClusterMux
@@ -73,7 +73,10 @@ class Services:
         settings = self.settings
         self.redis = redis
         self.figures = Sampler(
-            reader or PipelineBatch(redis), scripts, max_age_s=settings.figures_max_age_ms / 1000
+            reader or PipelineBatch(redis),
+            scripts,
+            max_age_s=settings.figures_max_age_ms / 1000,
+            per_call=1 if settings.redis_cluster else PER_CALL,
         )
         self.inventory = Inventory(redis, scripts, settings, fast=fast)
         self.breaker = CircuitBreaker(

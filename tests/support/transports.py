@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -14,6 +15,9 @@ class Recorded:
 
     def write(self, data: bytes) -> None:
         self.writes.append(bytes(data))
+
+    def writelines(self, data: Iterable[bytes]) -> None:
+        self.write(b"".join(data))
 
     def is_closing(self) -> bool:
         return self.closed

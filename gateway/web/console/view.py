@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from importlib import resources
-from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -17,7 +17,7 @@ from gateway.schemas import (
     ConsoleView,
     ConsoleWorker,
 )
-from gateway.store.figures import SkuSample
+from gateway.store.figures import Sample, SkuSample, paused
 from gateway.telemetry import snapshot
 from gateway.transport.replies import call
 from gateway.web.console import assets
@@ -64,11 +64,36 @@ async def console_page(request: Request) -> Response:
     return Response(_PAGE, media_type="text/html", headers=_PAGE_HEADERS)
 
 
-def _draw(s: SkuSample) -> dict[str, Any]:
-    """A fair start's SKU's draw fields (none for the others: left out of the view)."""
-    if s.draw == "none":
-        return {}
-    return {"draw": s.draw, "prequeued": s.prequeued, "drawn": s.drawn}
+_made: tuple[Sample | None, list[ConsoleSku]] = (None, [])  # the last sample's SKU rows
+
+
+async def _console_skus(sample: Sample) -> list[ConsoleSku]:
+    """The view's SKU rows, made once per sample (every console open shares them), in a
+    thread at many SKUs: 10,000 rows are tens of milliseconds the orders would wait behind."""
+    global _made
+    if _made[0] is not sample:
+        skus = sample.skus
+        rows = (
+            _sku_rows(skus) if len(skus) < 500 else await asyncio.to_thread(paused, _sku_rows, skus)
+        )
+        _made = (sample, rows)
+    return _made[1]
+
+
+def _sku_rows(skus: list[SkuSample]) -> list[ConsoleSku]:
+    return [
+        ConsoleSku(
+            sku_id=s.sku_id, stock=s.stock, available=s.available, held=s.held, sold=s.sold,
+            holds=s.holds, backlog=s.backlog, pending=s.pending, dead=s.dead,
+        )
+        if s.draw == "none"
+        else ConsoleSku(
+            sku_id=s.sku_id, stock=s.stock, available=s.available, held=s.held, sold=s.sold,
+            holds=s.holds, backlog=s.backlog, pending=s.pending, dead=s.dead,
+            draw=s.draw, prequeued=s.prequeued, drawn=s.drawn,
+        )
+        for s in skus
+    ]  # fmt: skip
 
 
 def routes(services: Services) -> list[Resource]:
@@ -84,21 +109,7 @@ def routes(services: Services) -> list[Resource]:
             history=modes.history,
             breaker=services.breaker.state.value,
             entries_in=sum(s.entries_in for s in sample.skus),
-            skus=[
-                ConsoleSku(
-                    sku_id=s.sku_id,
-                    stock=s.stock,
-                    available=s.available,
-                    held=s.held,
-                    sold=s.sold,
-                    holds=s.holds,
-                    backlog=s.backlog,
-                    pending=s.pending,
-                    dead=s.dead,
-                    **_draw(s),
-                )  # fmt: skip
-                for s in sample.skus
-            ],
+            skus=await _console_skus(sample),
             answers=counted.answers,
             latency=ConsoleLatency(
                 le_ms=counted.le_ms, counts=counted.buckets, sum_s=counted.sum_s
