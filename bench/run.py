@@ -106,16 +106,26 @@ def wait_port(port: int, within_s: float = 30.0) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of one process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of one process so far, with its live children's (the workers
+    of a `--workers` > 1 gateway)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, tail = stat.read_text().rsplit(")", 1)
+        except OSError:
+            continue  # gone meanwhile
+        fields = tail.split()
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # itself, or a child
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Stack:
     """Every process the benchmark starts; stopped together, whatever happens."""
 
-    def __init__(self, work: Path, server_cpu: int, load_cpu: int) -> None:
+    def __init__(self, work: Path, server_cpu: int, load_cpu: int, workers: int = 1) -> None:
         self.work = work
+        self.workers = workers
         self.server_cpu = server_cpu
         self.load_cpu = load_cpu
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -155,6 +165,7 @@ class Stack:
             "FLASHGATE_BURST": "1000000000",
             "FLASHGATE_QUEUE_MAX": "1000000000",
             "FLASHGATE_LOG_LEVEL": "warning",
+            "FLASHGATE_WORKERS": str(self.workers),  # all of them on the server's one core
             "PYTHONPATH": str(HERE.parent),
         }
         self.proxy = CountingProxy(self.redis_url)
@@ -620,7 +631,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, load_cpu = cpus[0], cpus[-1]
     with tempfile.TemporaryDirectory(prefix="flashgate-bench-") as tmp:
-        stack = Stack(Path(tmp), server_cpu, load_cpu)
+        stack = Stack(Path(tmp), server_cpu, load_cpu, args.workers)
         try:
             stack.start()
             bench = Bench(stack, args)
@@ -654,6 +665,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine(),
         "method": {
             "server_cpu": server_cpu,
+            "gateway_workers": args.workers,
             "load_and_redis_cpu": load_cpu,
             "rounds": args.rounds,
             "connections": args.connections,
@@ -848,6 +860,12 @@ def main(argv: list[str] | None = None) -> int:
         type=lambda v: sorted(int(c) for c in v.split(",")),
         default=[16, 64, 256],
         help="comma-separated wrk connection counts (every scenario at each)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="the gateway's worker processes, all pinned to the server's one core",
     )
     p.add_argument("--replay-keys", type=int, default=500)
     p.add_argument("--memory-orders", type=int, default=20_000)
