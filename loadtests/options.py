@@ -25,6 +25,7 @@ def parse_args(argv: list[str] | None, description: str = "") -> argparse.Namesp
 
 
 def scenario_options(p: argparse.ArgumentParser) -> None:
+    """Which run: the scenario, the fair start's timing and mode, the finalizer's pace."""
     p.add_argument(
         "--scenario", choices=sorted(LOCUSTFILES), default="spike",
         help="spike: the 0:00 spike (default); queue: shoppers in a QUEUE_ONLY line; prequeue:"
@@ -45,6 +46,8 @@ def scenario_options(p: argparse.ArgumentParser) -> None:
 
 
 def load_options(p: argparse.ArgumentParser) -> None:
+    """The load and the catalogue: users over time, where the reports go, Locust and gateway
+    processes, the SKUs' stock and limits, the shoppers' habits, the operator's flips."""
     p.add_argument("--users", type=int, default=300, help="peak users (default 300)")
     p.add_argument("--spawn-seconds", type=float, default=2, help="0 to peak in (default 2)")
     p.add_argument("--hold-seconds", type=float, default=30, help="peak held for (default 30)")
@@ -67,10 +70,12 @@ def load_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--think-seconds", type=float, default=0.5, help="shoppers' pause (0.5)")
     p.add_argument("--switch-every", type=float, default=4, help="QUEUE_ONLY flip period (4 s)")
     p.add_argument("--queue-only-seconds", type=float, default=1.5, help="QUEUE_ONLY for (1.5)")
-    p.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
 
 
 def gateway_options(p: argparse.ArgumentParser) -> None:
+    """The gateway's port, secrets and extra flags, strictness, the scalpers and their limits,
+    the drain, Locust's output."""
+    p.add_argument("--port", type=int, default=0, help="gateway port (default: a free one)")
     p.add_argument("--admin-token", default=os.environ.get("FLASHGATE_ADMIN_TOKEN"))
     p.add_argument("--payment-secret", default=os.environ.get("FLASHGATE_PAYMENT_SECRET"))
     p.add_argument(
