@@ -35,7 +35,7 @@ from typing import Any
 
 import redis as redis_sync
 
-from bench.run import ADMIN_TOKEN, ORDER, PROMO, cpu_seconds, pinned, put_sku, wait_port
+from bench.stack import ADMIN_TOKEN, ORDER, PROMO, cpu_seconds, pinned, put_sku, wait_port
 from gateway.ops import status
 from gateway.ops.embedded import EmbeddedServer, free_port
 from gateway.store import calls, keys
@@ -169,6 +169,48 @@ def percentiles(ms: list[float]) -> dict[str, float]:
     }
 
 
+def measure(
+    args: argparse.Namespace, port: int, url: str, client: redis_sync.Redis, pid: int
+) -> dict[str, Any]:
+    """The readings against a started gateway: /metrics, the console, the status and the
+    audit, with the orders of a shopper beside them, quiet and during the readings."""
+    started = time.monotonic()
+    configure(url, args.skus)
+    put_sku(port, "shop", 10**9, per_user_limit=10**9)
+    configured_s = time.monotonic() - started
+    receiving, sending = multiprocessing.Pipe(duplex=False)
+    shopping_s = 5.0 + 2 * args.readings * (MAX_AGE_MS / 1000 + 0.6)
+    shopper = multiprocessing.Process(
+        target=shop, args=(port, "shop", shopping_s, sending), daemon=True
+    )
+    shopper.start()
+    time.sleep(1.0)
+    quiet_from = time.monotonic()
+    time.sleep(3.0)
+    quiet_to = busy_from = time.monotonic()
+    result: dict[str, Any] = {
+        "skus": args.skus,
+        "configure_s": round(configured_s, 1),
+        "metrics_bytes": get(port, "/metrics"),
+        "metrics": readings(lambda: get(port, "/metrics"), args.readings, pid, client),
+        "console_bytes": get(port, "/api/v1/admin/console"),
+        "console": readings(lambda: get(port, "/api/v1/admin/console"), args.readings, pid, client),
+    }
+    busy_to = time.monotonic()
+    latencies = receiving.recv()
+    shopper.join()
+    result["orders_quiet"] = percentiles(between(latencies, quiet_from, quiet_to))
+    result["orders_during_readings"] = percentiles(between(latencies, busy_from, busy_to))
+    result["status"] = readings(status_reading(url), args.readings, None, client)
+    t0 = time.perf_counter()
+    status_process(url)
+    result["status_process_s"] = round(time.perf_counter() - t0, 2)  # two readings 1 s apart
+    t0 = time.perf_counter()
+    audit(url)
+    result["audit_s"] = round(time.perf_counter() - t0, 1)
+    return result
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -189,45 +231,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client = redis_sync.Redis.from_url(url)
         try:
             wait_port(port)
-            started = time.monotonic()
-            configure(url, args.skus)
-            put_sku(port, "shop", 10**9, per_user_limit=10**9)
-            configured_s = time.monotonic() - started
-            receiving, sending = multiprocessing.Pipe(duplex=False)
-            shopping_s = 5.0 + 2 * args.readings * (MAX_AGE_MS / 1000 + 0.6)
-            shopper = multiprocessing.Process(
-                target=shop, args=(port, "shop", shopping_s, sending), daemon=True
-            )
-            shopper.start()
-            time.sleep(1.0)
-            quiet_from = time.monotonic()
-            time.sleep(3.0)
-            quiet_to = busy_from = time.monotonic()
-            pid = gateway.pid
-            result: dict[str, Any] = {
-                "skus": args.skus,
-                "configure_s": round(configured_s, 1),
-                "metrics_bytes": get(port, "/metrics"),
-                "metrics": readings(lambda: get(port, "/metrics"), args.readings, pid, client),
-                "console_bytes": get(port, "/api/v1/admin/console"),
-                "console": readings(
-                    lambda: get(port, "/api/v1/admin/console"), args.readings, pid, client
-                ),
-            }
-            busy_to = time.monotonic()
-            latencies = receiving.recv()
-            shopper.join()
-            result["orders_quiet"] = percentiles(between(latencies, quiet_from, quiet_to))
-            result["orders_during_readings"] = percentiles(between(latencies, busy_from, busy_to))
-            result["status"] = readings(status_reading(url), args.readings, None, client)
-            t0 = time.perf_counter()
-            status_process(url)
-            result["status_process_s"] = round(
-                time.perf_counter() - t0, 2
-            )  # two readings 1 s apart
-            t0 = time.perf_counter()
-            audit(url)
-            result["audit_s"] = round(time.perf_counter() - t0, 1)
+            result = measure(args, port, url, client, gateway.pid)
         finally:
             client.close()
             gateway.terminate()

@@ -19,7 +19,7 @@ import redis
 from gateway.ops.embedded import free_port
 from gateway.store import keys
 from loadtests.procs import Serve
-from loadtests.run import print_groups
+from loadtests.summary import print_groups
 from loadtests.verify import Findings, check_records, check_skus
 from tests.support.api import ADMIN, ADMIN_TOKEN
 
