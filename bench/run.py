@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, load_cpu = cpus[0], cpus[-1]
     with tempfile.TemporaryDirectory(prefix="flashgate-bench-") as tmp:
-        stack = Stack(Path(tmp), server_cpu, load_cpu, args.workers)
+        stack = Stack(Path(tmp), server_cpu, load_cpu, args.workers, args.redis_first)
         try:
             stack.start()
             bench = Bench(stack, args)
@@ -114,6 +114,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "method": {
             "server_cpu": server_cpu,
             "gateway_workers": args.workers,
+            "redis_priority": stack.redis_priority,
             "load_and_redis_cpu": load_cpu,
             "rounds": args.rounds,
             "connections": args.connections,
@@ -149,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="the gateway's worker processes, all pinned to the server's one core",
+    )
+    p.add_argument(
+        "--no-redis-first",
+        dest="redis_first",
+        action="store_false",
+        help="leave Redis at normal priority on the core it shares with the load generators",
     )
     p.add_argument("--replay-keys", type=int, default=500)
     p.add_argument("--memory-orders", type=int, default=20_000)
