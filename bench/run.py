@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3, help="closed-loop runs per scenario")
     p.add_argument("--seconds", type=float, default=5.0, help="length of one closed-loop run")
@@ -174,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--quick", action="store_true", help="short runs: a smoke test of the bench")
     p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     if args.quick:
         args.rounds, args.seconds, args.latency_seconds = 1, 2.0, 2.0
         args.replay_keys, args.memory_orders = 100, 4000

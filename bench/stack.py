@@ -85,16 +85,7 @@ class Stack:
             capture_output=True,
         )
         if self.redis_first:
-            # Redis is part of the system under test; the load generators share its core only
-            # because the machine has two. Real-time priority lets Redis run the moment it has
-            # work, as on a core of its own, and the generators take what it leaves (their own
-            # lag is measured and reported). Without it the scheduler lets a busy generator
-            # run out its slice first: 1 to 5 ms on a script's round trip.
-            chrt = ["chrt", "-f", "-a", "-p", "1", str(self.redis_pid())]
-            if subprocess.run(chrt, capture_output=True).returncode == 0:
-                self.redis_priority = "SCHED_FIFO 1"
-            else:
-                print("bench: Redis could not get real-time priority", file=sys.stderr)
+            self._redis_first()
         uvicorn = [
             sys.executable,
             "-m",
@@ -142,6 +133,18 @@ class Stack:
             )
         for port in self.ports.values():
             wait_port(port)
+
+    def _redis_first(self) -> None:
+        """Redis is part of the system under test; the load generators share its core only
+        because the machine has two. Real-time priority lets Redis run the moment it has work,
+        as on a core of its own, and the generators take what it leaves (their own lag is
+        measured and reported). Without it the scheduler lets a busy generator run out its
+        slice first: 1 to 5 ms on a script's round trip."""
+        chrt = ["chrt", "-f", "-a", "-p", "1", str(self.redis_pid())]
+        if subprocess.run(chrt, capture_output=True).returncode == 0:
+            self.redis_priority = "SCHED_FIFO 1"
+        else:
+            print("bench: Redis could not get real-time priority", file=sys.stderr)
 
     def redis_pid(self) -> int:
         assert self.embedded.proc is not None
