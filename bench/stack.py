@@ -61,13 +61,9 @@ def cpu_seconds(pid: int) -> float:
 class Stack:
     """Every process the benchmark starts; stopped together, whatever happens."""
 
-    def __init__(
-        self, work: Path, server_cpu: int, load_cpu: int, workers: int = 1, redis_first: bool = True
-    ) -> None:
+    def __init__(self, work: Path, server_cpu: int, load_cpu: int, workers: int = 1) -> None:
         self.work = work
         self.workers = workers
-        self.redis_first = redis_first
-        self.redis_priority = "normal"  # what Redis got (redis_first needs CAP_SYS_NICE)
         self.server_cpu = server_cpu
         self.load_cpu = load_cpu
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -84,8 +80,6 @@ class Stack:
             check=True,
             capture_output=True,
         )
-        if self.redis_first:
-            self._redis_first()
         uvicorn = [
             sys.executable,
             "-m",
@@ -134,17 +128,19 @@ class Stack:
         for port in self.ports.values():
             wait_port(port)
 
-    def _redis_first(self) -> None:
-        """Redis is part of the system under test; the load generators share its core only
-        because the machine has two. Real-time priority lets Redis run the moment it has work,
-        as on a core of its own, and the generators take what it leaves (their own lag is
-        measured and reported). Without it the scheduler lets a busy generator run out its
-        slice first: 1 to 5 ms on a script's round trip."""
-        chrt = ["chrt", "-f", "-a", "-p", "1", str(self.redis_pid())]
+    def redis_first(self, first: bool) -> bool:
+        """Redis at real-time priority (`first`) or back to normal; False when the system did
+        not allow it (it needs CAP_SYS_NICE). Redis is part of the system under test; the load
+        generators share its core only because the machine has two. First, Redis runs the
+        moment it has work, as on a core of its own, and a generator takes what it leaves (the
+        generator's own lag is measured and reported); otherwise the scheduler lets a busy
+        generator run out its slice first, 1 to 5 ms on a script's round trip."""
+        policy = ["-f", "1"] if first else ["-o", "0"]
+        chrt = ["chrt", *policy[:1], "-a", "-p", policy[1], str(self.redis_pid())]
         if subprocess.run(chrt, capture_output=True).returncode == 0:
-            self.redis_priority = "SCHED_FIFO 1"
-        else:
-            print("bench: Redis could not get real-time priority", file=sys.stderr)
+            return True
+        print("bench: Redis's priority could not be changed", file=sys.stderr)
+        return False
 
     def redis_pid(self) -> int:
         assert self.embedded.proc is not None
