@@ -174,6 +174,7 @@ class Load:
         self.accepted = 0  # 202 answers so far
         self.stopping = False
         self.gone = 0  # shoppers that found nothing listening
+        self.in_flight: Counter[int] = Counter()  # orders sent and not answered, by worker pid
         self._next = 0
         self._since = float("inf")
         self.first_202_since: float | None = None  # start of the first 202 begun after mark()
@@ -226,7 +227,14 @@ class Load:
             self._next += 1
             user, sku, key = f"u{i}", self.skus[i % len(self.skus)], str(uuid.uuid4())
             while True:
-                a = await self.create(c, user, sku, key)
+                on = pid  # the worker this connection was last seen on (None: not known)
+                if on:
+                    self.in_flight[on] += 1
+                try:
+                    a = await self.create(c, user, sku, key)
+                finally:
+                    if on:
+                        self.in_flight[on] -= 1
                 if a.error == "ConnectError":
                     self.gone += 1
                     return  # nothing listens any more
@@ -576,11 +584,16 @@ def test_gateway_worker_killed_mid_load(data_dir: Path) -> None:
         async def control(load: Load) -> None:
             nonlocal victim, killed_at
             await load.until(lambda: load.accepted >= 150, "150 202s")
-            # the worker that made the most orders (the other may have none: how the kernel
-            # spreads 32 connections over two accepting processes is its choice)
-            made = Counter(a.pid for a in load.attempts if a.status == 202 and a.pid)
-            victim = made.most_common(1)[0][0]
-            assert victim in before
+
+            # the worker with the most orders in flight (the other may have none: how the
+            # kernel spreads 32 connections over two accepting processes is its choice), killed
+            # with no await between the look and the kill, so that some die unanswered
+            def candidates() -> list[int]:  # orders in flight, and holds made before
+                made = {a.pid for a in load.attempts if a.status == 202 and a.pid}
+                return [p for p in before if load.in_flight[p] and p in made]
+
+            await load.until(lambda: bool(candidates()), "orders in flight")
+            victim = max(candidates(), key=lambda p: load.in_flight[p])
             os.kill(victim, signal.SIGKILL)
             killed_at = load.mark()
             seen = load.accepted
