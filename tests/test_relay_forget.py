@@ -36,6 +36,18 @@ def retired_relay(
     return Relay(redis, scripts, settings, target, group=group_for("webhook", OLD_URL))
 
 
+async def reported_relay(
+    redis: Redis, scripts: ScriptRegistry, settings: Settings, receiver: Receiver
+) -> Relay:
+    """A relay that found its streams and wrote its lag figures (as a running relay does each
+    second), its target closed: the group looks alive for 30 s after."""
+    relay = make_relay(redis, scripts, settings, receiver)
+    await relay.refresh_streams()
+    await relay.measure_lag()
+    await relay.target.close()
+    return relay
+
+
 async def groups(redis: Redis, stream: str) -> dict[str, dict[str, Any]]:
     return {g["name"].decode(): g for g in await redis.xinfo_groups(stream)}
 
@@ -104,10 +116,7 @@ async def test_a_group_whose_relay_reported_is_refused_unless_forced(
     redis: Redis, scripts: ScriptRegistry, settings: Settings, orders: Orders, receiver: Receiver
 ) -> None:
     await orders.confirmed("sa", 2)
-    relay = make_relay(redis, scripts, settings, receiver)
-    await relay.refresh_streams()
-    await relay.measure_lag()
-    await relay.target.close()
+    relay = await reported_relay(redis, scripts, settings, receiver)
     at_ms = (await relaylag.read(redis, relay.group) or pytest.fail("no figures")).at_ms
     before = await snapshot(redis)
     with pytest.raises(Alive, match="reported 30 s ago"):
@@ -123,10 +132,7 @@ async def test_figures_older_than_30_s_are_no_relay_alive(
     redis: Redis, scripts: ScriptRegistry, settings: Settings, orders: Orders, receiver: Receiver
 ) -> None:
     await orders.confirmed("sa", 1)
-    relay = make_relay(redis, scripts, settings, receiver)
-    await relay.refresh_streams()
-    await relay.measure_lag()
-    await relay.target.close()
+    relay = await reported_relay(redis, scripts, settings, receiver)
     at_ms = (await relaylag.read(redis, relay.group) or pytest.fail("no figures")).at_ms
     done = await forget_group(redis, relay.group, now_ms=at_ms + 30_001)
     assert done.streams == [(keys.SkuKeys("sa").events, 0)] and done.figures
@@ -153,10 +159,7 @@ async def test_the_forget_command(
     redis: Redis, scripts: ScriptRegistry, settings: Settings, orders: Orders, receiver: Receiver
 ) -> None:
     await orders.confirmed("sa", 2)
-    relay = make_relay(redis, scripts, settings, receiver)
-    await relay.refresh_streams()
-    await relay.measure_lag()
-    await relay.target.close()
+    relay = await reported_relay(redis, scripts, settings, receiver)
     env = {"REDIS_URL": settings.redis_url or "", "FLASHGATE_RELAY_SECRET": SECRET}
 
     def run(*args: str, **more: str) -> Any:
