@@ -149,6 +149,17 @@ def read_error(resp: ResponseContextManager) -> tuple[str, str | None]:
     return code, None
 
 
+def settle(resp: ResponseContextManager, problem: str | None, name: str | None = None) -> None:
+    """Tell Locust how the request went: failed with `problem`, or a success; listed under
+    `name` (the answer's kind) when given."""
+    if name is not None:
+        resp.request_meta["name"] = name
+    if problem:
+        resp.failure(problem)
+    else:
+        resp.success()
+
+
 def judge_error(
     resp: ResponseContextManager, expected: dict[int, set[str]]
 ) -> tuple[str, str | None]:
@@ -227,11 +238,7 @@ class Client(FastHttpUser):
                 retry = resp.headers.get("Retry-After") if resp.headers else None
                 retry_s = float(retry) if retry and retry.isdigit() else 0.0
                 answer = Answer(resp.status_code, code, retry_after_s=retry_s)
-            resp.request_meta["name"] = f"create {label} [{answer.status} {answer.code}]"
-            if problem:
-                resp.failure(problem)
-            else:
-                resp.success()
+            settle(resp, problem, f"create {label} [{answer.status} {answer.code}]")
         return answer
 
     def create_until_served(self, sku: str, key: str, *, label: str) -> Answer:
@@ -306,11 +313,7 @@ class Client(FastHttpUser):
                 status, problem = "unknown_order", f"accepted order {order_id} not found"
             else:
                 status, problem = judge_error(resp, {503: {"unavailable"}})
-            resp.request_meta["name"] = f"/order/:id [{resp.status_code} {status}]"
-            if problem:
-                resp.failure(problem)
-            else:
-                resp.success()
+            settle(resp, problem, f"/order/:id [{resp.status_code} {status}]")
         return status
 
     def pay(self, order_id: str) -> None:
@@ -338,11 +341,7 @@ class Client(FastHttpUser):
                         )
                 else:
                     code, problem = judge_error(resp, {503: {"unavailable"}})
-                resp.request_meta["name"] = f"/payment/confirm [{resp.status_code} {code}]"
-                if problem:
-                    resp.failure(problem)
-                else:
-                    resp.success()
+                settle(resp, problem, f"/payment/confirm [{resp.status_code} {code}]")
             if resp.status_code != 202:
                 return
 

@@ -24,6 +24,7 @@ from typing import Any
 import gevent
 from locust import between, task
 
+from loadtests.client import settle
 from loadtests.locustfile import (  # SpikeShape: this file's load shape too
     CFG,
     Client,
@@ -82,10 +83,7 @@ class EarlyShopper(Client):
                 now = place.get("position") if place is not None else None
                 if now is not None and 0 < positions[-1] < now:
                     problem = f"position rose from {positions[-1]} to {now}"
-                if problem:
-                    resp.failure(problem)
-                else:
-                    resp.success()
+                settle(resp, problem)
             if problem or resp.status_code not in (200, 503):
                 return
             wait = float(got.get("retry_after") or 1)

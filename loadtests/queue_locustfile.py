@@ -21,6 +21,7 @@ from typing import Any
 import gevent
 from locust import constant, task
 
+from loadtests.client import settle
 from loadtests.locustfile import (  # SpikeShape: this file's load shape too
     CFG,
     Client,
@@ -65,10 +66,7 @@ class LineShopper(Client):
                 place = got.get("queue")
                 if place is not None and place["position"] > positions[-1] > 0:
                     problem = f"position rose from {positions[-1]} to {place['position']}"
-                if problem:
-                    resp.failure(problem)
-                else:
-                    resp.success()
+                settle(resp, problem)
             if problem or resp.status_code not in (200, 503):
                 return
             wait = float(got.get("retry_after") or 1)
