@@ -88,13 +88,30 @@ def open_loop_phase(
     return first
 
 
+def method(args: argparse.Namespace, stack: Stack, redis_first: bool) -> dict[str, Any]:
+    return {
+        "server_cpu": stack.server_cpu,
+        "gateway_workers": args.workers,
+        "redis_malloc": stack.embedded.malloc,
+        "redis_in_open_loop": "real-time priority (SCHED_FIFO 1)" if redis_first else "normal",
+        "load_and_redis_cpu": stack.load_cpu,
+        "rounds": args.rounds,
+        "connections": args.connections,
+        "seconds_per_max_run": args.seconds,
+        "seconds_per_latency_run": args.latency_seconds,
+        "latency": "median run of `rounds` by p99, rounds interleaved",
+        "wrk": "wrk -t1 -c<connections>, closed loop",
+        "open_loop": "bench.openloop, 256 connections, latency from the intended start",
+    }
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if shutil.which("wrk") is None:
         raise SystemExit("bench: wrk is needed for the closed-loop maximums (apt install wrk)")
     cpus = sorted(os.sched_getaffinity(0))
     server_cpu, load_cpu = cpus[0], cpus[-1]
     with tempfile.TemporaryDirectory(prefix="flashgate-bench-") as tmp:
-        stack = Stack(Path(tmp), server_cpu, load_cpu, args.workers)
+        stack = Stack(Path(tmp), server_cpu, load_cpu, args.workers, args.malloc)
         redis_first = False
         try:
             stack.start()
@@ -127,19 +144,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "command": "python -m bench " + " ".join(sys.argv[1:]),
         "machine": machine(),
-        "method": {
-            "server_cpu": server_cpu,
-            "gateway_workers": args.workers,
-            "redis_in_open_loop": "real-time priority (SCHED_FIFO 1)" if redis_first else "normal",
-            "load_and_redis_cpu": load_cpu,
-            "rounds": args.rounds,
-            "connections": args.connections,
-            "seconds_per_max_run": args.seconds,
-            "seconds_per_latency_run": args.latency_seconds,
-            "latency": "median run of `rounds` by p99, rounds interleaved",
-            "wrk": "wrk -t1 -c<connections>, closed loop",
-            "open_loop": "bench.openloop, 256 connections, latency from the intended start",
-        },
+        "method": method(args, stack, redis_first),
         "headline": headline(rows),
         "scenarios": rows,
         "round_trips_per_request": trips,
@@ -173,6 +178,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_false",
         help="keep Redis at normal priority in the open loop, on the core it shares with the"
         " load generator",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=["mimalloc", "libc"],
+        default="mimalloc",
+        help="the embedded server's allocator (FLASHGATE_EMBEDDED_ALLOCATOR)",
     )
     p.add_argument("--replay-keys", type=int, default=500)
     p.add_argument("--memory-orders", type=int, default=20_000)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.countproxy import CountingProxy
-from gateway.ops.embedded import EmbeddedServer, free_port
+from gateway.ops.embedded import Allocator, EmbeddedServer, free_port
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -61,14 +61,21 @@ def cpu_seconds(pid: int) -> float:
 class Stack:
     """Every process the benchmark starts; stopped together, whatever happens."""
 
-    def __init__(self, work: Path, server_cpu: int, load_cpu: int, workers: int = 1) -> None:
+    def __init__(
+        self,
+        work: Path,
+        server_cpu: int,
+        load_cpu: int,
+        workers: int = 1,
+        malloc: Allocator = "mimalloc",
+    ) -> None:
         self.work = work
         self.workers = workers
         self.server_cpu = server_cpu
         self.load_cpu = load_cpu
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.ports: dict[str, int] = {}
-        self.embedded = EmbeddedServer(work / "valkey")
+        self.embedded = EmbeddedServer(work / "valkey", allocator=malloc)  # as `flashgate serve`
         self.redis_url = ""
         self.proxy: CountingProxy | None = None
 

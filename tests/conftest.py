@@ -13,7 +13,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from gateway.ops.embedded import free_port, server_binary, wait_for_ping
+from gateway.ops.embedded import free_port, server_binary, server_env, wait_for_ping
 from gateway.settings import Settings
 from gateway.transport.connect import create_client
 from gateway.transport.scripts import ScriptRegistry
@@ -49,6 +49,7 @@ def redis_url() -> Iterator[str]:
             "--appendonly",
             "no",
         ],
+        env=server_env("mimalloc")[0],  # as `flashgate serve` runs it
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"

@@ -56,6 +56,36 @@ def test_serve_end_to_end_then_clean_stop(serve: Serve, data_dir: Path) -> None:
     assert not (data_dir / "server.url").exists()
 
 
+def mapped_libraries(pid: int) -> str:
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_the_embedded_server_runs_on_mimalloc_unless_told_libc(data_dir: Path) -> None:
+    first = Serve(data_dir)
+    try:
+        first.put_hot(2)
+        assert asyncio.run(stampede(first.base, 3, "hot")) == {202: 2, 409: 1}
+        assert "/libmimalloc.so" in mapped_libraries(server_pid(data_dir))
+        assert "malloc: mimalloc" in first.log.read_text()
+    finally:
+        first.stop()
+    second = Serve(data_dir, env={"FLASHGATE_EMBEDDED_ALLOCATOR": "libc"})
+    try:  # the same data, read back by a server on the C library's malloc
+        assert "libmimalloc" not in mapped_libraries(server_pid(data_dir))
+        assert "malloc: libc" in second.log.read_text()
+        v = httpx.get(f"{second.base}/api/v1/admin/skus/hot", headers=ADMIN).json()
+        assert (v["available"], v["held"]) == (0, 2)
+    finally:
+        second.stop()
+
+
+def test_an_unknown_allocator_is_refused(tmp_path: Path) -> None:
+    r = flashgate("serve", "--data-dir", str(tmp_path), FLASHGATE_EMBEDDED_ALLOCATOR="tc")
+    assert r.returncode != 0
+    assert "FLASHGATE_EMBEDDED_ALLOCATOR" in r.stderr and "mimalloc" in r.stderr
+    assert not (tmp_path / "server.url").exists()
+
+
 def test_client_gone_mid_body_is_quiet(serve: Serve) -> None:
     import socket
 

@@ -20,7 +20,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from gateway.ops import clusterinfo
+from gateway.ops import clusterinfo, embedded
 from gateway.ops.embedded import die_with_parent, free_ports, kill_group, server_binary, tail
 
 HOST = "127.0.0.1"
@@ -49,6 +49,7 @@ class LocalCluster:
         *,
         node_timeout_ms: int = NODE_TIMEOUT_MS,
         appendfsync: str = "everysec",
+        allocator: embedded.Allocator = "mimalloc",
     ) -> None:
         clusterinfo.check_layout(primaries, replicas, ports)
         self.directory = Path(directory).resolve()
@@ -57,6 +58,7 @@ class LocalCluster:
         self.appendonly = appendonly
         self.node_timeout_ms = node_timeout_ms
         self.appendfsync = appendfsync  # with appendonly: "everysec" or "always"
+        self.env = embedded.server_env(allocator)[0]
         self._fixed_ports = list(ports) if ports is not None else None
         self._ports: list[int] = []
         self._bus_ports: dict[int, int] = {}
@@ -250,6 +252,7 @@ class LocalCluster:
         with self._log_file(port).open("ab") as log:
             return subprocess.Popen(
                 cmd,
+                env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -113,9 +113,15 @@ class Supervisor:
         try:
             if not settings.redis_url:
                 refuse_cluster_without_url(settings)
-                self.server = EmbeddedServer(data_dir, appendfsync=settings.appendfsync)
+                self.server = EmbeddedServer(
+                    data_dir,
+                    appendfsync=settings.appendfsync,
+                    allocator=settings.embedded_allocator,
+                )
                 url = self.server.start()
-                log.info("embedded server %s, data in %s", url, data_dir)
+                log.info(
+                    "embedded server %s (malloc: %s), data in %s", url, self.server.malloc, data_dir
+                )
                 settings = settings.replace(redis_url=url)
             # one metrics directory for every process of the instance: the relay's counts too
             # reach the gateway's GET /metrics
