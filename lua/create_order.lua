@@ -111,7 +111,8 @@ if KEYS[10] then
 end
 
 local cfg = rcall('HMGET', KEYS[1], 'promotion_id', 'available', 'per_user_limit',
-  'starts_at', 'ends_at', 'backlog', 'buckets', 'draw', 'prequeue_s')
+  'starts_at', 'ends_at', 'backlog', 'buckets', 'draw', 'prequeue_s', 'held', 'queue_in',
+  'queue_out', 'drain_rate')
 if (cfg[7] or '1') ~= ARGV[15] then
   -- Another bucket count than the gateway took: these keys may not be this shopper's bucket.
   -- Only reads so far, and a replay found above is right (its record is in this shopper's
@@ -165,43 +166,52 @@ if backlog >= tonumber(ARGV[11]) then
   return {-6, tostring(backlog)}
 end
 
--- all checks passed: write
+-- all checks passed: write. The SKU's counters (read above) are written by one HSET and the
+-- order's record by another: every write command a script makes is run, counted and appended
+-- to the AOF on its own, and five fewer of them save about 2.5 µs of the ~40 the server spends
+-- on an order.
+local function put(fields, name, value)
+  fields[#fields + 1] = name
+  fields[#fields + 1] = value
+end
 local now_s = string.format('%d', now)
 local status, deadline_s = 'QUEUED', ''
-if hold then
-  local deadline = now + tonumber(ARGV[7])
-  deadline_s = string.format('%d', deadline)
-  status = 'HELD'
-  rcall('HINCRBY', KEYS[1], 'available', -qty)
-  rcall('HINCRBY', KEYS[1], 'held', qty)
-  rcall('HINCRBY', KEYS[2], ARGV[2], qty)
-  rcall('ZADD', KEYS[3], deadline, ARGV[1])
-  rcall('HSET', KEYS[5], 'hold_expires_at', deadline_s)
-elseif early then
-  deadline_s = '@' .. cfg[4]
-  rcall('SADD', KEYS[8], ARGV[1])
-  rcall('HINCRBY', KEYS[9], ARGV[2], qty)
-  rcall('HSET', KEYS[5], 'opens_at', cfg[4])
-end
-local backlog_now = rcall('HINCRBY', KEYS[1], 'backlog', 1)
+local record = {}
 -- The order's place in its bucket's queue: orders ever queued here (queue_in, started at the
 -- backlog when missing) less those drained (queue_out): read_order.lua subtracts again. A
 -- pre-queued order counts in queue_in (it is ahead of every order after the start) but has
 -- no place until the draw ranks it (draw_decide.lua counts it out).
-local q = rcall('HMGET', KEYS[1], 'queue_in', 'queue_out', 'drain_rate')
-local out = tonumber(q[2] or '0')
-local seq = rcall('HINCRBY', KEYS[1], 'queue_in', q[1] and 1 or out + backlog_now)
+local out = tonumber(cfg[12] or '0')
+local seq = cfg[11] and tonumber(cfg[11]) + 1 or out + backlog + 1
+local counters = {'backlog', string.format('%d', backlog + 1), 'queue_in', string.format('%d', seq)}
+if hold then
+  local deadline = now + tonumber(ARGV[7])
+  deadline_s = string.format('%d', deadline)
+  status = 'HELD'
+  put(counters, 'available', string.format('%d', tonumber(cfg[2]) - qty))
+  put(counters, 'held', string.format('%d', tonumber(cfg[10] or '0') + qty))
+  rcall('HINCRBY', KEYS[2], ARGV[2], qty)
+  rcall('ZADD', KEYS[3], deadline, ARGV[1])
+  put(record, 'hold_expires_at', deadline_s)
+elseif early then
+  deadline_s = '@' .. cfg[4]
+  rcall('SADD', KEYS[8], ARGV[1])
+  rcall('HINCRBY', KEYS[9], ARGV[2], qty)
+  put(record, 'opens_at', cfg[4])
+end
+rcall('HSET', KEYS[1], unpack(counters))
 local position = ''
 if not hold and not early then
   position = string.format('%d', math.max(1, seq - out))
-  rcall('HSET', KEYS[5], 'queue_seq', seq)
-  if q[3] and tonumber(q[3]) > 0 then  -- the ETA told now, for the ETA error (finalize.lua)
-    rcall('HSET', KEYS[5], 'queue_eta_ms', math.floor(tonumber(position) * 1000 / q[3]))
+  put(record, 'queue_seq', string.format('%d', seq))
+  if cfg[13] and tonumber(cfg[13]) > 0 then  -- the ETA told now, for the ETA error (finalize.lua)
+    local eta_ms = math.floor(tonumber(position) * 1000 / tonumber(cfg[13]))
+    put(record, 'queue_eta_ms', string.format('%d', eta_ms))
   end
 end
 rcall('HSET', KEYS[5], 'status', status, 'user_id', ARGV[2], 'sku_id', ARGV[3],
   'quantity', ARGV[4], 'promotion_id', ARGV[5], 'created_at', now_s,
-  'history', '[{"from":null,"to":"' .. status .. '","at":' .. now_s .. '}]')
+  'history', '[{"from":null,"to":"' .. status .. '","at":' .. now_s .. '}]', unpack(record))
 local replay_until = now + tonumber(ARGV[8])
 local first = ARGV[6] .. '\n' .. ARGV[1] .. '\n' .. deadline_s
 rcall('SET', KEYS[6], position ~= '' and (first .. '\n' .. position) or first, 'PX', ARGV[8])
