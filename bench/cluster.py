@@ -27,7 +27,7 @@ from typing import Any
 import redis
 import uvloop
 
-from gateway.ops.embedded import free_port, server_binary, wait_for_ping
+from gateway.ops.embedded import free_port, server_binary, server_env, wait_for_ping
 from gateway.ops.localcluster import LocalCluster
 from gateway.schemas import OrderRequest, SkuConfig
 from gateway.settings import Settings
@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         proc = subprocess.Popen(
             [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", d,
              "--save", "", "--appendonly", "no"],
+            env=server_env("mimalloc"),  # as the cluster's nodes (LocalCluster)
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
         try:

@@ -85,8 +85,8 @@ class Settings:
     embedded_allocator: Annotated[
         Literal["mimalloc", "libc"],
         Meta(
-            description="the embedded server's malloc: `mimalloc` (the cmeel-mimalloc wheel,"
-            " preloaded; a fifth less server CPU per order) or `libc`, the binary's own"
+            description="the embedded server's malloc: `mimalloc` (a fifth less server CPU per"
+            " order; Linux, the cmeel-mimalloc wheel; else `libc`, warned) or `libc`, its own"
         ),
     ] = "mimalloc"
     waitaof_local: Annotated[

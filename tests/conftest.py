@@ -49,7 +49,7 @@ def redis_url() -> Iterator[str]:
             "--appendonly",
             "no",
         ],
-        env=server_env("mimalloc")[0],  # as `flashgate serve` runs it
+        env=server_env("mimalloc"),  # as `flashgate serve` runs it
         stdout=subprocess.DEVNULL,
     )
     url = f"redis://127.0.0.1:{port}/0"

