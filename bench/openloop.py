@@ -80,7 +80,8 @@ class _Conn(asyncio.Protocol):
                 return
             head = self.buf[:head_end].lower()
             at = head.find(b"content-length:")
-            length = int(head[at + 15 : head.find(b"\r\n", at + 15)]) if at >= 0 else 0
+            eol = head.find(b"\r\n", at + 15)  # -1: the head's last line
+            length = int(head[at + 15 : eol if eol >= 0 else len(head)]) if at >= 0 else 0
             end = head_end + 4 + length
             if len(self.buf) < end:
                 return
